@@ -1,0 +1,482 @@
+"""Plain-PyTorch training and evaluation for baseline and CGC models.
+
+No Ray here: the Ray layer calls ``fit`` with a report callback. No ``.cuda()``:
+the caller passes the device. The training step does not synchronise with
+the host except for a finiteness check every ``check_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cgc_ray import transforms as T
+from cgc_ray.cam import cam_and_logits, cams_from_activation, capture, linear_head, unwrap
+from cgc_ray.loss import cgc_loss
+from cgc_ray.metrics import content_heatmap, insertion_auc, topk_correct
+
+MethodName = Literal["baseline", "cgc", "cgc_no_neg"]
+CHECKPOINT_FORMAT = "cgc-ray-checkpoint/1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What is optimised: ``CE`` (baseline) or ``CE + lam * L_CGC``.
+
+    name:        baseline | cgc | cgc_no_neg (the paper's ablation without negatives).
+    lam, tau:    the paper's lambda and temperature.
+    resolution:  where heatmaps are compared: "image" (upsampled to the input
+                 size, as the authors) or "feature" (the layer's own h x w, faster).
+    anchor:      "paper" (eq. 2) or "authors" (UCDvision/CGC's negatives).
+    global_negatives: negatives from every torch.distributed rank.
+    layer:       the Grad-CAM layer.
+    crop_scale:  area range of T's random resized crop.
+    """
+
+    name: MethodName = "cgc"
+    lam: float = 0.5
+    tau: float = 0.5
+    resolution: Literal["image", "feature"] = "image"
+    anchor: Literal["paper", "authors"] = "paper"
+    global_negatives: bool = False
+    layer: str = "layer4"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.name not in ("baseline", "cgc", "cgc_no_neg"):
+            raise ValueError(f"method.name={self.name!r}; choose baseline, cgc or cgc_no_neg")
+        if not self.lam >= 0:
+            raise ValueError(f"method.lam={self.lam} must be >= 0")
+        if not self.tau > 0:
+            raise ValueError(f"method.tau={self.tau} must be > 0")
+        if self.resolution not in ("image", "feature"):
+            raise ValueError(f"method.resolution={self.resolution!r}; choose 'image' or 'feature'")
+
+    @property
+    def uses_cgc(self) -> bool:
+        return self.name != "baseline" and self.lam > 0
+
+
+def cgc_term(
+    model: nn.Module,
+    x: Tensor,
+    method: MethodConfig,
+    *,
+    generator: torch.Generator | None = None,
+    create_graph: bool = True,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward of [x ; T(x)]: (logits of x B x K, L_CGC, number of all-zero g(x)).
+
+    The class t of both views is the top-1 prediction on x. Both heatmaps carry
+    gradients; the views share one forward (BatchNorm sees both).
+    """
+    B, _, H, W = x.shape
+    params = T.sample_params(B, (H, W), scale=method.crop_scale, generator=generator, device=x.device)
+    xt = T.apply(x, params)  # B x 3 x H x W
+    with capture(model, method.layer) as feat:
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(torch.cat([x, xt]))  # 2B x K
+    t = logits[:B].detach().argmax(dim=1)  # B
+    with torch.autocast(x.device.type, enabled=False):
+        cams = cams_from_activation(
+            model, feat.value.float(), logits.float(), torch.cat([t, t]), layer=method.layer, create_graph=create_graph
+        )  # 2B x h x w
+        g_x, g_Tx = cams[:B], cams[B:]
+        size = (H, W) if method.resolution == "image" else tuple(g_x.shape[-2:])
+        q = T.apply(g_x, params, size)  # T_i(g(x_i)), B x size
+        k = g_Tx if size == tuple(g_Tx.shape[-2:]) else F.interpolate(
+            g_Tx[:, None], size=size, mode="bilinear", align_corners=False
+        )[:, 0]  # g(T_i(x_i)), B x size
+        loss = cgc_loss(
+            k,
+            q,
+            tau=method.tau,
+            negatives=method.name != "cgc_no_neg",
+            anchor=method.anchor,
+            global_negatives=method.global_negatives,
+        )
+    zeros = (g_x.flatten(1).sum(dim=1) == 0).sum()
+    return logits[:B].float(), loss, zeros
+
+
+def _cycle(loader: Iterable) -> Iterator:
+    while True:
+        yield from loader
+
+
+def _amp_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
+    if not amp:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    method: MethodConfig,
+    device: torch.device | str,
+    *,
+    scheduler: Any = None,
+    unlabeled: Iterable | None = None,
+    amp: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+    generator: torch.Generator | None = None,
+    check_every: int = 50,
+    max_steps: int | None = None,
+) -> dict[str, float]:
+    """One pass over ``loader`` (batches of (images, labels, ...)).
+
+    scheduler: stepped after every optimiser step when given (per-iteration schedules).
+    unlabeled: batches whose images feed only the CGC term (semi-supervised mode);
+    the labelled batches then feed only cross-entropy, as in the authors' code.
+    Returns mean loss, ce, cgc, train top-1, share of all-zero CAMs, images/s.
+    """
+    device = torch.device(device)
+    model.train()
+    amp_dtype = _amp_dtype(amp, device)
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    u_iter = _cycle(unlabeled) if unlabeled is not None else None
+    z = torch.zeros((), device=device)
+    sums = {"loss": z.clone(), "ce": z.clone(), "cgc": z.clone(), "correct": z.clone(), "zeros": z.clone()}
+    n_img = n_cam = steps = 0
+    start = time.perf_counter()
+    for batch in loader:
+        x = batch[0].to(device, non_blocking=True).contiguous(memory_format=mem)
+        y = batch[1].to(device, non_blocking=True)
+        B = x.shape[0]
+        if method.uses_cgc and u_iter is None:
+            logits, l_cgc, zeros = cgc_term(model, x, method, generator=generator, amp_dtype=amp_dtype)
+            n_cam += B
+        else:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(x).float()
+            l_cgc, zeros = z, z
+            if method.uses_cgc:
+                xu = next(u_iter)[0].to(device, non_blocking=True).contiguous(memory_format=mem)
+                _, l_cgc, zeros = cgc_term(model, xu, method, generator=generator, amp_dtype=amp_dtype)
+                n_cam += xu.shape[0]
+        l_ce = F.cross_entropy(logits, y)
+        loss = l_ce + method.lam * l_cgc if method.uses_cgc else l_ce
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        d = loss.detach()
+        sums["loss"] += d * B
+        sums["ce"] += l_ce.detach() * B
+        sums["cgc"] += l_cgc.detach() * B
+        sums["correct"] += topk_correct(logits.detach(), y, ks=(1,))["top1"]
+        sums["zeros"] += zeros
+        n_img += B
+        steps += 1
+        if steps % check_every == 0:
+            _check_finite(sums["loss"], steps)
+        if max_steps is not None and steps >= max_steps:
+            break
+    if n_img == 0:
+        raise ValueError("the training loader yielded no batches; check the dataset split and batch size")
+    _check_finite(sums["loss"], steps)
+    elapsed = time.perf_counter() - start
+    out = {k: v.item() for k, v in sums.items()}
+    return {
+        "train_loss": out["loss"] / n_img,
+        "train_ce": out["ce"] / n_img,
+        "train_cgc": out["cgc"] / n_img,
+        "train_top1": out["correct"] / n_img,
+        "train_zero_cam_frac": out["zeros"] / n_cam if n_cam else 0.0,
+        "train_images_per_s": n_img / elapsed,
+        "train_steps": steps,
+    }
+
+
+def _check_finite(loss_sum: Tensor, step: int) -> None:
+    if not torch.isfinite(loss_sum):
+        raise NonFiniteLossError(
+            f"training loss is {loss_sum.item()} by step {step}; lower the learning rate or lambda, "
+            "or enable gradient clipping; the run stops instead of training on garbage"
+        )
+
+
+def _heldout_cgc(model: nn.Module, images: Tensor, method: MethodConfig, generator: torch.Generator) -> Tensor:
+    """CGC loss of one held-out group; autograd only where the CAM needs it."""
+    with torch.set_grad_enabled(linear_head(model, method.layer) is None):
+        _, loss, _ = cgc_term(model, images, method, generator=generator, create_graph=False)
+    return loss.detach()
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    device: torch.device | str,
+    *,
+    method: MethodConfig | None = None,
+    metrics: Iterable[str] = ("top1", "top5", "ch", "cgc_loss"),
+    cgc_batch: int = 32,
+    iauc_images: int = 64,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Eval-mode metrics over batches (images, labels, boxes).
+
+    top1/top5:  accuracy. ch: Content Heatmap of the Grad-CAM for the
+    ground-truth class at the input resolution (the fast batched variant),
+    mean over images with boxes. cgc_loss: the CGC loss on held-out groups of
+    ``cgc_batch`` images (the paper uses 32), T drawn from ``seed``. iauc:
+    insertion AUC of the Grad-CAM for the predicted class on the first
+    ``iauc_images`` images. zero_cam_frac: share of all-zero ground-truth CAMs.
+    """
+    device = torch.device(device)
+    method = method or MethodConfig()
+    wanted = set(metrics)
+    unknown = wanted - {"top1", "top5", "ch", "cgc_loss", "iauc"}
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from top1, top5, ch, cgc_loss, iauc")
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    heldout_method = MethodConfig(name="cgc", tau=method.tau, resolution=method.resolution, layer=method.layer,
+                                  anchor=method.anchor, crop_scale=method.crop_scale)
+    n = 0
+    correct = {"top1": 0.0, "top5": 0.0}
+    ch_sum, ch_n, zeros = 0.0, 0, 0
+    cgc_sum, cgc_n = 0.0, 0
+    iauc_sum, iauc_n = 0.0, 0
+    pending: list[Tensor] = []
+    try:
+        for batch in loader:
+            x = batch[0].to(device, non_blocking=True)
+            y = batch[1].to(device, non_blocking=True)
+            boxes = batch[2] if len(batch) > 2 else [torch.zeros(0, 4)] * x.shape[0]
+            with torch.no_grad():
+                cams, logits, _ = cam_and_logits(model, x, targets=y, layer=method.layer)
+            for k, v in topk_correct(logits, y, ks=(1, 5)).items():
+                correct[k] += v.item()
+            zeros += int((cams.flatten(1).sum(1) == 0).sum())
+            if "ch" in wanted:
+                ch = content_heatmap(cams, [b.to(device) for b in boxes], tuple(x.shape[-2:]))
+                ok = ~torch.isnan(ch)
+                ch_sum += ch[ok].sum().item()
+                ch_n += int(ok.sum())
+            if "iauc" in wanted and iauc_n < iauc_images:
+                take = min(iauc_images - iauc_n, x.shape[0])
+                with torch.no_grad():
+                    sal, _, _ = cam_and_logits(model, x[:take], layer=method.layer)
+                iauc_sum += insertion_auc(model, x[:take], sal).sum().item()
+                iauc_n += take
+            if "cgc_loss" in wanted:
+                pending.append(x)
+                buf = torch.cat(pending)
+                while buf.shape[0] >= cgc_batch:
+                    cgc_sum += _heldout_cgc(model, buf[:cgc_batch], heldout_method, gen).item() * cgc_batch
+                    cgc_n += cgc_batch
+                    buf = buf[cgc_batch:]
+                pending = [buf]
+            n += x.shape[0]
+        if "cgc_loss" in wanted and pending and pending[0].shape[0] >= 2 and cgc_n == 0:
+            rest = pending[0]
+            cgc_sum += _heldout_cgc(model, rest, heldout_method, gen).item() * rest.shape[0]
+            cgc_n += rest.shape[0]
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("the evaluation loader yielded no images")
+    out: dict[str, float] = {"n_eval": float(n), "zero_cam_frac": zeros / n}
+    if "top1" in wanted:
+        out["top1"] = correct["top1"] / n
+    if "top5" in wanted:
+        out["top5"] = correct["top5"] / n
+    if "ch" in wanted:
+        out["ch"] = ch_sum / ch_n if ch_n else math.nan
+    if "cgc_loss" in wanted:
+        out["cgc_loss"] = cgc_sum / cgc_n if cgc_n else math.nan
+    if "iauc" in wanted:
+        out["iauc"] = iauc_sum / iauc_n if iauc_n else math.nan
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    for k, g in generators.items():
+        if k in state["generators"]:
+            g.set_state(state["generators"][k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    *,
+    generators: dict[str, torch.Generator] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Atomically write model, optimiser, scheduler, epoch (last finished) and all RNG states.
+
+    ``model`` is saved unwrapped (no "module." prefix), so it loads into a
+    plain torchvision model. Loadable with ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "rng": _rng_state(generators or {}),
+        "metrics": metrics or {},
+        "extra": extra or {},
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    *,
+    generators: dict[str, torch.Generator] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote; returns the checkpoint dict (epoch, metrics, extra)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a cgc-ray checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    unwrap(model).load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"], generators or {})
+    return state
+
+
+# ---------------------------------------------------------------- fit
+
+Callback = Callable[[dict[str, float], "str | None"], None]
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable | None,
+    optimizer: torch.optim.Optimizer,
+    method: MethodConfig,
+    device: torch.device | str,
+    *,
+    epochs: int,
+    scheduler: Any = None,
+    scheduler_interval: Literal["epoch", "step"] = "epoch",
+    unlabeled_loader: Iterable | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    callback: Callback | None = None,
+    seed: int = 0,
+    amp: bool = False,
+    channels_last: bool = False,
+    eval_metrics: Iterable[str] = ("top1", "top5", "ch", "cgc_loss"),
+    eval_every: int = 1,
+    is_main: bool = True,
+) -> dict[str, float]:
+    """Train for ``epochs`` epochs, evaluating and checkpointing after each.
+
+    If ``checkpoint_path`` exists the run resumes after its last finished
+    epoch with every RNG state restored, so resume-then-continue equals an
+    uninterrupted run. Only ``is_main`` writes the checkpoint; every caller
+    gets ``callback(metrics, checkpoint_path)`` after each epoch. Returns the
+    last epoch's metrics.
+    """
+    device = torch.device(device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+    gen = torch.Generator().manual_seed(seed)  # draws T's parameters
+    generators = {"T": gen}
+    for name, loader in (("train_loader", train_loader), ("unlabeled_loader", unlabeled_loader)):
+        g = getattr(loader, "generator", None)
+        if isinstance(g, torch.Generator):
+            generators[name] = g
+    start, metrics = 0, {}
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        state = load_checkpoint(checkpoint_path, model, optimizer, scheduler, generators=generators,
+                                scaler=scaler, map_location=device)
+        start, metrics = state["epoch"] + 1, dict(state["metrics"])
+    for epoch in range(start, epochs):
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        metrics = train_one_epoch(
+            model, train_loader, optimizer, method, device,
+            scheduler=scheduler if scheduler_interval == "step" else None,
+            unlabeled=unlabeled_loader, amp=amp, scaler=scaler, channels_last=channels_last, generator=gen,
+        )
+        if scheduler is not None and scheduler_interval == "epoch":
+            scheduler.step()
+        metrics["epoch"] = epoch + 1
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
+            metrics.update(evaluate(model, val_loader, device, method=method, metrics=eval_metrics, seed=seed))
+        if checkpoint_path is not None and is_main:
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, generators=generators,
+                            scaler=scaler, metrics=metrics, extra={"method": asdict(method)})
+        if callback is not None:
+            callback(dict(metrics), str(checkpoint_path) if checkpoint_path is not None else None)
+    return metrics

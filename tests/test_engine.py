@@ -1,0 +1,153 @@
+"""Engine: training steps, evaluation, checkpoint resume, failure modes."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torchvision
+from torch.utils.data import DataLoader, TensorDataset
+
+from cgc_ray.engine import MethodConfig, NonFiniteLossError, cgc_term, evaluate, fit, load_checkpoint, train_one_epoch
+from cgc_ray.models import build_model
+
+
+def _data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x[torch.arange(n), y, 8:24, 8:24] += 2.0  # the label is readable from a patch
+    return TensorDataset(x, y)
+
+
+def _boxed(batch):
+    x, y = torch.utils.data.default_collate(batch)
+    return x, y, [torch.tensor([[8.0, 8.0, 24.0, 24.0]])] * len(x)
+
+
+def _loaders(seed=0):
+    train = DataLoader(_data(48, seed), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    val = DataLoader(_data(32, seed + 1), batch_size=16, collate_fn=_boxed)
+    return train, val
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("resnet_small", 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    return model, opt, sched
+
+
+def test_cgc_gradients_reach_the_backbone():
+    torch.manual_seed(0)
+    model = build_model("resnet_small", 3)
+    x = torch.randn(6, 3, 32, 32)
+    _, loss, _ = cgc_term(model, x, MethodConfig(name="cgc"), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert model.conv1.weight.grad.abs().sum() > 0
+    assert model.layer1[0].conv1.weight.grad.abs().sum() > 0
+    assert math.log(6) * 0.5 < loss.item() < math.log(6) * 1.5
+
+
+@pytest.mark.parametrize("resolution", ["image", "feature"])
+def test_each_method_trains_and_reports(resolution):
+    for name in ("baseline", "cgc", "cgc_no_neg"):
+        model, opt, _ = _setup()
+        train, _ = _loaders()
+        m = train_one_epoch(model, train, opt, MethodConfig(name=name, lam=0.5, resolution=resolution), "cpu")
+        assert m["train_steps"] == 6 and math.isfinite(m["train_loss"])
+        if name == "baseline":
+            assert m["train_cgc"] == 0 and m["train_loss"] == pytest.approx(m["train_ce"])
+        else:
+            assert m["train_cgc"] > 0
+            assert m["train_loss"] == pytest.approx(m["train_ce"] + 0.5 * m["train_cgc"], rel=1e-5)
+
+
+def test_semi_supervised_unlabelled_batches_feed_only_the_cgc_term():
+    model, opt, _ = _setup()
+    train, _ = _loaders()
+    unl = DataLoader(_data(40, 7), batch_size=8)
+    m = train_one_epoch(model, train, opt, MethodConfig(name="cgc", lam=0.25), "cpu", unlabeled=unl)
+    assert m["train_cgc"] > 0 and m["train_steps"] == 6
+
+
+def test_resume_then_continue_equals_an_uninterrupted_run(tmp_path):
+    method = MethodConfig(name="cgc", lam=0.5)
+    model, opt, sched = _setup()
+    train, val = _loaders()
+    full = fit(model, train, val, opt, method, "cpu", epochs=3, scheduler=sched, checkpoint_path=tmp_path / "a.pt")
+
+    model2, opt2, sched2 = _setup()
+    train2, val2 = _loaders()
+    fit(model2, train2, val2, opt2, method, "cpu", epochs=2, scheduler=sched2, checkpoint_path=tmp_path / "b.pt")
+    # a new process: fresh objects, different global RNG state; only the checkpoint carries over
+    torch.manual_seed(1234)
+    model3, opt3, sched3 = _setup(seed=99)
+    train3, val3 = _loaders()
+    resumed = fit(model3, train3, val3, opt3, method, "cpu", epochs=3, scheduler=sched3, checkpoint_path=tmp_path / "b.pt")
+
+    for (n, a), b in zip(model.state_dict().items(), model3.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert resumed["epoch"] == full["epoch"] == 3
+    assert resumed["top1"] == full["top1"] and resumed["train_loss"] == full["train_loss"]
+    assert opt3.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.05 * 0.5**3
+    # the classifier is restored (the authors' resume replaced it with a fresh one)
+    state = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert state["epoch"] == 2
+    torch.testing.assert_close(state["model"]["fc.weight"], model.fc.weight)
+
+
+def test_a_finished_checkpoint_is_not_trained_again(tmp_path):
+    model, opt, sched = _setup()
+    train, val = _loaders()
+    first = fit(model, train, val, opt, MethodConfig(name="baseline"), "cpu", epochs=1, checkpoint_path=tmp_path / "c.pt")
+    calls = []
+    again = fit(model, train, val, opt, MethodConfig(name="baseline"), "cpu", epochs=1,
+                checkpoint_path=tmp_path / "c.pt", callback=lambda m, p: calls.append(m))
+    assert calls == [] and again["top1"] == first["top1"]
+
+
+def test_checkpoint_loads_into_a_plain_torchvision_resnet(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    train, val = _loaders()
+    fit(model, train, None, opt, MethodConfig(name="cgc"), "cpu", epochs=1, checkpoint_path=tmp_path / "r.pt")
+    plain = torchvision.models.resnet18(num_classes=3)
+    plain.load_state_dict(torch.load(tmp_path / "r.pt", weights_only=True)["model"])
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain.eval()(x), model.eval()(x))
+
+
+def test_nan_loss_fails_with_a_clear_error():
+    model, opt, _ = _setup()
+    opt = torch.optim.SGD(model.parameters(), lr=1e12)
+    train, _ = _loaders()
+    with pytest.raises(NonFiniteLossError, match="loss is"):
+        for _ in range(3):
+            train_one_epoch(model, train, opt, MethodConfig(name="baseline"), "cpu", check_every=1)
+
+
+def test_evaluate_reports_every_metric_and_leaves_batchnorm_alone():
+    model, _, _ = _setup()
+    model.train()
+    _, val = _loaders()
+    before = copy.deepcopy(model.state_dict())
+    m = evaluate(model, val, "cpu", metrics=("top1", "top5", "ch", "cgc_loss", "iauc"), iauc_images=4)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert 0 <= m["top1"] <= m["top5"] <= 1 and 0 <= m["ch"] <= 1 and 0 <= m["iauc"] <= 1
+    assert m["cgc_loss"] > 0 and m["n_eval"] == 32
+    with pytest.raises(ValueError, match="unknown metrics"):
+        evaluate(model, val, "cpu", metrics=("top1", "fid"))
+
+
+def test_method_config_validates():
+    with pytest.raises(ValueError, match="lam"):
+        MethodConfig(lam=-1)
+    with pytest.raises(ValueError, match="tau"):
+        MethodConfig(tau=0)
+    with pytest.raises(ValueError, match="name"):
+        MethodConfig(name="simclr")

@@ -1,0 +1,314 @@
+"""ExperimentSpec: validation messages, overrides, grid expansion, trial ids, presets, data checks."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cgc_ray.spec import (
+    DATASETS,
+    NON_IDENTITY_FIELDS,
+    PRESETS,
+    ExperimentSpec,
+    SpecError,
+    apply_overrides,
+    check_data_root,
+    expand_trials,
+    load_spec,
+    method_config_kwargs,
+    spec_hash,
+    trial_id,
+    validate_against_data,
+    validate_spec,
+)
+
+
+def _err(overrides, base=None):
+    with pytest.raises(SpecError) as e:
+        apply_overrides(base or ExperimentSpec(), overrides)
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------- validation messages
+
+
+@pytest.mark.parametrize(
+    "override, must_contain",
+    [
+        ("method.lam=-0.1", ["method.lam", "greater than or equal to 0", "-0.1"]),
+        ("method.tau=0", ["method.tau", "greater than 0", "got 0"]),
+        ("method.tau=-1", ["method.tau", "greater than 0"]),
+        ("data.batch_size=1", ["data.batch_size", "greater than or equal to 2", "got 1"]),
+        ("data.dataset=cub", ["data.dataset", "'cub'", *[f"'{d}'" for d in DATASETS]]),
+        ("model.arch=vgg16", ["model.arch", "'resnet50'", "'resnet_small'", "'vgg16'"]),
+        ("method.name=gradcam", ["method.name", "'baseline'", "'cgc'", "'cgc_no_neg'"]),
+        ("method.crop_scale=[0.5, 0.2]", ["method.crop_scale", "0 < low <= high <= 1"]),
+        ("scaling.gpus_per_worker=1.5", ["scaling.gpus_per_worker", "whole number"]),
+        ("data.percent=150", ["data.percent", "less than or equal to 100"]),
+        ("optim.schedule.milestones=[60, 30]", ["milestones", "strictly increasing"]),
+        ("optim.warmup_epochs=90", ["optim.warmup_epochs=90", "optim.epochs=90"]),
+        ("name=my/exp", ["name='my/exp'", "directory"]),
+        ("model.weights=ResNet50_Weights.IMAGENET1K_V1", ["resnet50", "model.arch='resnet18'"]),
+    ],
+)
+def test_bad_values_name_field_and_allowed_values(override, must_contain):
+    msg = _err([override])
+    for text in must_contain:
+        assert text in msg, (text, msg)
+
+
+def test_unknown_field_in_dict_is_forbidden_and_named():
+    with pytest.raises(SpecError, match=r"method\.lamda: unknown field"):
+        validate_spec({"method": {"lamda": 1.0}})
+
+
+def test_shots_and_percent_are_exclusive():
+    msg = _err(["data.shots=5", "data.percent=1"])
+    assert "data.shots=5" in msg and "data.percent=1.0" in msg
+
+
+def test_dict_round_trip_is_identity():
+    """Specs cross into Ray as plain JSON dicts and are re-validated on the worker."""
+    spec = load_spec(PRESETS["fewshot_cub200"])
+    again = validate_spec(json.loads(json.dumps(spec.model_dump(mode="json"))))
+    assert again == spec and trial_id(again) == trial_id(spec)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_overrides_parse_yaml_values():
+    spec = apply_overrides(
+        ExperimentSpec(),
+        ["method.lam=0.25", "data.shots=5", "optim.schedule.milestones=[12, 16]", "model.weights=null",
+         "scaling.use_gpu=false", "optim.schedule={name: cosine, min_lr: 0.001}", "name=abc"],
+    )
+    assert spec.method.lam == 0.25 and isinstance(spec.method.lam, float)
+    assert spec.data.shots == 5
+    assert spec.model.weights is None and spec.scaling.use_gpu is False
+    assert spec.optim.schedule.name == "cosine" and spec.optim.schedule.min_lr == 0.001
+    assert spec.name == "abc"
+
+
+def test_override_does_not_mutate_input():
+    base = ExperimentSpec()
+    apply_overrides(base, ["method.lam=0.3"])
+    assert base.method.lam == 1.0
+
+
+def test_unknown_override_path_lists_valid_keys():
+    msg = _err(["method.lamda=1"])
+    assert "'method.lamda'" in msg
+    assert "valid keys there: anchor, crop_scale, lam, name, negatives, resolution, tau" in msg
+    msg = _err(["optimizer.lr=1"])
+    assert "<top level>" in msg and "optim" in msg
+
+
+def test_override_below_a_leaf_is_rejected():
+    assert "not a section" in _err(["method.lam.x=1"])
+
+
+def test_malformed_override():
+    assert "section.field=value" in _err(["method.lam"])
+
+
+def test_sweep_grid_override_uses_rest_of_path_as_key():
+    spec = apply_overrides(ExperimentSpec(), ["sweep.grid.method.lam=[0, 0.5]", "sweep.grid.seed=[0, 1, 2]"])
+    assert spec.sweep.grid == {"method.lam": [0, 0.5], "seed": [0, 1, 2]}
+    assert len(expand_trials(spec)) == 6
+
+
+# --------------------------------------------------------------------------- sweeps and ids
+
+
+def test_sweep_validates_paths_and_values():
+    assert "sweep.grid['method.lamda'][0]" in _err(["sweep.grid.method.lamda=[1]"])
+    msg = _err(["sweep.grid.method.lam=[0.1, -1]"])
+    assert "sweep.grid['method.lam'][1] = -1" in msg and "greater than or equal to 0" in msg
+    assert "is empty" in _err(["sweep.grid.seed=[]"])
+    assert "repeated values" in _err(["sweep.grid.seed=[1, 1]"])
+    assert "sweep over itself" in _err(["sweep.grid.sweep.grid=[{}]"])
+
+
+def test_expand_counts_order_and_content():
+    spec = load_spec(PRESETS["fewshot_cub200"])
+    trials = expand_trials(spec)
+    assert len(trials) == 2 * 3 * 20
+    assert all(t.sweep.grid == {} for t in trials)
+    # Axes in insertion order, last axis fastest.
+    first = [(t.method.name, t.data.shots, t.data.episode) for t in trials[:3]]
+    assert first == [("baseline", 1, 0), ("baseline", 1, 1), ("baseline", 1, 2)]
+    combos = {(t.method.name, t.data.shots, t.data.episode) for t in trials}
+    assert len(combos) == 120
+    assert [trial_id(t) for t in trials] == [trial_id(t) for t in expand_trials(spec)]
+    assert len({trial_id(t) for t in trials}) == 120
+
+
+def test_spec_without_sweep_is_one_trial():
+    spec = ExperimentSpec()
+    assert expand_trials(spec) == [spec]
+
+
+def test_trial_id_definition_and_invariances():
+    spec = ExperimentSpec()
+    tid = trial_id(spec)
+    flat = {}
+
+    def walk(tree, prefix=""):
+        for k, v in tree.items():
+            key = prefix + k
+            if isinstance(v, dict) and v and key != "sweep.grid":
+                walk(v, key + ".")
+            else:
+                flat[key] = v
+
+    walk(spec.model_dump(mode="json"))
+    ident = {k: v for k, v in flat.items() if k not in NON_IDENTITY_FIELDS}
+    expected = hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+    assert tid == expected and len(tid) == 12
+    # Where/how fast does not change the id; what is computed does.
+    moved = apply_overrides(spec, ["storage=s3://b/p", "data.root=/x", "data.num_workers=9", "scaling.cpus_per_worker=3"])
+    assert trial_id(moved) == tid and spec_hash(moved) != spec_hash(spec)
+    assert trial_id(apply_overrides(spec, ["method.lam=1"])) == tid  # 1 and 1.0 are the same lam
+    for change in ["method.lam=0.5", "seed=1", "data.episode=3", "method.name=baseline", "optim.lr=0.01"]:
+        assert trial_id(apply_overrides(spec, [change])) != tid, change
+
+
+def test_method_config_kwargs():
+    spec = apply_overrides(ExperimentSpec(), ["method.negatives=global", "method.lam=0.3"])
+    kw = method_config_kwargs(spec)
+    assert kw == {"name": "cgc", "lam": 0.3, "tau": 0.5, "resolution": "image", "anchor": "paper",
+                  "global_negatives": True, "layer": "layer4", "crop_scale": (0.08, 1.0)}
+
+
+# --------------------------------------------------------------------------- presets (REFERENCE.md section 2)
+
+
+def _common_paper_optim(s):
+    assert (s.optim.lr, s.optim.momentum, s.optim.weight_decay) == (0.1, 0.9, 1e-4)
+    assert s.data.batch_size == 256 and s.method.tau == 0.5
+
+
+@pytest.mark.parametrize("name, arch, lam", [("imagenet_r18", "resnet18", 1.0), ("imagenet_r50", "resnet50", 0.5)])
+def test_imagenet_presets(name, arch, lam):
+    s = load_spec(PRESETS[name])
+    _common_paper_optim(s)
+    assert (s.data.dataset, s.model.arch, s.model.weights, s.method.lam) == ("imagenet", arch, None, lam)
+    assert s.optim.epochs == 90
+    assert (s.optim.schedule.name, s.optim.schedule.milestones, s.optim.schedule.gamma) == ("step", (30, 60), 0.1)
+    assert s.sweep.grid == {"method.name": ["baseline", "cgc", "cgc_no_neg"]}
+    assert {"top1", "top5", "ch", "iauc", "cgc_loss"} <= set(s.metrics)
+
+
+def test_lambda_ablation_preset():
+    s = load_spec(PRESETS["lambda_ablation"])
+    _common_paper_optim(s)
+    assert (s.model.arch, s.data.dataset, s.method.name) == ("resnet18", "imagenet", "cgc")
+    assert s.sweep.grid == {"method.lam": [0.0, 0.01, 0.1, 0.5, 1.0, 2.0]}
+
+
+@pytest.mark.parametrize("ds, lam", [("cub200", 0.25), ("cars196", 0.25), ("aircraft", 0.5), ("flowers102", 0.5)])
+def test_finegrained_presets(ds, lam):
+    s = load_spec(PRESETS[f"finegrained_{ds}"])
+    _common_paper_optim(s)
+    assert (s.data.dataset, s.method.lam, s.model.arch) == (ds, lam, "resnet50")
+    assert s.model.weights == "ResNet50_Weights.IMAGENET1K_V1"
+    assert s.sweep.grid == {"method.name": ["baseline", "cgc"], "seed": [0, 1, 2]}
+
+
+@pytest.mark.parametrize("ds, lam", [("cub200", 0.8), ("cars196", 0.8), ("aircraft", 0.6), ("flowers102", 0.8)])
+def test_fewshot_presets(ds, lam):
+    s = load_spec(PRESETS[f"fewshot_{ds}"])
+    assert (s.data.dataset, s.method.lam, s.model.arch) == (ds, lam, "resnet50")
+    assert s.model.weights == "ResNet50_Weights.IMAGENET1K_V1"
+    assert s.sweep.grid["data.shots"] == [1, 5, 10]
+    assert s.sweep.grid["data.episode"] == list(range(20))
+    # Paired design: both methods see every episode.
+    assert s.sweep.grid["method.name"] == ["baseline", "cgc"]
+
+
+def test_semisup_preset():
+    s = load_spec(PRESETS["semisup"])
+    assert (s.data.dataset, s.data.percent, s.data.batch_size) == ("imagenet", 1.0, 128)
+    assert s.model.arch == "resnet50" and s.model.weights.startswith("swav:")
+    assert (s.method.lam, s.method.tau) == (0.25, 0.5)
+    assert (s.optim.lr, s.optim.head_lr, s.optim.weight_decay, s.optim.momentum) == (0.02, 5.0, 0.0, 0.9)
+    assert s.optim.epochs == 50
+    assert (s.optim.schedule.milestones, s.optim.schedule.gamma) == ((12, 16), 0.2)
+
+
+@pytest.mark.parametrize("name", [k for k in PRESETS if k.endswith("_demo")])
+def test_demo_presets_are_cpu_scale(name):
+    s = load_spec(PRESETS[name])
+    assert (s.data.dataset, s.model.arch, s.data.image_size, s.model.weights) == ("synthetic", "resnet_small", 64, None)
+    assert s.optim.epochs <= 5 and len(expand_trials(s)) <= 6
+    check_data_root(s)  # embedded data needs no root
+
+
+def test_every_experiment_has_a_demo():
+    experiments = {load_spec(v).name for v in PRESETS.values()}
+    demos = {load_spec(v).name for k, v in PRESETS.items() if k.endswith("_demo")}
+    assert experiments - {"imagenet100"} <= demos
+
+
+# --------------------------------------------------------------------------- files and data
+
+
+def test_load_yaml_and_json(tmp_path):
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"method": {"lam": 0.5}, "sweep": {"grid": {"seed": [0, 1]}}}))
+    (tmp_path / "s.json").write_text(json.dumps({"method": {"lam": 0.5}, "sweep": {"grid": {"seed": [0, 1]}}}))
+    a, b = load_spec(tmp_path / "s.yaml"), load_spec(str(tmp_path / "s.json"))
+    assert a == b and a.method.lam == 0.5
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(SpecError, match="mapping at the top level"):
+        load_spec(tmp_path / "list.yaml")
+
+
+def test_check_data_root_prints_layout(tmp_path):
+    cub = apply_overrides(ExperimentSpec(), ["data.dataset=cub200"])
+    with pytest.raises(SpecError, match="data.root is required") as e:
+        check_data_root(cub)
+    assert "bounding_boxes.txt" in str(e.value)
+    with pytest.raises(SpecError, match="does not exist") as e:
+        check_data_root(apply_overrides(cub, [f"data.root={tmp_path / 'nope'}"]))
+    assert "image_class_labels.txt" in str(e.value)
+    root = tmp_path / "CUB_200_2011"
+    (root / "images").mkdir(parents=True)
+    (root / "images.txt").write_text("")
+    with pytest.raises(SpecError, match="lacks image_class_labels.txt, train_test_split.txt, bounding_boxes.txt"):
+        check_data_root(apply_overrides(cub, [f"data.root={root}"]))
+    for f in ("image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt"):
+        (root / f).write_text("")
+    check_data_root(apply_overrides(cub, [f"data.root={root}"]))
+
+
+def test_check_data_root_covers_swept_datasets(tmp_path):
+    spec = apply_overrides(ExperimentSpec(), ["sweep.grid.data.dataset=[synthetic, flowers102]"])
+    with pytest.raises(SpecError, match="flowers102") as e:
+        check_data_root(spec)
+    assert "setid.mat" in str(e.value)
+
+
+def test_validate_against_data_shots():
+    spec = apply_overrides(ExperimentSpec(), ["data.shots=5"])
+    validate_against_data(spec, {0: 10, 1: 6})
+    with pytest.raises(SpecError) as e:
+        validate_against_data(spec, {0: 10, 1: 5, 2: 3})
+    msg = str(e.value)
+    assert "data.shots=5" in msg and "class 1: 5" in msg and "class 2: 3" in msg and "class 0" not in msg
+    assert "at most 2" in msg
+    swept = apply_overrides(spec, ["sweep.grid.data.shots=[1, 5, 10]"])
+    with pytest.raises(SpecError, match="data.shots=10"):
+        validate_against_data(swept, {0: 8, 1: 9})
+    with pytest.raises(SpecError, match="no images"):
+        validate_against_data(spec, {})
+
+
+def test_spec_imports_no_torch_or_ray():
+    code = "import cgc_ray.spec, sys; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
