@@ -29,7 +29,7 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal, Mapping, NamedTuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -38,6 +38,7 @@ __all__ = [
     "ARCHS",
     "DATASETS",
     "DATA_LAYOUTS",
+    "DataLayout",
     "NON_IDENTITY_FIELDS",
     "PRESETS",
     "DataSpec",
@@ -101,10 +102,17 @@ class SyntheticSpec(_Strict):
 
     ``clutter``: the object sits among distractor shapes; ``spurious``: a
     background cue correlates with the label, so a classifier can be right for
-    the wrong reason (a good case for heatmap metrics).
+    the wrong reason (a good case for heatmap metrics). The fields are the
+    keyword arguments of ``cgc_ray.data.synthetic.ensure``; ``seed`` fixes the
+    images (it is not the training seed), ``p_cue`` is the share of
+    ``spurious`` training images whose cue names their own class.
     """
 
     variant: Literal["clutter", "spurious"] = "clutter"
+    seed: int = Field(0, ge=0)
+    n_train_per_class: int = Field(300, ge=2)
+    n_test_per_class: int = Field(150, ge=1)
+    p_cue: float = Field(0.8, ge=0, le=1)
 
 
 class DataSpec(_Strict):
@@ -515,10 +523,24 @@ def method_config_kwargs(spec: ExperimentSpec) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- data checks
 
-# Relative paths that must exist under data.root, and the layout shown when they do not.
-DATA_LAYOUTS: dict[str, tuple[tuple[str, ...], str]] = {
-    "synthetic": ((), "generated on first use under data.root (or the default cache); nothing to download"),
-    "cub200": (
+class DataLayout(NamedTuple):
+    """Where a dataset may sit under ``data.root`` and what must be there.
+
+    ``subdirs``: the dataset folder is ``root`` itself or ``root/<subdir>``
+    (torchvision's convention, the same rule as ``cgc_ray.data.formats``);
+    ``required``: entries that folder must hold; ``text``: the layout shown
+    in errors.
+    """
+
+    subdirs: tuple[str, ...]
+    required: tuple[str, ...]
+    text: str
+
+
+DATA_LAYOUTS: dict[str, DataLayout] = {
+    "synthetic": DataLayout((), (), "generated on first use under data.root (or the default cache); nothing to download"),
+    "cub200": DataLayout(
+        ("CUB_200_2011",),
         ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt", "images"),
         "CUB_200_2011/\n"
         "  images.txt              <id> <relative path>\n"
@@ -528,7 +550,8 @@ DATA_LAYOUTS: dict[str, tuple[tuple[str, ...], str]] = {
         "  classes.txt\n"
         "  images/<class dir>/*.jpg",
     ),
-    "cars196": (
+    "cars196": DataLayout(
+        ("stanford_cars",),
         ("devkit", "cars_train", "cars_test"),
         "stanford_cars/                     (torchvision StanfordCars layout)\n"
         "  devkit/cars_train_annos.mat      bbox_x1 bbox_y1 bbox_x2 bbox_y2 class fname\n"
@@ -537,37 +560,44 @@ DATA_LAYOUTS: dict[str, tuple[tuple[str, ...], str]] = {
         "  cars_train/*.jpg\n"
         "  cars_test/*.jpg",
     ),
-    "aircraft": (
-        ("data/images", "data/images_box.txt", "data/variants.txt"),
+    "aircraft": DataLayout(
+        ("fgvc-aircraft-2013b",),
+        ("data/variants.txt", "data/images", "data/images_box.txt"),
         "fgvc-aircraft-2013b/               (torchvision FGVCAircraft layout)\n"
         "  data/images/*.jpg\n"
         "  data/images_variant_{train,val,test,trainval}.txt\n"
         "  data/images_box.txt              <name> <xmin> <ymin> <xmax> <ymax>\n"
         "  data/variants.txt                100 variants",
     ),
-    "flowers102": (
-        ("jpg", "imagelabels.mat", "setid.mat"),
+    "flowers102": DataLayout(
+        ("flowers-102",),
+        ("setid.mat", "jpg", "imagelabels.mat"),
         "flowers-102/                       (torchvision Flowers102 layout; no boxes)\n"
         "  jpg/image_XXXXX.jpg\n"
         "  imagelabels.mat\n"
         "  setid.mat                        trnid, valid, tstid",
     ),
-    "imagenet": (
+    "imagenet": DataLayout(
+        ("imagenet", "ILSVRC/Data/CLS-LOC"),
         ("train", "val"),
-        "imagenet/\n"
+        "imagenet/                          (or the Kaggle ILSVRC/Data/CLS-LOC tree)\n"
         "  train/<wnid>/*.JPEG\n"
         "  val/*.JPEG or val/<wnid>/*.JPEG\n"
         "  boxes: Pascal-VOC XML per image (1-indexed inclusive) or LOC_val_solution.csv\n"
         "  1percent.txt                     (semi-supervised split, optional: data.split_file)",
     ),
-    "imagenet100": (
+    "imagenet100": DataLayout(
+        ("imagenet100", "imagenet", "ILSVRC/Data/CLS-LOC"),
         ("train", "val"),
-        "imagenet100/                       (100-class subset, same layout as imagenet)\n"
-        "  train/<wnid>/*.JPEG\n"
-        "  val/<wnid>/*.JPEG\n"
-        "  boxes: Pascal-VOC XML per image or LOC_val_solution.csv",
+        "the imagenet layout (train/<wnid>/, val/); only the 100 CMC classes are used",
     ),
-    "unrel": ((), "unrel/\n  images plus annotations of objects in unusual relations (28 ImageNet classes)"),
+    "unrel": DataLayout(
+        ("unrel", "UnRel"),
+        ("annotations.csv", "images"),
+        "unrel/\n"
+        "  images/<file>\n"
+        "  annotations.csv   image,category,imagenet_index,xmin,ymin,xmax,ymax (1-based inclusive)",
+    ),
 }
 
 
@@ -580,24 +610,25 @@ def check_data_root(spec: ExperimentSpec) -> None:
     """
     for dataset in _swept_values(spec, "data.dataset", spec.data.dataset):
         for root in _swept_values(spec, "data.root", spec.data.root):
-            required, layout = DATA_LAYOUTS[dataset]
+            layout = DATA_LAYOUTS[dataset]
+            if dataset == "synthetic":
+                continue
             if root is None:
-                if dataset == "synthetic":
-                    continue
                 raise SpecError(
                     f"data.root is required for data.dataset={dataset!r} (only 'synthetic' is embedded); "
-                    f"pass --data-root or --set data.root=PATH. Expected layout:\n{layout}"
+                    f"pass --data-root or --set data.root=PATH. Expected layout:\n{layout.text}"
                 )
             path = Path(root).expanduser()
             if not path.is_dir():
-                if dataset == "synthetic":
-                    continue
-                raise SpecError(f"data.root={root!r} does not exist; expected layout for {dataset}:\n{layout}")
-            missing = [r for r in required if not (path / r).exists()]
+                raise SpecError(f"data.root={root!r} does not exist; expected layout for {dataset}:\n{layout.text}")
+            candidates = [path] + [path / sub for sub in layout.subdirs]
+            folder = next((c for c in candidates if (c / layout.required[0]).exists()), path)
+            missing = [r for r in layout.required if not (folder / r).exists()]
             if missing:
+                where = " or ".join(str(c) for c in candidates)
                 raise SpecError(
-                    f"data.root={root!r} lacks {', '.join(missing)} for data.dataset={dataset!r}; "
-                    f"expected layout:\n{layout}"
+                    f"data.root={root!r} lacks {', '.join(missing)} for data.dataset={dataset!r} "
+                    f"(looked in {where}); expected layout:\n{layout.text}"
                 )
 
 

@@ -285,6 +285,7 @@ def test_check_data_root_prints_layout(tmp_path):
     for f in ("image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt"):
         (root / f).write_text("")
     check_data_root(apply_overrides(cub, [f"data.root={root}"]))
+    check_data_root(apply_overrides(cub, [f"data.root={tmp_path}"]))  # the folder holding CUB_200_2011 works too
 
 
 def test_check_data_root_covers_swept_datasets(tmp_path):

@@ -32,7 +32,9 @@ On disk the dataset is a CUB-200-2011 folder, so the real loader path reads it::
         classes.txt              "<id> <NNN.name>"
         images/<NNN.name>/<name>_<NNNNN>.png
         masks/<NNN.name>/<name>_<NNNNN>.png   (class-object mask, 0 or 255)
+        distractor_boxes.txt     "<id> <x> <y> <w> <h>", one line per distractor
         conflict.txt             (spurious only: ids of the conflict test images)
+        cues.txt                 (spurious only: "<id> <cue class, 1-based>")
         synthetic.json           (the generation parameters)
 
 The cache name encodes variant, seed, sizes and ``GENERATOR_VERSION``; bump
@@ -157,16 +159,6 @@ def mask_path(cub_folder: str | os.PathLike, image_relpath: str) -> Path:
     return Path(cub_folder) / "masks" / image_relpath
 
 
-def read_conflict_ids(cub_folder: str | os.PathLike) -> set[int]:
-    """Image ids (1-based, as in images.txt) of the conflict test split of a spurious dataset."""
-    path = Path(cub_folder) / "conflict.txt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} does not exist: only datasets generated with variant='spurious' have a conflict split"
-        )
-    return {int(line) for line in path.read_text().split()}
-
-
 def _write_dataset(cub: Path, *, variant, seed, n_train, n_test, size, p_cue) -> None:
     """Render every image and write the CUB-200-2011 files into ``cub``."""
     K = len(CLASS_SHAPES)
@@ -175,7 +167,7 @@ def _write_dataset(cub: Path, *, variant, seed, n_train, n_test, size, p_cue) ->
     if variant == "spurious":
         splits.append(("conflict", n_test))
 
-    images, labels, is_train, boxes, conflict = [], [], [], [], []
+    images, labels, is_train, boxes, conflict, cues, distractors = [], [], [], [], [], [], []
     for k in range(K):
         (cub / "images" / class_dirs[k]).mkdir(parents=True)
         (cub / "masks" / class_dirs[k]).mkdir(parents=True)
@@ -185,7 +177,7 @@ def _write_dataset(cub: Path, *, variant, seed, n_train, n_test, size, p_cue) ->
             for start in range(0, n, _CHUNK):
                 m = min(_CHUNK, n - start)
                 cue = _sample_cue(rng, k, m, K, split, variant, p_cue)
-                rgb, mask = _render(rng, np.full(m, k), cue, size)  # m x S x S x 3 uint8, m x S x S bool
+                rgb, mask, box, d_boxes = _render(rng, np.full(m, k), cue, size)
                 for i in range(m):
                     index += 1
                     relpath = f"{class_dirs[k]}/{CLASS_SHAPES[k]}_{index:05d}.png"
@@ -194,7 +186,10 @@ def _write_dataset(cub: Path, *, variant, seed, n_train, n_test, size, p_cue) ->
                     images.append(relpath)
                     labels.append(k + 1)
                     is_train.append(int(split == "train"))
-                    boxes.append(_bbox_xywh(mask[i]))
+                    boxes.append(box[i])
+                    distractors += [(len(images), b) for b in d_boxes[i]]
+                    if cue is not None:
+                        cues.append(int(cue[i]) + 1)
                     if split == "conflict":
                         conflict.append(len(images))
 
@@ -202,10 +197,12 @@ def _write_dataset(cub: Path, *, variant, seed, n_train, n_test, size, p_cue) ->
     _write_lines(cub / "images.txt", (f"{i} {p}" for i, p in zip(ids, images)))
     _write_lines(cub / "image_class_labels.txt", (f"{i} {c}" for i, c in zip(ids, labels)))
     _write_lines(cub / "train_test_split.txt", (f"{i} {t}" for i, t in zip(ids, is_train)))
-    _write_lines(cub / "bounding_boxes.txt", (f"{i} {x:.1f} {y:.1f} {w:.1f} {h:.1f}" for i, (x, y, w, h) in zip(ids, boxes)))
+    _write_lines(cub / "bounding_boxes.txt", (f"{i} {_xywh(b)}" for i, b in zip(ids, boxes)))
     _write_lines(cub / "classes.txt", (f"{k + 1} {d}" for k, d in enumerate(class_dirs)))
+    _write_lines(cub / "distractor_boxes.txt", (f"{i} {_xywh(b)}" for i, b in distractors))
     if variant == "spurious":
         _write_lines(cub / "conflict.txt", (str(i) for i in conflict))
+        _write_lines(cub / "cues.txt", (f"{i} {c}" for i, c in zip(ids, cues)))
     params = dict(
         generator_version=GENERATOR_VERSION,
         variant=variant,
@@ -224,11 +221,25 @@ def _write_lines(path: Path, lines) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
-def _bbox_xywh(mask: np.ndarray) -> tuple[float, float, float, float]:
-    """CUB box (x, y, w, h) covering exactly the True pixels of an S x S mask."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    cols = np.flatnonzero(mask.any(axis=0))
-    return float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1)
+def _xywh(box) -> str:
+    """CUB "x y w h" text of a continuous (x1, y1, x2, y2) box."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return f"{x1:.1f} {y1:.1f} {x2 - x1:.1f} {y2 - y1:.1f}"
+
+
+def _mask_boxes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tight boxes of n x S x S masks.
+
+    Returns:
+        (boxes n x 4 int, continuous (x1, y1, x2, y2) covering exactly the True
+        pixels, i.e. columns x1..x2-1 and rows y1..y2-1; nonempty n bool)
+    """
+    S = mask.shape[-1]
+    rows, cols = mask.any(axis=2), mask.any(axis=1)  # n x S each
+    boxes = np.stack(
+        [cols.argmax(1), rows.argmax(1), S - cols[:, ::-1].argmax(1), S - rows[:, ::-1].argmax(1)], axis=1
+    )
+    return boxes, rows.any(1)
 
 
 def _sample_cue(rng, k: int, m: int, K: int, split: str, variant: str, p_cue: float) -> np.ndarray | None:
@@ -247,7 +258,7 @@ def _sample_cue(rng, k: int, m: int, K: int, split: str, variant: str, p_cue: fl
     return np.where(rng.random(m) < p_cue, k, wrong)
 
 
-def _render(rng, labels: np.ndarray, cue: np.ndarray | None, S: int) -> tuple[np.ndarray, np.ndarray]:
+def _render(rng, labels: np.ndarray, cue: np.ndarray | None, S: int):
     """Render n scenes.
 
     Args:
@@ -256,7 +267,12 @@ def _render(rng, labels: np.ndarray, cue: np.ndarray | None, S: int) -> tuple[np
         S: image side.
 
     Returns:
-        (images n x S x S x 3 uint8, class-object masks n x S x S bool)
+        images: n x S x S x 3 uint8.
+        masks: n x S x S bool, the class object's pixels.
+        boxes: n x 4 int, tight (x1, y1, x2, y2) box of each mask.
+        distractor_boxes: n lists of (x1, y1, x2, y2) tight boxes of each
+            distractor's own pixels inside the image (later distractors may
+            occlude part of an earlier one).
     """
     n = len(labels)
     scale = S / 64.0
@@ -269,14 +285,12 @@ def _render(rng, labels: np.ndarray, cue: np.ndarray | None, S: int) -> tuple[np
     th_c = rng.uniform(0, 2 * np.pi, size=n)
     col_c = _object_colours(rng, n)  # n x 3
     mask_c = _shape_masks(labels, CLASS_SHAPES, x, y, c_c, r_c, th_c)  # n x S x S
-    rows, cols = mask_c.any(axis=2), mask_c.any(axis=1)  # n x S each
-    box = np.stack(  # n x 4, continuous (x1, y1, x2, y2) of the mask
-        [cols.argmax(1), rows.argmax(1), S - cols[:, ::-1].argmax(1), S - rows[:, ::-1].argmax(1)], axis=1
-    ).astype(np.float32)
+    box, _ = _mask_boxes(mask_c)  # n x 4; the class object is never empty (radius >= 1.75 px)
 
     # Distractors: their bounding squares stay outside the class box, so none
     # of their pixels (centres) falls inside it; they may leave the image.
     n_d = rng.integers(_N_DISTRACTORS[0], _N_DISTRACTORS[1] + 1, size=n)
+    d_boxes = [[] for _ in range(n)]
     for slot in range(_N_DISTRACTORS[1]):
         T = _PLACEMENT_TRIES
         r_d = rng.uniform(*_DISTRACTOR_RADIUS, size=(n, T)) * scale
@@ -296,9 +310,12 @@ def _render(rng, labels: np.ndarray, cue: np.ndarray | None, S: int) -> tuple[np
         mask_d = _shape_masks(shape, DISTRACTOR_SHAPES, x, y, c_d[ar, pick], r_d[ar, pick], th_d)
         mask_d &= present[:, None, None]
         img = np.where(mask_d[..., None], col_d[:, None, None, :], img)
+        b_d, nonempty = _mask_boxes(mask_d)
+        for i in np.flatnonzero(nonempty):
+            d_boxes[i].append(b_d[i])
 
     img = np.where(mask_c[..., None], col_c[:, None, None, :], img)
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mask_c
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), mask_c, box, d_boxes
 
 
 def _object_colours(rng, n: int) -> np.ndarray:
@@ -310,8 +327,8 @@ def _background(rng, n: int, S: int, cue: np.ndarray | None) -> np.ndarray:
     """n x S x S x 3 smooth colour field: a coarse random grid, bilinearly upsampled.
 
     Less saturated and darker on average than the objects, with overlap. With a
-    cue, stripes whose orientation encodes the cue class are blended in and
-    the field is tinted with that class's hue.
+    cue (n cue classes), the field is tinted with the cue class's hue and
+    modulated by stripes whose frequency encodes the cue class.
     """
     g = _BACKGROUND_GRID
     hue = rng.uniform(0, 1, (n, g, g))
@@ -322,17 +339,19 @@ def _background(rng, n: int, S: int, cue: np.ndarray | None) -> np.ndarray:
     A = np.zeros((S, g), dtype=np.float32)  # S x g bilinear interpolation weights
     A[np.arange(S), i0] = 1 - (t - i0)
     A[np.arange(S), i0 + 1] = t - i0
-    field = np.einsum("ph,nhwc,qw->npqc", A, grid, A)  # n x S x S x 3
+    field = (A @ grid.transpose(0, 3, 1, 2) @ A.T).transpose(0, 2, 3, 1)  # n x S x S x 3
     if cue is None:
         return field.astype(np.float32)
 
     K = len(CLASS_SHAPES)
     y, x = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5
-    angle = np.pi * cue / K  # n, one stripe orientation per cue class
+    # Frequency and tint encode the cue; orientation does not, because a
+    # horizontal flip (a standard augmentation) mirrors it.
+    angle = rng.uniform(0, np.pi, n)
     phase = rng.uniform(0, 2 * np.pi, n)
-    period = S / 8.0
+    cycles = 4.0 + 2.0 * cue  # n, stripe periods across the image
     proj = np.cos(angle)[:, None, None] * x + np.sin(angle)[:, None, None] * y  # n x S x S
-    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * proj / period + phase[:, None, None])  # n x S x S in [0, 1]
+    stripes = 0.5 + 0.5 * np.sin(2 * np.pi * cycles[:, None, None] * proj / S + phase[:, None, None])  # n x S x S
     tint = _hsv_to_rgb(cue / K, np.full(n, 0.6), np.full(n, 0.55))  # n x 3
     field = 0.5 * field + 0.5 * tint[:, None, None, :]
     return (field * (0.75 + 0.25 * stripes[..., None])).astype(np.float32)

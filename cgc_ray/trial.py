@@ -1,0 +1,207 @@
+"""One trial of an experiment: a resolved spec in, trained model and metrics out.
+
+Builds data, model, optimiser and schedule from an ``ExperimentSpec`` and runs
+``engine.fit``. Knows nothing of Ray: the Ray layer calls :func:`run_trial`
+with a device, a trial directory and a report callback (and, under DDP, the
+process group already initialised).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cgc_ray import data as D
+from cgc_ray.engine import Callback, MethodConfig, fit
+from cgc_ray.models import build_model
+from cgc_ray.spec import ExperimentSpec, method_config_kwargs, validate_against_data, validate_spec
+
+# The split each dataset is evaluated on when a trial is not few-shot.
+EVAL_SPLIT = {
+    "synthetic": "test",
+    "cub200": "test",
+    "cars196": "test",
+    "aircraft": "test",
+    "flowers102": "test",
+    "imagenet": "val",
+    "imagenet100": "val",
+    "unrel": "test",
+}
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CGC_RAY_CACHE_DIR", Path.home() / ".cache" / "cgc-ray"))
+
+
+def data_root(spec: ExperimentSpec) -> str:
+    """``data.root``, or for the embedded dataset the local cache it is generated into."""
+    if spec.data.root is not None:
+        return spec.data.root
+    if spec.data.dataset != "synthetic":
+        raise ValueError(f"data.root is required for data.dataset={spec.data.dataset!r}")
+    return str(default_cache_dir() / "synthetic")
+
+
+def _options(spec: ExperimentSpec) -> dict[str, Any]:
+    if spec.data.dataset != "synthetic":
+        return {}
+    return {"variant": spec.data.synthetic.variant, "image_size": spec.data.image_size}
+
+
+@dataclass
+class TrialData:
+    """Record lists of one trial; ``episode_seed`` reproduces a few-shot split."""
+
+    train: list[D.ImageRecord]
+    val: list[D.ImageRecord]
+    unlabeled: list[D.ImageRecord] | None
+    num_classes: int
+    episode_seed: int | None
+
+
+def episode_seed(spec: ExperimentSpec) -> int:
+    """The same seed for every method of one (dataset, shots, episode): paired comparisons."""
+    return 1_000_003 * (spec.data.shots or 0) + spec.data.episode
+
+
+def trial_data(spec: ExperimentSpec) -> TrialData:
+    """Resolve the trial's train / validation (and unlabelled) records."""
+    name, root, opts = spec.data.dataset, data_root(spec), _options(spec)
+    num_classes = len(D.class_names(name, root, **opts))
+    if name == "unrel":
+        raise ValueError("data.dataset='unrel' is an evaluation set only (no train split); use `cgc-ray evaluate`")
+    train = D.records(name, root, "train", **opts)
+    if spec.data.shots is not None:
+        counts: dict[int, int] = {}
+        for r in train:
+            counts[r.label] = counts.get(r.label, 0) + 1
+        validate_against_data(spec, counts)
+        seed = episode_seed(spec)
+        train, val = D.episode(train, spec.data.shots, seed)
+        return TrialData(train, val, None, num_classes, seed)
+    val = D.records(name, root, EVAL_SPLIT[name], **opts)
+    if spec.data.percent is not None:
+        labelled, _ = D.percent_split(train, spec.data.percent, spec.seed, list_file=spec.data.split_file)
+        # the paper feeds all of the training set, unlabelled, to the CGC term
+        return TrialData(labelled, val, train, num_classes, None)
+    return TrialData(train, val, None, num_classes, None)
+
+
+def _loader(ds, batch: int, *, train: bool, seed: int, workers: int, distributed: bool, drop_last: bool):
+    sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=drop_last) if distributed else None
+    return DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=D.collate,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed) if train else None,
+    )
+
+
+def build_loaders(spec: ExperimentSpec, td: TrialData, *, distributed: bool = False):
+    """(train, val, unlabeled) DataLoaders; the per-worker batch is data.batch_size / world size."""
+    world = torch.distributed.get_world_size() if distributed else 1
+    batch = max(2, spec.data.batch_size // world)
+    small = spec.data.dataset == "synthetic"
+    mk = lambda recs, train: D.BoxDataset(recs, train=train, image_size=spec.data.image_size,
+                                          cache_in_memory=small, seed=spec.seed)
+    # drop_last: a last batch of one image breaks the contrastive loss (an authors' defect)
+    train = _loader(mk(td.train, True), batch, train=True, seed=spec.seed, workers=spec.data.num_workers,
+                    distributed=distributed, drop_last=len(td.train) > batch)
+    val = _loader(mk(td.val, False), batch, train=False, seed=spec.seed, workers=spec.data.num_workers,
+                  distributed=False, drop_last=False)
+    unl = None
+    if td.unlabeled is not None:
+        unl = _loader(mk(td.unlabeled, True), batch, train=True, seed=spec.seed + 1,
+                      workers=spec.data.num_workers, distributed=distributed, drop_last=True)
+    return train, val, unl
+
+
+def lr_factor(spec: ExperimentSpec, steps_per_epoch: int):
+    """Per-step multiplier of the base learning rate: linear warm-up, then the schedule."""
+    o = spec.optim
+    total = o.epochs * steps_per_epoch
+    warm = o.warmup_epochs * steps_per_epoch
+    s = o.schedule
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if s.name == "step":
+            epoch = step // steps_per_epoch
+            return s.gamma ** sum(epoch >= m for m in s.milestones)
+        progress = (step - warm) / max(1, total - warm)
+        if s.name == "cosine":
+            floor = s.min_lr / o.lr
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        # one-cycle: cosine up from lr/25 to lr over pct_start, then down to lr/25e4
+        if progress < s.pct_start:
+            p = progress / s.pct_start
+            return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * p))
+        p = (progress - s.pct_start) / (1 - s.pct_start)
+        return 1 / 25e4 + (1 - 1 / 25e4) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+
+    return factor
+
+
+def build_optimizer(spec: ExperimentSpec, model: torch.nn.Module, steps_per_epoch: int):
+    o = spec.optim
+    head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
+    trunk = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    groups = [{"params": trunk, "lr": o.lr}, {"params": head, "lr": o.head_lr or o.lr}]
+    opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(spec, steps_per_epoch))
+    return opt, sched
+
+
+def run_trial(
+    spec: ExperimentSpec | Mapping[str, Any],
+    *,
+    trial_dir: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    report: Callback | None = None,
+    distributed: bool = False,
+) -> dict[str, Any]:
+    """Train and evaluate one trial; resumes from ``trial_dir/checkpoint.pt`` if present.
+
+    Returns the last epoch's metrics plus ``wall_time_s``, ``episode_seed``,
+    ``n_train`` and ``n_val``.
+    """
+    spec = validate_spec(spec)
+    if spec.sweep.grid:
+        raise ValueError("run_trial takes one trial; expand the sweep with spec.expand_trials first")
+    start = time.perf_counter()
+    device = torch.device(device)
+    td = trial_data(spec)
+    train, val, unl = build_loaders(spec, td, distributed=distributed)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model.arch, td.num_classes, weights=spec.model.weights).to(device)
+    if distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    opt, sched = build_optimizer(spec, model.module if distributed else model, len(train))
+    method = MethodConfig(**method_config_kwargs(spec))
+    is_main = not distributed or torch.distributed.get_rank() == 0
+    metrics = fit(
+        model, train, val if is_main else None, opt, method, device,
+        epochs=spec.optim.epochs, scheduler=sched, scheduler_interval="step", unlabeled_loader=unl,
+        checkpoint_path=Path(trial_dir) / CHECKPOINT_NAME, callback=report, seed=spec.seed,
+        amp=device.type == "cuda", channels_last=device.type == "cuda",
+        eval_metrics=spec.metrics, is_main=is_main,
+    )
+    metrics.update(wall_time_s=time.perf_counter() - start, episode_seed=td.episode_seed,
+                   n_train=len(td.train), n_val=len(td.val))
+    return metrics
