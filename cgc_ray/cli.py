@@ -1,6 +1,8 @@
 """``cgc-ray`` command line: one subcommand per task.
 
-    cgc-ray report [--storage URI] [--experiment NAME] [--format rich|markdown|csv|json]
+    cgc-ray report [--storage URI] [--experiment NAME] [--format rich|markdown|csv|json] [--plot DIR]
+    cgc-ray explain CHECKPOINT [CHECKPOINT ...] --dataset NAME [--consistency] --out FIGURE.png
+    cgc-ray evaluate CHECKPOINT --dataset NAME --data-root DIR [--metrics top1,ch,iauc,cgc_loss] [--protocol fast|authors]
 
 Each subcommand is registered by an ``_add_<name>(subparsers)`` function listed
 in :data:`SUBCOMMANDS`; it declares its arguments and sets ``handler``, a
@@ -22,6 +24,11 @@ def _report(args: argparse.Namespace) -> int:
     from cgc_ray.report import report
 
     sys.stdout.write(report(args.storage, args.experiment, args.format, layout=args.layout, width=args.width))
+    if args.plot is not None:
+        from cgc_ray.plots import plot_results
+
+        for path in plot_results(args.storage, args.plot, experiment=args.experiment):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -41,10 +48,148 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layout", choices=("lambda", "fewshot", "methods"), default=None,
                    help="force a table layout (default: chosen from the results)")
     p.add_argument("--width", type=int, default=160, help="width of rich tables in characters")
+    p.add_argument("--plot", metavar="DIR", default=None,
+                   help="also write the λ ablation, accuracy-vs-CH and few-shot gain plots (PNG) into DIR "
+                        "(needs matplotlib: pip install cgc-ray[plot])")
     p.set_defaults(handler=_report)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_report]
+def _explain(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cgc_ray.figures import write_explain
+
+    options: dict = {}
+    root = args.data_root
+    split = args.split
+    if args.dataset == "synthetic":
+        from cgc_ray.trial import default_cache_dir
+
+        root = root or str(default_cache_dir() / "synthetic")
+        options = {"variant": "spurious" if args.where == "conflict" else args.variant}
+        if args.image_size is not None:
+            options["image_size"] = args.image_size
+    elif root is None:
+        raise ValueError(f"--data-root is required for --dataset {args.dataset}")
+    if args.where == "conflict":
+        if args.dataset != "synthetic":
+            raise ValueError("--where conflict selects the conflict split of --dataset synthetic (variant spurious)")
+        split = "conflict"
+    out = write_explain(
+        args.checkpoints, args.out, dataset=args.dataset, root=root, split=split, n=args.n, indices=args.indices,
+        seed=args.seed, classes=args.classes, alpha=args.alpha, cmap=args.cmap, arch=args.arch, layer=args.layer,
+        image_size=args.image_size, consistency=args.consistency, dataset_options=options, dpi=args.dpi,
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _add_explain(subparsers: argparse._SubParsersAction) -> None:
+    from cgc_ray.spec import ARCHS, DATASETS
+
+    p = subparsers.add_parser(
+        "explain",
+        help="Grad-CAM figure of checkpoints on dataset images (or the CGC consistency figure)",
+        description="One column per image, one row per checkpoint: the image with its Grad-CAM overlay, the "
+                    "ground-truth boxes, the class and the per-image content heatmap (CH). With --consistency: "
+                    "the paper's Figure 1 (x, T(x), T(g(x)), g(T(x)) and their cosine similarity).",
+    )
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="cgc-ray checkpoints or plain torchvision-layout state_dicts, one row each")
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder (default for synthetic: the cache trials generate it into)")
+    p.add_argument("--split", default="test", help="split to draw images from (default: %(default)s)")
+    p.add_argument("--n", type=int, default=8, help="number of images (default: %(default)s)")
+    p.add_argument("--indices", type=int, nargs="+", default=None, help="explicit image indices within the split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image choice and of T (default: %(default)s)")
+    p.add_argument("--classes", choices=("gt", "pred"), default="gt",
+                   help="explain the ground-truth class or each model's prediction (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in [0, 1] (default: %(default)s)")
+    p.add_argument("--cmap", default="inferno", help="matplotlib colormap of the heatmap (default: %(default)s)")
+    p.add_argument("--arch", choices=ARCHS, default=None, help="architecture (default: read off the checkpoint)")
+    p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the checkpoint's, else layer4)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input size S (default: 64 for resnet_small, else 224)")
+    p.add_argument("--variant", choices=("clutter", "spurious"), default="clutter",
+                   help="synthetic dataset variant (default: %(default)s)")
+    p.add_argument("--where", choices=("conflict",), default=None,
+                   help="conflict: the synthetic spurious variant's conflict images (background cue of a wrong class)")
+    p.add_argument("--consistency", action="store_true", help="draw the consistency figure (paper Figure 1)")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default: %(default)s)")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.set_defaults(handler=_explain)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from cgc_ray.evaluation import evaluate_checkpoint, result_row
+    from cgc_ray.results import write_row
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate_checkpoint(
+        args.checkpoint, args.dataset, args.data_root, args.split, arch=args.arch,
+        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], protocol=args.protocol,
+        image_size=args.image_size, short_side=args.short_side, batch_size=args.batch_size, device=device,
+        iauc_images=args.iauc_images, num_workers=args.num_workers, layer=args.layer, limit=args.limit,
+    )
+    row = result_row(result)
+    path = write_row(args.storage, args.experiment, row)
+    shown = {k: row[k] for k in ("trial_id", "dataset", "arch", "method", "top1", "top5", "ch", "iauc", "cgc_loss")}
+    shown.update(ch_protocol=result["ch_protocol"], n_eval=int(result["n_eval"]), split=args.split, written=path)
+    if args.format == "json":
+        print(json.dumps(shown, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("field", "value", title=f"cgc-ray evaluate {args.checkpoint}")
+        for k, v in shown.items():
+            table.add_row(k, "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        Console().print(table)
+    return 0
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    from cgc_ray.spec import ARCHS, DATASETS, ExperimentSpec
+
+    p = subparsers.add_parser(
+        "evaluate",
+        help="top-1/5, CH, IAUC and held-out CGC loss of a checkpoint; writes one results row",
+        description="Evaluate a cgc-ray checkpoint or a torchvision state_dict on one split of a dataset, "
+        "print the row and write it to the Parquet results under --storage.",
+    )
+    p.add_argument("checkpoint", help="cgc-ray checkpoint, state_dict path or torchvision weights enum name")
+    p.add_argument("--dataset", choices=DATASETS, required=True)
+    p.add_argument("--data-root", default=None, help="dataset folder (optional for 'synthetic')")
+    p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
+    p.add_argument("--arch", choices=ARCHS, default=None,
+                   help="architecture (default: the one recorded in the checkpoint, else resnet18)")
+    p.add_argument("--metrics", default="top1,top5,ch,iauc,cgc_loss",
+                   help="comma-separated subset of top1,top5,ch,iauc,cgc_loss (default: %(default)s)")
+    p.add_argument("--protocol", choices=("fast", "authors"), default="fast",
+                   help="CH protocol: 'fast' batched centre crops at --image-size, or 'authors' "
+                   "(batch 1, --short-side without crop, heatmap at the original size) (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=224, help="evaluation crop size (default: %(default)s)")
+    p.add_argument("--short-side", type=int, default=448, help="authors' protocol resize (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--iauc-images", type=int, default=64, help="images scored for IAUC (default: %(default)s)")
+    p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the checkpoint's, else layer4)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only N images spread over the split")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--storage", default=ExperimentSpec.model_fields["storage"].default,
+                   help="results location: a path or a pyarrow URI (default: %(default)s)")
+    p.add_argument("--experiment", default="evaluate", help="experiment name of the row (default: %(default)s)")
+    p.add_argument("--format", choices=("rich", "json"), default="rich")
+    p.set_defaults(handler=_evaluate)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_report, _add_evaluate, _add_explain]
 
 
 def build_parser() -> argparse.ArgumentParser:

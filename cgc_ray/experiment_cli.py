@@ -1,0 +1,109 @@
+"""The shared command line of the scripts in ``experiments/`` and of ``cgc-ray run``.
+
+Every script takes the same flags::
+
+    --data-root DIR   the dataset (none: demo scale on the embedded synthetic dataset)
+    --dataset NAME    which paper preset when several exist (few-shot, fine-grained, ImageNet)
+    --preset NAME     any preset of cgc_ray.spec.PRESETS (overrides the choice above)
+    --spec FILE       a YAML/JSON spec instead of a preset
+    --set a.b=value   overrides, repeatable (values parsed as YAML)
+    --storage URI     results and checkpoints (default ./results; s3://bucket/prefix on clusters)
+    --address ADDR    attach to a running Ray cluster ("auto" under `ray submit`)
+
+The spec is validated (and the data root checked) before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from cgc_ray.spec import PRESETS, SpecError, apply_overrides, check_data_root, load_spec
+
+# experiment -> (demo preset, paper preset chooser from (dataset, arch))
+Chooser = Callable[[str | None, str | None], str]
+EXPERIMENTS: dict[str, tuple[str, Chooser]] = {
+    "lambda_ablation": ("lambda_ablation_demo", lambda ds, arch: "lambda_ablation"),
+    "fewshot": ("fewshot_demo", lambda ds, arch: f"fewshot_{ds or 'cub200'}"),
+    "finegrained": ("finegrained_demo", lambda ds, arch: f"finegrained_{ds or 'cub200'}"),
+    "semisup": ("semisup_demo", lambda ds, arch: "semisup"),
+    "imagenet": (
+        "imagenet_demo",
+        lambda ds, arch: "imagenet100_r50" if ds == "imagenet100" else f"imagenet_{'r50' if arch == 'resnet50' else 'r18'}",
+    ),
+}
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default=None, help="dataset folder; omit for the embedded demo dataset")
+    p.add_argument("--dataset", default=None, help="dataset of the paper preset (e.g. cub200, cars196, imagenet100)")
+    p.add_argument("--arch", default=None, help="resnet18 or resnet50 where the paper has both")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), metavar="NAME",
+                   help="a preset from cgc_ray.spec.PRESETS")
+    p.add_argument("--spec", default=None, help="a YAML or JSON spec file (instead of a preset)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                   help="override a spec field, e.g. --set method.lam=0.5 (repeatable)")
+    p.add_argument("--storage", default=None, help="results/checkpoints URI (default: the spec's, ./results)")
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto' inside `ray submit`)")
+    p.add_argument("--autoscale", action="store_true",
+                   help="do not fail when no current node fits a trial (an autoscaler will add nodes)")
+    p.add_argument("--max-concurrent", type=int, default=None, help="at most this many trials at once")
+    p.add_argument("--no-progress", action="store_true", help="no live progress view")
+    p.add_argument("--no-report", action="store_true", help="do not print the result table at the end")
+    return p
+
+
+def resolve_spec(args: argparse.Namespace, experiment: str | None):
+    """The experiment spec the flags describe (validated; data root checked)."""
+    if args.spec:
+        spec = load_spec(args.spec)
+    else:
+        if args.preset:
+            name = args.preset
+        elif experiment is None:
+            raise SpecError("give --spec FILE or --preset NAME")
+        elif args.data_root is None and args.dataset in (None, "synthetic"):
+            name = EXPERIMENTS[experiment][0]
+        else:
+            name = EXPERIMENTS[experiment][1](args.dataset, args.arch)
+        if name not in PRESETS:
+            raise SpecError(f"no preset {name!r} (from --dataset {args.dataset!r}); presets: {sorted(PRESETS)}")
+        spec = load_spec(PRESETS[name])
+    overrides = list(args.overrides)
+    if args.data_root is not None:
+        overrides.insert(0, f"data.root={args.data_root}")
+    if args.storage is not None:
+        overrides.insert(0, f"storage={args.storage}")
+    spec = apply_overrides(spec, overrides) if overrides else spec
+    check_data_root(spec)
+    return spec
+
+
+def main(experiment: str | None, argv: Sequence[str] | None = None, *, description: str = "") -> int:
+    args = build_parser(f"{experiment or 'cgc-ray run'}", description).parse_args(argv)
+    try:
+        spec = resolve_spec(args, experiment)
+    except (SpecError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from cgc_ray.tune_runner import ResourceError, run_experiment
+
+    try:
+        res = run_experiment(spec, address=args.address, progress=not args.no_progress,
+                             max_concurrent=args.max_concurrent, autoscale=args.autoscale)
+    except ResourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{spec.name}: {len(res.trial_ids)} trials, {len(res.skipped)} already done, "
+          f"{len(res.ran)} ran now, {len(res.failed)} failed", file=sys.stderr)
+    for tid, err in res.failed.items():
+        print(f"  failed {tid}: {err.strip().splitlines()[-1] if err.strip() else err}", file=sys.stderr)
+    if not args.no_report:
+        from cgc_ray.report import report
+
+        sys.stdout.write(report(spec.storage, spec.name, "rich"))
+    return 1 if res.failed else 0

@@ -1,0 +1,446 @@
+"""Heatmap figures: Grad-CAM overlays per checkpoint, and the paper's Figure 1 (consistency under T).
+
+Two figures, each computed by a ``*_maps`` function that returns the arrays
+behind it (tested directly) and drawn by a ``render_*`` function that returns
+a :class:`matplotlib.figure.Figure` (no pyplot, so no global state or GUI
+backend is involved):
+
+- explain grid: one column per image, one row per checkpoint; each cell is the
+  image with its Grad-CAM g(x) overlaid (perceptual colormap, opacity
+  ``alpha``), the ground-truth boxes drawn, the class named and the image's
+  Content Heatmap (CH) printed.
+- consistency (Figure 1 of Pillai et al.): per image x, the image, T(x), and
+  per checkpoint T(g(x)) and g(T(x)) with their cosine similarity, the
+  quantity the CGC loss pulls towards 1 for the positive pair. The heatmaps
+  are compared exactly as ``engine`` does at ``resolution="image"``: T crops
+  the h x w map straight to the input size, g(T(x)) is upsampled bilinearly,
+  and the class of both views is the top-1 prediction on x.
+
+Checkpoints are cgc-ray checkpoints or plain torchvision-layout state_dicts;
+the architecture is read off the state_dict's key names and shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from torch import Tensor, nn
+
+from cgc_ray import transforms as T
+from cgc_ray.cam import gradcam
+from cgc_ray.data import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, ImageRecord, class_names, collate, records
+from cgc_ray.engine import CHECKPOINT_FORMAT
+from cgc_ray.metrics import content_heatmap
+from cgc_ray.models import ARCHS, build_model
+from cgc_ray.weights import read_state_dict
+
+__all__ = [
+    "Classifier",
+    "ConsistencyMaps",
+    "ExplainMaps",
+    "consistency_maps",
+    "draw_cell",
+    "explain_maps",
+    "infer_arch",
+    "load_classifier",
+    "load_images",
+    "pick_indices",
+    "render_consistency",
+    "render_explain",
+    "sample_explain_figure",
+    "write_explain",
+]
+
+BOX_COLOUR = "#00ff00"
+CMAP = "inferno"
+
+
+@dataclass
+class Classifier:
+    """A model in eval mode, the layer its Grad-CAM reads, the row title it is shown under, its arch name."""
+
+    model: nn.Module
+    layer: str
+    label: str
+    arch: str = ""
+
+
+def infer_arch(state: dict[str, Tensor]) -> str:
+    """The entry of ``models.ARCHS`` whose parameters have exactly the keys and shapes of ``state``.
+
+    Models are built on the meta device (no memory, no init cost); BatchNorm's
+    ``num_batches_tracked`` counters are ignored (older checkpoints lack them).
+    """
+    if "fc.weight" not in state:
+        raise ValueError("the state_dict has no 'fc.weight'; pass --arch explicitly (a torchvision ResNet layout)")
+    num_classes = state["fc.weight"].shape[0]
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    for arch in ARCHS:
+        with torch.device("meta"):
+            own = build_model(arch, max(num_classes, 2)).state_dict()
+        if shapes == {k: tuple(v.shape) for k, v in own.items() if not k.endswith("num_batches_tracked")}:
+            return arch
+    raise ValueError(
+        f"the state_dict ({len(shapes)} tensors, fc {tuple(state['fc.weight'].shape)}) matches none of {list(ARCHS)}; "
+        "pass the architecture with --arch"
+    )
+
+
+def load_classifier(path: str | Path, *, arch: str | None = None, layer: str | None = None) -> Classifier:
+    """Load a cgc-ray checkpoint or a plain state_dict into a model in eval mode.
+
+    arch: None infers it (:func:`infer_arch`). layer: None takes the Grad-CAM
+    layer the checkpoint was trained with (``extra.method.layer``), else
+    "layer4". The row title is the file name plus the method and λ when the
+    checkpoint records them.
+    """
+    path = Path(path)
+    state, _, _ = read_state_dict(str(path), arch=arch or "")
+    meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    method = meta.get("extra", {}).get("method", {}) if meta.get("format") == CHECKPOINT_FORMAT else {}
+    arch = arch or infer_arch(state)
+    model = build_model(arch, state["fc.weight"].shape[0])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit arch={arch!r}: {e}") from e
+    label = path.stem if path.stem != "checkpoint" else f"{path.parent.name}/{path.stem}"
+    if method.get("name"):
+        label += f"\n{method['name']}" + (f" λ={method['lam']:g}" if method["name"] != "baseline" else "")
+    return Classifier(model.eval(), layer or method.get("layer", "layer4"), label, arch)
+
+
+def pick_indices(n_available: int, n: int, seed: int, indices: Sequence[int] | None = None) -> list[int]:
+    """``indices`` as given (checked), else the first ``n`` of a permutation seeded with ``seed``."""
+    if indices:
+        bad = [i for i in indices if not 0 <= i < n_available]
+        if bad:
+            raise ValueError(f"--indices {bad} out of range: the split has {n_available} images (0..{n_available - 1})")
+        return list(indices)
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_available, generator=g)[: min(n, n_available)].tolist()
+
+
+def load_images(recs: Sequence[ImageRecord], image_size: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The evaluation view of ``recs`` (resize + centre crop, as ``trial``'s validation loader).
+
+    Returns (images B x 3 x S x S ImageNet-normalised, labels B, boxes: B tensors N_i x 4 in pixels).
+    """
+    ds = BoxDataset(recs, train=False, image_size=image_size)
+    return collate([ds[i] for i in range(len(ds))])
+
+
+def unnormalise(images: Tensor) -> Tensor:
+    """B x 3 x H x W ImageNet-normalised -> B x H x W x 3 in [0, 1] for display."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def _display(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """B x h x w -> B x H x W, bilinear, each map scaled to max 1 (an all-zero map stays 0)."""
+    up = F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    peak = up.flatten(1).amax(dim=1).clamp(min=torch.finfo(up.dtype).tiny)
+    return (up / peak[:, None, None]).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------- explain grid
+
+
+@dataclass
+class ExplainMaps:
+    """Everything the explain grid shows, for M checkpoints and N images of S x S pixels.
+
+    images: N x S x S x 3 in [0, 1]; labels: N; boxes: N tensors N_i x 4 (pixels);
+    heatmaps: M x N x S x S, each scaled to max 1; targets, preds: M x N (class
+    explained, top-1 prediction); ch: M x N CH in [0, 1] (NaN without boxes).
+    """
+
+    images: Tensor
+    labels: Tensor
+    boxes: list[Tensor]
+    heatmaps: Tensor
+    targets: Tensor
+    preds: Tensor
+    ch: Tensor
+    row_labels: list[str]
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: Tensor) -> Tensor:
+    return model(images).argmax(dim=1)
+
+
+def explain_maps(
+    classifiers: Sequence[Classifier],
+    images: Tensor,
+    labels: Tensor,
+    boxes: Sequence[Tensor],
+    *,
+    classes: str = "gt",
+) -> ExplainMaps:
+    """Grad-CAM of every image under every classifier, with its CH.
+
+    images: N x 3 x S x S normalised. classes: "gt" explains the ground-truth
+    class (the authors' CH protocol), "pred" each model's top-1 prediction.
+    """
+    if classes not in ("gt", "pred"):
+        raise ValueError(f"--classes must be 'gt' or 'pred', got {classes!r}")
+    S = tuple(images.shape[-2:])
+    heat, targets, preds, ch = [], [], [], []
+    for c in classifiers:
+        pred = _predict(c.model, images)  # N
+        t = labels if classes == "gt" else pred
+        cams = gradcam(c.model, images, t, layer=c.layer)  # N x h x w
+        heat.append(_display(cams, S))
+        ch.append(content_heatmap(cams, list(boxes), S))
+        targets.append(t)
+        preds.append(pred)
+    return ExplainMaps(
+        unnormalise(images), labels, list(boxes), torch.stack(heat), torch.stack(targets), torch.stack(preds),
+        torch.stack(ch), [c.label for c in classifiers],
+    )
+
+
+def draw_cell(ax, image: np.ndarray, heatmap: np.ndarray | None, boxes: Tensor, *, alpha: float, cmap: str = CMAP):
+    """Image (H x W x 3 in [0, 1]), heatmap overlay (H x W in [0, 1], opacity ``alpha``) and box outlines.
+
+    Pixel (row i, column j) covers [j, j + 1] x [i, i + 1], the convention of
+    the boxes (continuous 0-based pixel coordinates), so a box edge at x = 10
+    is drawn on the boundary between columns 9 and 10.
+    """
+    H, W = image.shape[:2]
+    extent = (0, W, H, 0)
+    ax.imshow(image, extent=extent, interpolation="nearest")
+    if heatmap is not None and alpha > 0:
+        ax.imshow(heatmap, extent=extent, cmap=cmap, vmin=0, vmax=1, alpha=alpha, interpolation="bilinear")
+    for x1, y1, x2, y2 in boxes.reshape(-1, 4).tolist():
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=BOX_COLOUR, linewidth=1.2))
+    ax.set_xlim(0, W)
+    ax.set_ylim(H, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _name(names: Sequence[str] | None, k: int) -> str:
+    """Class k's name without a CUB-style "NNN." prefix, or k itself when there is no name."""
+    return re.sub(r"^\d+\.", "", names[k]) if names and 0 <= k < len(names) else str(k)
+
+
+def render_explain(
+    maps: ExplainMaps,
+    *,
+    alpha: float = 0.5,
+    cmap: str = CMAP,
+    class_names: Sequence[str] | None = None,
+    cell_inches: float = 1.8,
+    dpi: int = 100,
+) -> Figure:
+    """The grid: a column per image (ground-truth class on top), a row per checkpoint.
+
+    Each cell's caption gives the CH and the prediction (marked ✗ when wrong).
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"--alpha must lie in [0, 1], got {alpha}")
+    M, N = maps.heatmaps.shape[:2]
+    fig = Figure(figsize=(cell_inches * N + 0.6, cell_inches * M + 0.4), dpi=dpi, layout="constrained")
+    axes = fig.subplots(M, N, squeeze=False)
+    for m in range(M):
+        for n in range(N):
+            ax = axes[m, n]
+            draw_cell(ax, maps.images[n].numpy(), maps.heatmaps[m, n].numpy(), maps.boxes[n], alpha=alpha, cmap=cmap)
+            pred, label = int(maps.preds[m, n]), int(maps.labels[n])
+            ch = float(maps.ch[m, n])
+            ch_text = "CH n/a" if math.isnan(ch) else f"CH {100 * ch:.0f}%"
+            mark = "✓" if pred == label else "✗"
+            ax.set_xlabel(f"{ch_text}  pred {_name(class_names, pred)} {mark}", fontsize=7)
+            if m == 0:
+                ax.set_title(_name(class_names, label), fontsize=8)
+            if n == 0:
+                ax.set_ylabel(maps.row_labels[m], fontsize=7)
+    return fig
+
+
+# --------------------------------------------------------------------------- consistency (Figure 1)
+
+
+@dataclass
+class ConsistencyMaps:
+    """Figure 1 for M checkpoints and N images of S x S pixels.
+
+    images, t_images: N x S x S x 3 in [0, 1] (x and T(x)); params: the T used;
+    t_of_g: M x N x S x S, T(g(x)); g_of_t: M x N x S x S, g(T(x)) upsampled;
+    cos: M x N cosine similarity of the two (before display scaling);
+    targets: M x N, the class explained (top-1 on x).
+    """
+
+    images: Tensor
+    t_images: Tensor
+    params: T.CropFlip
+    t_of_g: Tensor
+    g_of_t: Tensor
+    cos: Tensor
+    targets: Tensor
+    row_labels: list[str]
+
+
+def consistency_maps(
+    classifiers: Sequence[Classifier],
+    images: Tensor,
+    *,
+    params: T.CropFlip | None = None,
+    seed: int = 0,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+) -> ConsistencyMaps:
+    """T(g(x)) and g(T(x)) for each image and classifier, as the CGC loss compares them.
+
+    images: N x 3 x S x S normalised. params: the transform T (one per image);
+    None samples it from ``seed`` (crop area in ``crop_scale``, flip p = 0.5).
+    """
+    N, _, H, W = images.shape
+    if params is None:
+        params = T.sample_params(N, (H, W), scale=crop_scale, generator=torch.Generator().manual_seed(seed))
+    xt = T.apply(images, params)  # N x 3 x H x W
+    t_of_g, g_of_t, cos, targets = [], [], [], []
+    for c in classifiers:
+        t = _predict(c.model, images)  # class of both views: top-1 on x
+        g_x = gradcam(c.model, images, t, layer=c.layer)  # N x h x w
+        g_tx = gradcam(c.model, xt, t, layer=c.layer)
+        q = T.apply(g_x, params, (H, W))  # T(g(x)), N x H x W
+        k = F.interpolate(g_tx[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        cos.append(F.cosine_similarity(q.flatten(1), k.flatten(1), dim=1))
+        t_of_g.append(_display(q, (H, W)))
+        g_of_t.append(_display(k, (H, W)))
+        targets.append(t)
+    return ConsistencyMaps(
+        unnormalise(images), unnormalise(xt), params, torch.stack(t_of_g), torch.stack(g_of_t), torch.stack(cos),
+        torch.stack(targets), [c.label for c in classifiers],
+    )
+
+
+def render_consistency(
+    maps: ConsistencyMaps,
+    *,
+    alpha: float = 0.5,
+    cmap: str = CMAP,
+    class_names: Sequence[str] | None = None,
+    cell_inches: float = 1.6,
+    dpi: int = 100,
+) -> Figure:
+    """One row per image: x, T(x), then per checkpoint T(g(x)) and g(T(x)) over T(x), with their cosine."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"--alpha must lie in [0, 1], got {alpha}")
+    M, N = maps.t_of_g.shape[:2]
+    cols = 2 + 2 * M
+    fig = Figure(figsize=(cell_inches * cols, cell_inches * N + 0.5), dpi=dpi, layout="constrained")
+    axes = fig.subplots(N, cols, squeeze=False)
+    no_boxes = torch.zeros(0, 4)
+    for n in range(N):
+        ti = maps.t_images[n].numpy()
+        draw_cell(axes[n, 0], maps.images[n].numpy(), None, no_boxes, alpha=0)
+        draw_cell(axes[n, 1], ti, None, no_boxes, alpha=0)
+        flip = " + flip" if bool(maps.params.flip[n]) else ""
+        axes[n, 1].set_xlabel(f"crop{flip}", fontsize=7)
+        for m in range(M):
+            a, b = axes[n, 2 + 2 * m], axes[n, 3 + 2 * m]
+            draw_cell(a, ti, maps.t_of_g[m, n].numpy(), no_boxes, alpha=alpha, cmap=cmap)
+            draw_cell(b, ti, maps.g_of_t[m, n].numpy(), no_boxes, alpha=alpha, cmap=cmap)
+            a.set_xlabel(_name(class_names, int(maps.targets[m, n])), fontsize=7)
+            b.set_xlabel(f"cos {float(maps.cos[m, n]):.3f}", fontsize=7)
+            if n == 0:
+                a.set_title(f"{maps.row_labels[m]}\nT(g(x))", fontsize=7)
+                b.set_title(f"{maps.row_labels[m]}\ng(T(x))", fontsize=7)
+        if n == 0:
+            axes[n, 0].set_title("x", fontsize=8)
+            axes[n, 1].set_title("T(x)", fontsize=8)
+    return fig
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _default_image_size(arch: str) -> int:
+    return 64 if arch == "resnet_small" else 224
+
+
+def write_explain(
+    checkpoints: Sequence[str | Path],
+    out: str | Path,
+    *,
+    dataset: str,
+    root: str | Path,
+    split: str = "test",
+    n: int = 8,
+    indices: Sequence[int] | None = None,
+    seed: int = 0,
+    classes: str = "gt",
+    alpha: float = 0.5,
+    cmap: str = CMAP,
+    arch: str | None = None,
+    layer: str | None = None,
+    image_size: int | None = None,
+    consistency: bool = False,
+    dataset_options: dict | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Load checkpoints and images, render the explain grid (or Figure 1 with ``consistency``), write a PNG.
+
+    image_size: None picks 64 for resnet_small and 224 otherwise.
+    dataset_options: passed to ``data.records`` (synthetic generator options).
+    Returns the written path.
+    """
+    if not checkpoints:
+        raise ValueError("explain needs at least one checkpoint")
+    classifiers = [load_classifier(p, arch=arch, layer=layer) for p in checkpoints]
+    opts = dataset_options or {}
+    recs = records(dataset, root, split, **opts)
+    if not recs:
+        raise ValueError(f"dataset {dataset!r} split {split!r} under {root} has no images")
+    chosen = [recs[i] for i in pick_indices(len(recs), n, seed, indices)]
+    size = image_size or _default_image_size(classifiers[0].arch)
+    images, labels, boxes = load_images(chosen, size)
+    names = class_names(dataset, root, **opts)
+    if consistency:
+        fig = render_consistency(consistency_maps(classifiers, images, seed=seed), alpha=alpha, cmap=cmap,
+                                 class_names=names, dpi=dpi)
+    else:
+        fig = render_explain(explain_maps(classifiers, images, labels, boxes, classes=classes), alpha=alpha,
+                             cmap=cmap, class_names=names, dpi=dpi)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    return out
+
+
+def sample_explain_figure(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    dataset: str,
+    root: str | Path,
+    baseline: str | Path | None = None,
+    split: str = "test",
+    n: int = 6,
+    seed: int = 0,
+    image_size: int | None = None,
+    dataset_options: dict | None = None,
+) -> Path:
+    """The small figure stored next to an experiment's results: its best CGC trial (below its baseline, if given).
+
+    checkpoint: the best CGC trial's checkpoint; baseline: optionally a
+    baseline trial's checkpoint, drawn in the row above. Returns ``out``.
+    """
+    ckpts = [baseline, checkpoint] if baseline is not None else [checkpoint]
+    return write_explain(ckpts, out, dataset=dataset, root=root, split=split, n=n, seed=seed,
+                         image_size=image_size, dataset_options=dataset_options, dpi=80)

@@ -1,0 +1,224 @@
+"""Result plots from the Parquet rows: λ ablation, accuracy-versus-CH trade-off, few-shot gains.
+
+Statistics come from :mod:`cgc_ray.report` (groups of repeats with mean ± std,
+paired CGC − baseline differences with 95% Student-t intervals), so a plot
+and the table printed beside it show the same numbers. Each plot is written
+only when its data exist:
+
+- ``lambda_ablation.png`` (paper Table 10 as a figure): top-1 and CH against
+  λ, mean ± std over repeats, one line per configuration that varies λ only.
+- ``accuracy_vs_ch.png``: every configuration's mean top-1 against mean CH
+  (± std both ways), the Pareto front (no other configuration is better in
+  both) joined and ringed: the trade-off the paper picks λ by.
+- ``fewshot_gains.png`` (Tables 7/8): paired CGC − baseline difference of
+  top-1 and CH per dataset and shot count, with its 95% interval.
+
+pyarrow + matplotlib only: importing this module imports neither torch nor Ray.
+Figures are built with :class:`matplotlib.figure.Figure` directly (no pyplot
+state, no GUI backend).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from matplotlib.figure import Figure
+
+from cgc_ray.report import Group, Paired, paired_differences, summarize
+from cgc_ray.results import read_rows
+
+__all__ = ["pareto_front", "plot_accuracy_vs_ch", "plot_fewshot_gains", "plot_lambda_ablation", "plot_results"]
+
+_METRIC_NAMES = {"top1": "top-1 (%)", "ch": "CH (%)"}
+_MARKERS = {"baseline": "s", "cgc": "o", "cgc_no_neg": "^"}
+
+
+def _key(d: dict[str, Any]) -> str:
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _lam_text(lam: float) -> str:
+    return f"λ={lam:g}"
+
+
+def _config_label(labels: dict[str, Any], *, with_lam: bool = True) -> str:
+    """Short name of a configuration: dataset, arch, method (and λ for non-baselines), shots, % labelled."""
+    parts = [str(labels.get("data.dataset", "")), str(labels.get("model.arch", "")), str(labels.get("method.name", ""))]
+    if with_lam and labels.get("method.name") != "baseline" and labels.get("method.lam") is not None:
+        parts.append(_lam_text(labels["method.lam"]))
+    if labels.get("data.shots") is not None:
+        parts.append(f"{labels['data.shots']}-shot")
+    if labels.get("data.percent") is not None:
+        parts.append(f"{labels['data.percent']:g}% labels")
+    return " ".join(p for p in parts if p)
+
+
+def _unique(names: Sequence[str]) -> list[str]:
+    """Names made distinct by a #k suffix where configurations differ only in fields not shown."""
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} #{seen[n]}")
+    return out
+
+
+def _std(stat) -> float:
+    return stat.std if stat.std is not None else 0.0
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats in both coordinates (both maximised), by x descending.
+
+    A point equal to another in both coordinates is kept once (the first).
+    """
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], -points[i][1], i))
+    front, best_y = [], float("-inf")
+    for i in order:
+        if points[i][1] > best_y:
+            front.append(i)
+            best_y = points[i][1]
+    return front
+
+
+# --------------------------------------------------------------------------- λ ablation
+
+
+def _lambda_series(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
+    """Configurations that differ only in λ (at least two values), each sorted by λ."""
+    series: dict[tuple[str, str], list[Group]] = {}
+    for g in groups:
+        if g.labels.get("method.name") == "baseline" or g.labels.get("method.lam") is None:
+            continue
+        context = {k: v for k, v in g.labels.items() if k != "method.lam"}
+        series.setdefault((g.experiment, _key(context)), []).append(g)
+    kept = [
+        (f"{exp}: {_config_label(gs[0].labels, with_lam=False)}", sorted(gs, key=lambda g: g.labels["method.lam"]))
+        for (exp, _), gs in sorted(series.items())
+        if len({g.labels["method.lam"] for g in gs}) >= 2
+    ]
+    return list(zip(_unique([name for name, _ in kept]), [gs for _, gs in kept]))
+
+
+def plot_lambda_ablation(groups: Sequence[Group], *, dpi: int = 120) -> Figure | None:
+    """Top-1 and CH against λ (mean ± std over repeats); None when no configuration varies λ."""
+    series = _lambda_series(groups)
+    metrics = [m for m in ("top1", "ch") if any(m in g.stats for _, gs in series for g in gs)]
+    if not series or not metrics:
+        return None
+    fig = Figure(figsize=(4.2 * len(metrics), 3.4), dpi=dpi, layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    lams = sorted({g.labels["method.lam"] for _, gs in series for g in gs})
+    positive = [lam for lam in lams if lam > 0]
+    for ax, metric in zip(axes, metrics):
+        for name, gs in series:
+            pts = [(g.labels["method.lam"], g.stats[metric]) for g in gs if metric in g.stats]
+            ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[_std(p[1]) for p in pts],
+                        marker="o", capsize=3, label=name)
+        if positive and min(positive) < max(lams) / 20:  # a 0.01 .. 2 grid needs a log-like axis
+            ax.set_xscale("symlog", linthresh=min(positive))
+        ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
+        ax.set_xlabel("λ")
+        ax.set_ylabel(_METRIC_NAMES[metric])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("λ ablation (mean ± std over repeats)", fontsize=10)
+    return fig
+
+
+# --------------------------------------------------------------------------- accuracy vs CH
+
+
+def plot_accuracy_vs_ch(groups: Sequence[Group], *, dpi: int = 120) -> Figure | None:
+    """Mean top-1 against mean CH per configuration, Pareto front marked; None with < 2 configurations."""
+    pts = [g for g in groups if "top1" in g.stats and "ch" in g.stats]
+    if len(pts) < 2:
+        return None
+    names = _unique([f"{g.experiment}: {_config_label(g.labels)}" for g in pts])
+    xy = [(g.stats["ch"].mean, g.stats["top1"].mean) for g in pts]
+    front = pareto_front(xy)
+    fig = Figure(figsize=(6.4, 4.6), dpi=dpi, layout="constrained")
+    ax = fig.subplots()
+    for g, name, (x, y) in zip(pts, names, xy):
+        ax.errorbar(x, y, xerr=_std(g.stats["ch"]), yerr=_std(g.stats["top1"]), capsize=2,
+                    marker=_MARKERS.get(g.labels.get("method.name"), "D"), linestyle="none", label=name)
+    fx = [xy[i][0] for i in front]
+    fy = [xy[i][1] for i in front]
+    ax.plot(fx, fy, color="black", linestyle="--", linewidth=1, zorder=0, label="Pareto front")
+    ax.scatter(fx, fy, s=160, facecolors="none", edgecolors="black", linewidths=1.2, zorder=3)
+    ax.set_xlabel(_METRIC_NAMES["ch"])
+    ax.set_ylabel(_METRIC_NAMES["top1"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best")
+    ax.set_title("accuracy vs content heatmap (mean ± std)", fontsize=10)
+    return fig
+
+
+# --------------------------------------------------------------------------- few-shot gains
+
+
+def plot_fewshot_gains(paired: Sequence[Paired], *, dpi: int = 120) -> Figure | None:
+    """Paired method − baseline per dataset and shot count with 95% CIs; None without few-shot pairs."""
+    rows = [p for p in paired if p.labels.get("data.shots") is not None]
+    metrics = [m for m in ("top1", "ch") if any(m in p.stats for p in rows)]
+    if not rows or not metrics:
+        return None
+    shots = sorted({p.labels["data.shots"] for p in rows})
+    series: dict[str, list[Paired]] = {}
+    for p in rows:
+        name = f"{p.labels.get('data.dataset', '')} {p.method}−baseline"
+        series.setdefault(name, []).append(p)
+    width = 0.8 / len(series)
+    fig = Figure(figsize=(max(4.0, 1.2 * len(shots) + 2.4) * len(metrics), 3.6), dpi=dpi, layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        for j, (name, ps) in enumerate(sorted(series.items())):
+            pts = sorted((p.labels["data.shots"], p.stats[metric]) for p in ps if metric in p.stats)
+            x = [shots.index(s) + (j - (len(series) - 1) / 2) * width for s, _ in pts]
+            y = [s.mean for _, s in pts]
+            lo = [s.mean - s.ci[0] if s.ci else 0.0 for _, s in pts]
+            hi = [s.ci[1] - s.mean if s.ci else 0.0 for _, s in pts]
+            ax.errorbar(x, y, yerr=[lo, hi], marker="o", linestyle="none", capsize=3, label=name)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(shots)), [f"{s}-shot" for s in shots])
+        ax.set_ylabel(f"Δ {_METRIC_NAMES[metric]}")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("few-shot gain over the baseline (paired mean, 95% CI)", fontsize=10)
+    return fig
+
+
+# --------------------------------------------------------------------------- all
+
+
+def plot_results(
+    source: pa.Table | str, out_dir: str | Path, *, experiment: str | None = None, dpi: int = 120
+) -> list[Path]:
+    """Write every plot whose data exist into ``out_dir``; returns the written paths.
+
+    source: a table with :data:`cgc_ray.results.SCHEMA` columns, or a storage
+    URI read with :func:`cgc_ray.results.read_rows` (only ``experiment`` if given).
+    """
+    table = read_rows(source, experiment) if isinstance(source, str) else source
+    if experiment is not None and not isinstance(source, str):
+        table = table.filter(pc.equal(table["experiment"], experiment))
+    if table.num_rows == 0:
+        return []
+    groups, paired = summarize(table), paired_differences(table)
+    figures = {
+        "lambda_ablation.png": plot_lambda_ablation(groups, dpi=dpi),
+        "accuracy_vs_ch.png": plot_accuracy_vs_ch(groups, dpi=dpi),
+        "fewshot_gains.png": plot_fewshot_gains(paired, dpi=dpi),
+    }
+    out = Path(out_dir)
+    written = []
+    for name, fig in figures.items():
+        if fig is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out / name)
+            written.append(out / name)
+    return written

@@ -1,0 +1,371 @@
+"""The Ray layer: run every trial of an experiment spec as a Ray Tune trial.
+
+The only module (with ``cluster`` glue in the CLI) that imports Ray.
+
+* A trial with one worker runs ``trial.run_trial`` inside the Tune function
+  (no nested TorchTrainer: it costs ~30 s of start-up per trial), with
+  fractional GPUs so several small trials share a GPU.
+* A trial with several workers nests a Ray Train ``TorchTrainer`` (DDP; gloo
+  on CPU, NCCL on GPU) in the Tune function and forwards its reports to Tune
+  with ``TuneReportCallback``; rank 0 writes checkpoints, every rank reports.
+* Nothing is lost and nothing runs twice. Trial ids are content hashes of the
+  resolved trial config; a trial whose row is in the results is skipped; a
+  trial's checkpoint lives under the storage URI
+  (``<storage>/checkpoints/<experiment>/<trial_id>/checkpoint.pt``), so a
+  retried trial (``FailureConfig``), a trial moved off a lost node or a re-run
+  of the whole command resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from cgc_ray.results import _filesystem, code_version, completed_trial_ids, row_from_config, write_row
+from cgc_ray.spec import ExperimentSpec, check_data_root, expand_trials, spec_hash, trial_id, validate_spec
+
+PERCENT_METRICS = ("top1", "top5", "ch")
+
+
+class ResourceError(RuntimeError):
+    """One trial needs more than any node (or the cluster) has: it would wait forever."""
+
+
+# ---------------------------------------------------------------- resources
+
+
+def use_gpu(spec: ExperimentSpec, cluster_gpus: float) -> bool:
+    u = spec.scaling.use_gpu
+    return cluster_gpus > 0 if u == "auto" else bool(u)
+
+
+def trial_bundles(spec: ExperimentSpec, gpu: bool) -> list[dict[str, float]]:
+    """Resource bundles of one trial: [tune function] (+ one per Train worker under DDP).
+
+    A single-worker trial trains inside the Tune function. Under DDP the Tune
+    function only waits on the TorchTrainer (its controller takes no CPU), so
+    it asks for a sliver of CPU.
+    """
+    s = spec.scaling
+    worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if gpu and s.gpus_per_worker else {})}
+    if s.num_workers == 1:
+        return [worker]
+    return [{"CPU": 0.01}] + [dict(worker) for _ in range(s.num_workers)]
+
+
+def check_fits(bundles: list[dict[str, float]], nodes: list[Mapping[str, float]], *, what: str = "one trial") -> None:
+    """Fail at once when ``bundles`` cannot be placed on ``nodes`` (first-fit, largest first).
+
+    nodes: the total resources of each alive node. Raises ResourceError saying
+    what was asked and what exists, instead of letting Ray wait forever.
+    """
+    free = [dict(n) for n in nodes]
+    for b in sorted(bundles, key=lambda b: (-b.get("GPU", 0), -b.get("CPU", 0))):
+        for n in free:
+            if all(n.get(k, 0) + 1e-9 >= v for k, v in b.items()):
+                for k, v in b.items():
+                    n[k] = n.get(k, 0) - v
+                break
+        else:
+            asked = " + ".join(_fmt(b) for b in bundles)
+            have = "; ".join(_fmt({k: v for k, v in n.items() if k in ("CPU", "GPU")}) for n in nodes) or "no nodes"
+            raise ResourceError(
+                f"{what} needs {asked} but the cluster's nodes have: {have}. "
+                "Lower scaling.num_workers / scaling.cpus_per_worker / scaling.gpus_per_worker "
+                "(e.g. --set scaling.cpus_per_worker=1), or add nodes."
+            )
+
+
+def _fmt(res: Mapping[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())) + "}"
+
+
+# ---------------------------------------------------------------- checkpoints in storage
+
+
+@dataclass
+class CheckpointStore:
+    """A trial's checkpoint under the storage URI, with a local working copy.
+
+    For a local storage path the working copy is the stored file itself; for
+    a remote URI (s3://...) it is pulled before training and pushed after
+    every epoch.
+    """
+
+    storage: str
+    experiment: str
+    trial_id: str
+
+    def __post_init__(self) -> None:
+        self.fs, base = _filesystem(self.storage)
+        self.remote = f"{base}/checkpoints/{self.experiment}/{self.trial_id}/checkpoint.pt"
+        self.is_local = "://" not in self.storage
+        self.workdir = Path(self.remote).parent if self.is_local else Path(tempfile.mkdtemp(prefix="cgc-ckpt-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def local_path(self) -> Path:
+        return self.workdir / "checkpoint.pt"
+
+    def pull(self) -> None:
+        if self.is_local:
+            return
+        import pyarrow.fs as pafs
+
+        if self.fs.get_file_info(self.remote).type == pafs.FileType.File:
+            pafs.copy_files(self.remote, str(self.local_path), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+
+    def push(self) -> None:
+        if self.is_local or not self.local_path.exists():
+            return
+        import pyarrow.fs as pafs
+
+        self.fs.create_dir(str(Path(self.remote).parent), recursive=True)
+        pafs.copy_files(str(self.local_path), self.remote, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+    def cleanup(self) -> None:
+        if not self.is_local:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the trial
+
+
+def _result_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Engine metrics (fractions) -> result columns (top-1/top-5/CH in %)."""
+    out = {}
+    for k in ("top1", "top5", "ch", "iauc", "cgc_loss", "zero_cam_frac"):
+        if k in metrics and metrics[k] is not None:
+            out[k] = float(metrics[k]) * (100.0 if k in PERCENT_METRICS else 1.0)
+    return out
+
+
+def _worker_threads(spec: ExperimentSpec) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker (DDP): every rank trains and reports, rank 0 checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    from cgc_ray.trial import run_trial
+
+    spec = validate_spec(config["spec"])
+    _worker_threads(spec)
+    store = CheckpointStore(spec.storage, spec.name, config["trial_id"])
+    rank = ray.train.get_context().get_world_rank()
+    store.pull()
+
+    def report(metrics: dict[str, Any], _checkpoint: str | None) -> None:
+        if rank == 0:
+            store.push()
+        ray.train.report({**metrics, "node": socket.gethostname()})
+
+    final = run_trial(spec, trial_dir=store.workdir, device=ray.train.torch.get_device(), report=report,
+                      distributed=True)
+    if rank == 0:
+        ray.train.report({**final, "final": True, "node": socket.gethostname()})
+
+
+def _run_ddp(spec: ExperimentSpec, tid: str, config: dict[str, Any], gpu: bool) -> dict[str, Any]:
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    last: dict[str, Any] = {}
+
+    class _Forward(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            last.clear()
+            last.update(metrics[0])
+            if not metrics[0].get("final"):
+                super().after_report(run_context, metrics, checkpoint)
+
+    s = spec.scaling
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if gpu else {})},
+        ),
+        run_config=TrainRunConfig(
+            name=f"{spec.name}-{tid}",
+            storage_path=_tune_storage(spec.storage),
+            callbacks=[_Forward()],
+        ),
+    )
+    trainer.fit()
+    if not last.get("final"):
+        raise RuntimeError(f"trial {tid}: the Train workers finished without a final report")
+    return last
+
+
+def _run_single(spec: ExperimentSpec, tid: str, gpu: bool) -> dict[str, Any]:
+    from ray import tune
+
+    from cgc_ray.trial import run_trial
+
+    _worker_threads(spec)
+    store = CheckpointStore(spec.storage, spec.name, tid)
+    store.pull()
+
+    def report(metrics: dict[str, Any], _checkpoint: str | None) -> None:
+        store.push()
+        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    device = "cuda:0" if gpu else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
+    try:
+        return {**run_trial(spec, trial_dir=store.workdir, device=device, report=report),
+                "node": socket.gethostname()}
+    finally:
+        store.cleanup()
+
+
+def _trial_fn(config: dict[str, Any]) -> None:
+    """The Tune function trainable: train (resuming if a checkpoint exists), then write the row."""
+    from ray import tune
+
+    spec = validate_spec(config["spec"])
+    tid = config["trial_id"]
+    gpu = bool(config["use_gpu"])
+    start = time.time()
+    final = _run_ddp(spec, tid, config, gpu) if spec.scaling.num_workers > 1 else _run_single(spec, tid, gpu)
+    row = row_from_config(
+        config["spec"],
+        _result_metrics(final),
+        trial_id=tid,
+        spec_hash=config["spec_hash"],
+        epochs=int(final.get("epoch", spec.optim.epochs)),
+        wall_time_s=float(final.get("wall_time_s", time.time() - start)),
+        node=str(final.get("node", socket.gethostname())),
+        code_version=config["code_version"],
+    )
+    write_row(spec.storage, spec.name, row)
+    tune.report({"row_written": 1, **{k: v for k, v in _result_metrics(final).items()}})
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _tune_storage(storage: str) -> str:
+    """Ray's own run state (logs, trial state) beside the results."""
+    if "://" in storage:
+        return storage.rstrip("/") + "/_ray"
+    return str(Path(storage).expanduser().resolve() / "_ray")
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Attach to a cluster (``address``, "auto" under ``ray submit``) or start a quiet loopback Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+
+
+@dataclass
+class ExperimentResult:
+    trial_ids: list[str]
+    skipped: list[str]
+    ran: list[str]
+    failed: dict[str, str]
+
+
+def run_experiment(
+    spec: ExperimentSpec | Mapping[str, Any],
+    *,
+    address: str | None = None,
+    progress: bool = True,
+    max_concurrent: int | None = None,
+    autoscale: bool = False,
+) -> ExperimentResult:
+    """Run every trial of ``spec`` not yet in the results; returns what ran and what failed.
+
+    Validates the spec and the data root, and checks that one trial fits the
+    cluster's nodes (unless ``autoscale``: nodes may still be coming) before
+    any trial starts.
+    """
+    spec = validate_spec(spec)
+    check_data_root(spec)
+    trials = expand_trials(spec)
+    ids = [trial_id(t) for t in trials]
+    done = completed_trial_ids(spec.storage, spec.name)
+    pending = [(t, i) for t, i in zip(trials, ids) if i not in done]
+    skipped = [i for i in ids if i in done]
+    if not pending:
+        return ExperimentResult(ids, skipped, [], {})
+
+    import ray
+    from ray import tune
+
+    init_ray(address)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    gpu = use_gpu(spec, sum(n.get("GPU", 0) for n in nodes))
+    if not autoscale:
+        for t, _ in pending:
+            check_fits(trial_bundles(t, gpu), nodes, what=f"one trial of {spec.name!r}")
+    version = code_version()
+    configs = [
+        {"spec": t.model_dump(mode="json"), "trial_id": i, "spec_hash": spec_hash(t), "use_gpu": gpu,
+         "code_version": version}
+        for t, i in pending
+    ]
+    by_id = {c["trial_id"]: c for c in configs}
+    # one resource shape per experiment: scaling is not a sweep axis that changes bundles mid-run
+    bundles = trial_bundles(pending[0][0], gpu)
+    callbacks = []
+    if progress:
+        from cgc_ray.progress import RichProgress
+
+        callbacks.append(RichProgress(total=len(ids), already_done=len(skipped), experiment=spec.name))
+    # Tune shows and names trials by id; the full config is looked up on the worker
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial_by_id, table=by_id),
+                            tune.PlacementGroupFactory(bundles, strategy="PACK")),
+        param_space={"trial_id": tune.grid_search(list(by_id))},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent,
+            trial_name_creator=lambda tr: tr.config["trial_id"],
+            trial_dirname_creator=lambda tr: tr.config["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",  # Ray's run state; results are keyed by trial id
+            storage_path=_tune_storage(spec.storage),
+            failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+    grid = tuner.fit()
+    now_done = completed_trial_ids(spec.storage, spec.name)
+    failed = {}
+    for r in grid:
+        tid = r.config["trial_id"]
+        if tid not in now_done:
+            failed[tid] = str(r.error) if r.error else "no result row was written"
+    ran = [c for c in by_id if c in now_done]
+    return ExperimentResult(ids, skipped, ran, failed)
+
+
+def _trial_by_id(config: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:
+    _trial_fn(table[config["trial_id"]])

@@ -1,0 +1,17 @@
+"""Tables 7 and 8: few-shot fine-tuning, 1/5/10 shots x 20 seeded episodes, baseline vs CGC on the same episodes.
+
+    python experiments/fewshot.py                               # demo scale, embedded synthetic data, this machine
+    python experiments/fewshot.py --data-root DIR --dataset cub200
+    ray submit cluster/gpu.yaml experiments/fewshot.py -- --address auto --data-root DIR --storage s3://BUCKET/cgc-ray --dataset cub200
+    cgc-ray report --experiment fewshot
+
+Flags shared by every experiment script: --data-root --dataset --arch --preset --spec --set --storage --address
+(see cgc_ray/experiment_cli.py). Re-running the same command skips finished trials and resumes interrupted ones.
+"""
+
+import sys
+
+from cgc_ray.experiment_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("fewshot", description=__doc__))

@@ -1,0 +1,17 @@
+"""Table 6: fine-grained classification with full data, 3 trials per dataset, ImageNet-pretrained ResNet50.
+
+    python experiments/finegrained.py                               # demo scale, embedded synthetic data, this machine
+    python experiments/finegrained.py --data-root DIR --dataset cub200
+    ray submit cluster/gpu.yaml experiments/finegrained.py -- --address auto --data-root DIR --storage s3://BUCKET/cgc-ray --dataset cub200
+    cgc-ray report --experiment finegrained
+
+Flags shared by every experiment script: --data-root --dataset --arch --preset --spec --set --storage --address
+(see cgc_ray/experiment_cli.py). Re-running the same command skips finished trials and resumes interrupted ones.
+"""
+
+import sys
+
+from cgc_ray.experiment_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("finegrained", description=__doc__))

@@ -1,0 +1,17 @@
+"""Table 10: the lambda ablation (ResNet18 on ImageNet; lambda 0 / 0.01 / 0.1 / 0.5 / 1.0 / 2.0).
+
+    python experiments/lambda_ablation.py                               # demo scale, embedded synthetic data, this machine
+    python experiments/lambda_ablation.py --data-root DIR 
+    ray submit cluster/gpu.yaml experiments/lambda_ablation.py -- --address auto --data-root DIR --storage s3://BUCKET/cgc-ray 
+    cgc-ray report --experiment lambda_ablation
+
+Flags shared by every experiment script: --data-root --dataset --arch --preset --spec --set --storage --address
+(see cgc_ray/experiment_cli.py). Re-running the same command skips finished trials and resumes interrupted ones.
+"""
+
+import sys
+
+from cgc_ray.experiment_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("lambda_ablation", description=__doc__))

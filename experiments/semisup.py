@@ -1,0 +1,17 @@
+"""Table 9: semi-supervised, 1% of ImageNet labelled, all of it unlabelled for the CGC term, SwAV ResNet50 init.
+
+    python experiments/semisup.py                               # demo scale, embedded synthetic data, this machine
+    python experiments/semisup.py --data-root DIR --set model.weights=swav:/path/swav_800ep_pretrain.pth.tar
+    ray submit cluster/gpu.yaml experiments/semisup.py -- --address auto --data-root DIR --storage s3://BUCKET/cgc-ray --set model.weights=swav:/path/swav_800ep_pretrain.pth.tar
+    cgc-ray report --experiment semisup
+
+Flags shared by every experiment script: --data-root --dataset --arch --preset --spec --set --storage --address
+(see cgc_ray/experiment_cli.py). Re-running the same command skips finished trials and resumes interrupted ones.
+"""
+
+import sys
+
+from cgc_ray.experiment_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main("semisup", description=__doc__))
