@@ -2,7 +2,8 @@
 
     cgc-ray report [--storage URI] [--experiment NAME] [--format rich|markdown|csv|json] [--plot DIR]
     cgc-ray explain CHECKPOINT [CHECKPOINT ...] --dataset NAME [--consistency] --out FIGURE.png
-    cgc-ray evaluate CHECKPOINT --dataset NAME --data-root DIR [--metrics top1,ch,iauc,cgc_loss] [--protocol fast|authors]
+    cgc-ray evaluate CHECKPOINT --dataset NAME --data-root DIR [--metrics top1,ch,iauc,cgc_loss]
+                     [--protocol fast|authors]
 
 Each subcommand is registered by an ``_add_<name>(subparsers)`` function listed
 in :data:`SUBCOMMANDS`; it declares its arguments and sets ``handler``, a
@@ -136,6 +137,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], protocol=args.protocol,
         image_size=args.image_size, short_side=args.short_side, batch_size=args.batch_size, device=device,
         iauc_images=args.iauc_images, num_workers=args.num_workers, layer=args.layer, limit=args.limit,
+        synthetic_variant=args.synthetic_variant,
     )
     row = result_row(result)
     path = write_row(args.storage, args.experiment, row)
@@ -166,6 +168,8 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="cgc-ray checkpoint, state_dict path or torchvision weights enum name")
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument("--data-root", default=None, help="dataset folder (optional for 'synthetic')")
+    p.add_argument("--synthetic-variant", choices=("clutter", "spurious"), default="clutter",
+                   help="for --dataset synthetic: the generated variant, at --image-size (default: %(default)s)")
     p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     p.add_argument("--arch", choices=ARCHS, default=None,
                    help="architecture (default: the one recorded in the checkpoint, else resnet18)")

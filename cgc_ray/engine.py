@@ -79,11 +79,13 @@ def cgc_term(
     generator: torch.Generator | None = None,
     create_graph: bool = True,
     amp_dtype: torch.dtype | None = None,
+    closed_form: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One forward of [x ; T(x)]: (logits of x B x K, L_CGC, number of all-zero g(x)).
 
     The class t of both views is the top-1 prediction on x. Both heatmaps carry
     gradients; the views share one forward (BatchNorm sees both).
+    ``closed_form=False`` forces the autograd Grad-CAM path (for benchmarks).
     """
     B, _, H, W = x.shape
     params = T.sample_params(B, (H, W), scale=method.crop_scale, generator=generator, device=x.device)
@@ -94,7 +96,8 @@ def cgc_term(
     t = logits[:B].detach().argmax(dim=1)  # B
     with torch.autocast(x.device.type, enabled=False):
         cams = cams_from_activation(
-            model, feat.value.float(), logits.float(), torch.cat([t, t]), layer=method.layer, create_graph=create_graph
+            model, feat.value.float(), logits.float(), torch.cat([t, t]), layer=method.layer,
+            create_graph=create_graph, closed_form=closed_form,
         )  # 2B x h x w
         g_x, g_Tx = cams[:B], cams[B:]
         size = (H, W) if method.resolution == "image" else tuple(g_x.shape[-2:])

@@ -193,6 +193,7 @@ def evaluate_checkpoint(
     layer: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    synthetic_variant: str = "clutter",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or an in-memory model) on ``split`` of ``dataset``.
 
@@ -202,6 +203,8 @@ def evaluate_checkpoint(
     allowed for ``synthetic`` (generated under :func:`default_synthetic_root`).
     layer: None takes the checkpoint's recorded Grad-CAM layer, else layer4.
     limit: evaluate only this many images, spread evenly over the split.
+    synthetic_variant: for ``synthetic``, the generated variant; its images are
+    generated at ``image_size``, as a trial does.
 
     Returns a dict: the requested metrics as fractions in [0, 1] (cgc_loss in
     nats), n_eval, zero_cam_frac, ch_protocol, wall_time_s, epochs, and
@@ -219,7 +222,8 @@ def evaluate_checkpoint(
         if dataset != "synthetic":
             raise ValueError(f"dataset {dataset!r} needs a data root (--data-root); only 'synthetic' is embedded")
         root = default_synthetic_root()
-    recs = _subsample(records(dataset, root, split), limit)
+    options = {"variant": synthetic_variant, "image_size": image_size} if dataset == "synthetic" else {}
+    recs = _subsample(records(dataset, root, split, **options), limit)
     if not recs:
         raise ValueError(f"split {split!r} of dataset {dataset!r} under {root} has no images")
     device = torch.device(device)
@@ -228,7 +232,8 @@ def evaluate_checkpoint(
         model, method = unwrap(checkpoint), None
         info = {"arch": arch or type(model).__name__, "weights": "<in-memory model>", "epochs": 0}
     else:
-        model, method, info = load_model(checkpoint, len(class_names(dataset, root)), arch=arch, layer=layer)
+        num_classes = len(class_names(dataset, root, **options))
+        model, method, info = load_model(checkpoint, num_classes, arch=arch, layer=layer)
     recorded = method is not None
     method = method or MethodConfig(name="baseline", lam=0.0, layer=layer or "layer4")
     model.to(device)
@@ -251,7 +256,8 @@ def evaluate_checkpoint(
     out["epochs"] = info["epochs"]
     out["config"] = {
         "data": {"dataset": dataset, "root": str(root), "split": split, "image_size": image_size,
-                 "limit": limit, "shots": None, "episode": 0, "percent": None},
+                 "limit": limit, "shots": None, "episode": 0, "percent": None,
+                 **({"synthetic": {"variant": synthetic_variant}} if dataset == "synthetic" else {})},
         "model": {"arch": info["arch"], "weights": _absolute(info["weights"]), "layer": method.layer},
         "method": {"name": method.name if recorded else "unknown", "lam": method.lam, "tau": method.tau},
         "seed": seed,

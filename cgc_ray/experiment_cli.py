@@ -95,7 +95,7 @@ def main(experiment: str | None, argv: Sequence[str] | None = None, *, descripti
     try:
         res = run_experiment(spec, address=args.address, progress=not args.no_progress,
                              max_concurrent=args.max_concurrent, autoscale=args.autoscale)
-    except ResourceError as e:
+    except (ResourceError, SpecError) as e:  # SpecError: checks that read the data (e.g. data.shots)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{spec.name}: {len(res.trial_ids)} trials, {len(res.skipped)} already done, "

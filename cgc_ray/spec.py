@@ -124,7 +124,8 @@ class DataSpec(_Strict):
     episodes (n training images per class, the rest of the class for
     validation), ``episode`` the seeded split, ``percent`` the labelled share
     (in %) for semi-supervised runs, ``split_file`` an optional fixed list of
-    labelled images (e.g. the standard ImageNet ``1percent.txt``).
+    labelled images (e.g. the standard ImageNet ``1percent.txt``), ``train_crop_scale``
+    the area range of the standard random-resized-crop augmentation of training images.
     """
 
     dataset: DatasetName = "synthetic"
@@ -136,7 +137,15 @@ class DataSpec(_Strict):
     episode: int = Field(0, ge=0)
     percent: float | None = Field(None, gt=0, le=100)
     split_file: str | None = None
+    train_crop_scale: tuple[float, float] = (0.08, 1.0)
     synthetic: SyntheticSpec = SyntheticSpec()
+
+    @field_validator("train_crop_scale")
+    @classmethod
+    def _crop_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"data.train_crop_scale must satisfy 0 < low <= high <= 1, got {list(v)}")
+        return v
 
     @model_validator(mode="after")
     def _split_exclusive(self) -> "DataSpec":

@@ -8,12 +8,13 @@ process group already initialised).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -53,7 +54,7 @@ def data_root(spec: ExperimentSpec) -> str:
 def _options(spec: ExperimentSpec) -> dict[str, Any]:
     if spec.data.dataset != "synthetic":
         return {}
-    return {"variant": spec.data.synthetic.variant, "image_size": spec.data.image_size}
+    return {**spec.data.synthetic.model_dump(), "image_size": spec.data.image_size}
 
 
 @dataclass
@@ -72,6 +73,30 @@ def episode_seed(spec: ExperimentSpec) -> int:
     return 1_000_003 * (spec.data.shots or 0) + spec.data.episode
 
 
+def class_counts(records: Sequence[D.ImageRecord]) -> dict[int, int]:
+    """label -> number of records with that label."""
+    counts: dict[int, int] = {}
+    for r in records:
+        counts[r.label] = counts.get(r.label, 0) + 1
+    return counts
+
+
+def check_trials_against_data(trials: Sequence[ExperimentSpec]) -> None:
+    """Before any trial starts: few-shot trials must leave every class a validation image.
+
+    Reads each distinct training split once (for ``synthetic`` this generates
+    the dataset into the cache). Raises SpecError naming ``data.shots``.
+    """
+    seen: set[str] = set()
+    for t in trials:
+        if t.data.shots is None:
+            continue
+        key = json.dumps([t.data.dataset, data_root(t), _options(t), t.data.shots], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            validate_against_data(t, class_counts(D.records(t.data.dataset, data_root(t), "train", **_options(t))))
+
+
 def trial_data(spec: ExperimentSpec) -> TrialData:
     """Resolve the trial's train / validation (and unlabelled) records."""
     name, root, opts = spec.data.dataset, data_root(spec), _options(spec)
@@ -80,10 +105,7 @@ def trial_data(spec: ExperimentSpec) -> TrialData:
         raise ValueError("data.dataset='unrel' is an evaluation set only (no train split); use `cgc-ray evaluate`")
     train = D.records(name, root, "train", **opts)
     if spec.data.shots is not None:
-        counts: dict[int, int] = {}
-        for r in train:
-            counts[r.label] = counts.get(r.label, 0) + 1
-        validate_against_data(spec, counts)
+        validate_against_data(spec, class_counts(train))
         seed = episode_seed(spec)
         train, val = D.episode(train, spec.data.shots, seed)
         return TrialData(train, val, None, num_classes, seed)
@@ -96,6 +118,8 @@ def trial_data(spec: ExperimentSpec) -> TrialData:
 
 
 def _loader(ds, batch: int, *, train: bool, seed: int, workers: int, distributed: bool, drop_last: bool):
+    """Augmentations draw from the global RNG (main process) or from worker seeds drawn from the
+    loader's generator each epoch; both are checkpointed, so a resumed run sees the same batches."""
     sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=drop_last) if distributed else None
     return DataLoader(
         ds,
@@ -106,7 +130,6 @@ def _loader(ds, batch: int, *, train: bool, seed: int, workers: int, distributed
         collate_fn=D.collate,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed) if train else None,
     )
 
@@ -117,7 +140,7 @@ def build_loaders(spec: ExperimentSpec, td: TrialData, *, distributed: bool = Fa
     batch = max(2, spec.data.batch_size // world)
     small = spec.data.dataset == "synthetic"
     mk = lambda recs, train: D.BoxDataset(recs, train=train, image_size=spec.data.image_size,
-                                          cache_in_memory=small, seed=spec.seed)
+                                          scale=spec.data.train_crop_scale, cache_in_memory=small)
     # drop_last: a last batch of one image breaks the contrastive loss (an authors' defect)
     train = _loader(mk(td.train, True), batch, train=True, seed=spec.seed, workers=spec.data.num_workers,
                     distributed=distributed, drop_last=len(td.train) > batch)

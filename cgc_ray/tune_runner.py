@@ -23,7 +23,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +31,8 @@ from cgc_ray.results import _filesystem, code_version, completed_trial_ids, row_
 from cgc_ray.spec import ExperimentSpec, check_data_root, expand_trials, spec_hash, trial_id, validate_spec
 
 PERCENT_METRICS = ("top1", "top5", "ch")
+# What the Tune function of a DDP trial reserves: 1 MiB of memory and no CPU.
+WAITER_BUNDLE = {"memory": float(2**20)}
 
 
 class ResourceError(RuntimeError):
@@ -49,14 +51,16 @@ def trial_bundles(spec: ExperimentSpec, gpu: bool) -> list[dict[str, float]]:
     """Resource bundles of one trial: [tune function] (+ one per Train worker under DDP).
 
     A single-worker trial trains inside the Tune function. Under DDP the Tune
-    function only waits on the TorchTrainer (its controller takes no CPU), so
-    it asks for a sliver of CPU.
+    function only waits on the TorchTrainer (its controller takes no CPU) and
+    the trainer reserves its workers itself, so the function holds no CPU,
+    only :data:`WAITER_BUNDLE` (Tune needs a non-empty bundle): two 1-CPU
+    workers then fit a 2-CPU node.
     """
     s = spec.scaling
     worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if gpu and s.gpus_per_worker else {})}
     if s.num_workers == 1:
         return [worker]
-    return [{"CPU": 0.01}] + [dict(worker) for _ in range(s.num_workers)]
+    return [dict(WAITER_BUNDLE)] + [dict(worker) for _ in range(s.num_workers)]
 
 
 def check_fits(bundles: list[dict[str, float]], nodes: list[Mapping[str, float]], *, what: str = "one trial") -> None:
@@ -73,7 +77,7 @@ def check_fits(bundles: list[dict[str, float]], nodes: list[Mapping[str, float]]
                     n[k] = n.get(k, 0) - v
                 break
         else:
-            asked = " + ".join(_fmt(b) for b in bundles)
+            asked = " + ".join(_fmt(b) for b in bundles if b != WAITER_BUNDLE)
             have = "; ".join(_fmt({k: v for k, v in n.items() if k in ("CPU", "GPU")}) for n in nodes) or "no nodes"
             raise ResourceError(
                 f"{what} needs {asked} but the cluster's nodes have: {have}. "
@@ -154,8 +158,24 @@ def _worker_threads(spec: ExperimentSpec) -> None:
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
 
 
-def _train_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker (DDP): every rank trains and reports, rank 0 checkpoints."""
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _resumed_from(first: Mapping[str, int], final: Mapping[str, Any]) -> int:
+    """Epochs a checkpoint had already finished when this attempt started (0: from scratch)."""
+    return first.get("epoch", int(final.get("epoch", 0)) + 1) - 1
+
+
+def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker (DDP): every rank pulls the checkpoint, trains and reports; rank 0 checkpoints.
+
+    Every rank calls ``ray.train.report`` once per epoch (Train V2 requires
+    the same number of reports on every rank; the controller forwards rank
+    0's to Tune). Returns rank 0's final metrics (``Result.return_value``).
+    """
     import ray.train
     import ray.train.torch
 
@@ -165,33 +185,30 @@ def _train_worker(config: dict[str, Any]) -> None:
     _worker_threads(spec)
     store = CheckpointStore(spec.storage, spec.name, config["trial_id"])
     rank = ray.train.get_context().get_world_rank()
-    store.pull()
+    store.pull()  # every rank loads the same checkpoint, so all ranks resume identically
+    first: dict[str, int] = {}  # the first epoch this attempt finished
 
     def report(metrics: dict[str, Any], _checkpoint: str | None) -> None:
+        first.setdefault("epoch", int(metrics["epoch"]))
         if rank == 0:
             store.push()
-        ray.train.report({**metrics, "node": socket.gethostname()})
+        ray.train.report({**metrics, "rank": rank})
 
-    final = run_trial(spec, trial_dir=store.workdir, device=ray.train.torch.get_device(), report=report,
-                      distributed=True)
-    if rank == 0:
-        ray.train.report({**final, "final": True, "node": socket.gethostname()})
+    try:
+        final = run_trial(spec, trial_dir=store.workdir, device=ray.train.torch.get_device(), report=report,
+                          distributed=True)
+    finally:
+        store.cleanup()
+    return {**final, "node": socket.gethostname(), "node_id": _node_id(),
+            "resumed_from_epoch": _resumed_from(first, final)}
 
 
 def _run_ddp(spec: ExperimentSpec, tid: str, config: dict[str, Any], gpu: bool) -> dict[str, Any]:
+    """Nest a TorchTrainer in the Tune function; rank 0's per-epoch reports reach Tune."""
     from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    last: dict[str, Any] = {}
-
-    class _Forward(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            last.clear()
-            last.update(metrics[0])
-            if not metrics[0].get("final"):
-                super().after_report(run_context, metrics, checkpoint)
 
     s = spec.scaling
     trainer = TorchTrainer(
@@ -206,13 +223,13 @@ def _run_ddp(spec: ExperimentSpec, tid: str, config: dict[str, Any], gpu: bool) 
         run_config=TrainRunConfig(
             name=f"{spec.name}-{tid}",
             storage_path=_tune_storage(spec.storage),
-            callbacks=[_Forward()],
+            callbacks=[TuneReportCallback()],
         ),
     )
-    trainer.fit()
-    if not last.get("final"):
-        raise RuntimeError(f"trial {tid}: the Train workers finished without a final report")
-    return last
+    final = trainer.fit().return_value
+    if not isinstance(final, dict):
+        raise RuntimeError(f"trial {tid}: the Train workers finished without final metrics (got {final!r})")
+    return final
 
 
 def _run_single(spec: ExperimentSpec, tid: str, gpu: bool) -> dict[str, Any]:
@@ -223,17 +240,20 @@ def _run_single(spec: ExperimentSpec, tid: str, gpu: bool) -> dict[str, Any]:
     _worker_threads(spec)
     store = CheckpointStore(spec.storage, spec.name, tid)
     store.pull()
+    first: dict[str, int] = {}  # the first epoch this attempt finished
 
     def report(metrics: dict[str, Any], _checkpoint: str | None) -> None:
+        first.setdefault("epoch", int(metrics["epoch"]))
         store.push()
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     device = "cuda:0" if gpu else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
     try:
-        return {**run_trial(spec, trial_dir=store.workdir, device=device, report=report),
-                "node": socket.gethostname()}
+        final = run_trial(spec, trial_dir=store.workdir, device=device, report=report)
     finally:
         store.cleanup()
+    return {**final, "node": socket.gethostname(), "node_id": _node_id(),
+            "resumed_from_epoch": _resumed_from(first, final)}
 
 
 def _trial_fn(config: dict[str, Any]) -> None:
@@ -256,7 +276,8 @@ def _trial_fn(config: dict[str, Any]) -> None:
         code_version=config["code_version"],
     )
     write_row(spec.storage, spec.name, row)
-    tune.report({"row_written": 1, **{k: v for k, v in _result_metrics(final).items()}})
+    tune.report({"row_written": 1, **_result_metrics(final), "epoch": row["epochs"], "node_id": final["node_id"],
+                 "resumed_from_epoch": final["resumed_from_epoch"]})
 
 
 # ---------------------------------------------------------------- the driver
@@ -285,10 +306,19 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
 @dataclass
 class ExperimentResult:
+    """What one ``run_experiment`` call did.
+
+    ``metrics``: trial id -> the last result Tune got from that trial in this
+    call (for a finished trial: the result columns plus ``epoch``,
+    ``node_id`` (the Ray node of rank 0) and ``resumed_from_epoch`` (epochs a
+    checkpoint had already done when its last attempt started)).
+    """
+
     trial_ids: list[str]
     skipped: list[str]
     ran: list[str]
     failed: dict[str, str]
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def run_experiment(
@@ -308,6 +338,9 @@ def run_experiment(
     spec = validate_spec(spec)
     check_data_root(spec)
     trials = expand_trials(spec)
+    from cgc_ray.trial import check_trials_against_data  # torch: not needed to import this module
+
+    check_trials_against_data(trials)
     ids = [trial_id(t) for t in trials]
     done = completed_trial_ids(spec.storage, spec.name)
     pending = [(t, i) for t, i in zip(trials, ids) if i not in done]
@@ -333,6 +366,12 @@ def run_experiment(
     by_id = {c["trial_id"]: c for c in configs}
     # one resource shape per experiment: scaling is not a sweep axis that changes bundles mid-run
     bundles = trial_bundles(pending[0][0], gpu)
+    if len(bundles) > 1:
+        # DDP: the TorchTrainer reserves its workers itself; Tune holds only the waiting function, and
+        # starts no more trials than the cluster has room for workers (else trainers queue for resources)
+        room = _concurrent_room(bundles[1:], nodes)
+        max_concurrent = min(max_concurrent or room, room)
+        bundles = bundles[:1]
     callbacks = []
     if progress:
         from cgc_ray.progress import RichProgress
@@ -364,7 +403,15 @@ def run_experiment(
         if tid not in now_done:
             failed[tid] = str(r.error) if r.error else "no result row was written"
     ran = [c for c in by_id if c in now_done]
-    return ExperimentResult(ids, skipped, ran, failed)
+    metrics = {r.config["trial_id"]: dict(r.metrics or {}) for r in grid}
+    return ExperimentResult(ids, skipped, ran, failed, metrics)
+
+
+def _concurrent_room(worker_bundles: list[dict[str, float]], nodes: list[Mapping[str, float]]) -> int:
+    """How many trials' Train workers fit on ``nodes`` at once (at least 1)."""
+    total = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
+    need = {k: sum(b.get(k, 0) for b in worker_bundles) for k in ("CPU", "GPU")}
+    return max(1, int(min(total[k] // need[k] for k in need if need[k] > 0)))
 
 
 def _trial_by_id(config: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:
