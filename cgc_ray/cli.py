@@ -1,5 +1,6 @@
 """``cgc-ray`` command line: one subcommand per task.
 
+    cgc-ray run --spec FILE | --preset NAME [--set a.b=value ...] [--storage URI] [--address auto]
     cgc-ray report [--storage URI] [--experiment NAME] [--format rich|markdown|csv|json] [--plot DIR]
     cgc-ray explain CHECKPOINT [CHECKPOINT ...] --dataset NAME [--consistency] --out FIGURE.png
     cgc-ray evaluate CHECKPOINT --dataset NAME --data-root DIR [--metrics top1,ch,iauc,cgc_loss]
@@ -193,7 +194,15 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_evaluate)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_report, _add_evaluate, _add_explain]
+def _add_run(subparsers: argparse._SubParsersAction) -> None:
+    # listed for --help only: main() hands `run ...` to cgc_ray.experiment_cli before parsing
+    subparsers.add_parser(
+        "run",
+        help="run every trial of a spec (YAML/JSON file or preset) on Ray; same flags as experiments/*.py",
+    )
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_report, _add_evaluate, _add_explain]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cgc-ray`` script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # the experiment scripts' own parser takes every flag after `run`
+        from cgc_ray.experiment_cli import main as run_main
+
+        return run_main(None, argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -437,12 +437,14 @@ def fit(
     eval_metrics: Iterable[str] = ("top1", "top5", "ch", "cgc_loss"),
     eval_every: int = 1,
     is_main: bool = True,
+    checkpoint_extra: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train for ``epochs`` epochs, evaluating and checkpointing after each.
 
     If ``checkpoint_path`` exists the run resumes after its last finished
     epoch with every RNG state restored, so resume-then-continue equals an
-    uninterrupted run. Only ``is_main`` writes the checkpoint; every caller
+    uninterrupted run. Only ``is_main`` writes the checkpoint (with the method
+    and ``checkpoint_extra``, e.g. the arch, in its "extra"); every caller
     gets ``callback(metrics, checkpoint_path)`` after each epoch. Returns the
     last epoch's metrics.
     """
@@ -479,7 +481,8 @@ def fit(
             metrics.update(evaluate(model, val_loader, device, method=method, metrics=eval_metrics, seed=seed))
         if checkpoint_path is not None and is_main:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, generators=generators,
-                            scaler=scaler, metrics=metrics, extra={"method": asdict(method)})
+                            scaler=scaler, metrics=metrics,
+                            extra={"method": asdict(method), **(checkpoint_extra or {})})
         if callback is not None:
             callback(dict(metrics), str(checkpoint_path) if checkpoint_path is not None else None)
     return metrics

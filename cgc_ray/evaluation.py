@@ -40,12 +40,12 @@ from cgc_ray.data import BoxDataset, ImageRecord, class_names, collate, records
 from cgc_ray.engine import CHECKPOINT_FORMAT, MethodConfig, evaluate
 from cgc_ray.metrics import content_heatmap
 from cgc_ray.models import build_model
+from cgc_ray.results import PERCENT_METRICS
 from cgc_ray.weights import load_weights
 
 Protocol = Literal["fast", "authors"]
 PROTOCOLS: tuple[str, ...] = ("fast", "authors")
 METRICS: tuple[str, ...] = ("top1", "top5", "ch", "iauc", "cgc_loss")
-PERCENT_METRICS: tuple[str, ...] = ("top1", "top5", "ch")  # stored in % in the results table
 DEFAULT_ARCH = "resnet18"
 
 

@@ -69,6 +69,7 @@ import pyarrow.parquet as pq
 __all__ = [
     "FILE_SCHEMA",
     "METRIC_COLUMNS",
+    "PERCENT_METRICS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "code_version",
@@ -81,6 +82,8 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 METRIC_COLUMNS: tuple[str, ...] = ("top1", "top5", "ch", "iauc", "cgc_loss", "zero_cam_frac")
+# Stored in % in the table; the engine computes them as fractions.
+PERCENT_METRICS: tuple[str, ...] = ("top1", "top5", "ch")
 
 SCHEMA = pa.schema(
     [

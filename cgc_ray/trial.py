@@ -218,12 +218,16 @@ def run_trial(
     opt, sched = build_optimizer(spec, model.module if distributed else model, len(train))
     method = MethodConfig(**method_config_kwargs(spec))
     is_main = not distributed or torch.distributed.get_rank() == 0
+    # Every rank evaluates (the whole validation set): a DDP forward broadcasts buffers from rank 0,
+    # so a forward on rank 0 alone would wait for the other ranks forever.
     metrics = fit(
-        model, train, val if is_main else None, opt, method, device,
+        model, train, val, opt, method, device,
         epochs=spec.optim.epochs, scheduler=sched, scheduler_interval="step", unlabeled_loader=unl,
         checkpoint_path=Path(trial_dir) / CHECKPOINT_NAME, callback=report, seed=spec.seed,
         amp=device.type == "cuda", channels_last=device.type == "cuda",
         eval_metrics=spec.metrics, is_main=is_main,
+        checkpoint_extra={"arch": spec.model.arch, "num_classes": td.num_classes, "dataset": spec.data.dataset,
+                          "image_size": spec.data.image_size},
     )
     metrics.update(wall_time_s=time.perf_counter() - start, episode_seed=td.episode_seed,
                    n_train=len(td.train), n_val=len(td.val))

@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cgc_ray.results import _filesystem, code_version, completed_trial_ids, row_from_config, write_row
+from cgc_ray.results import PERCENT_METRICS, _filesystem, code_version, completed_trial_ids, row_from_config, write_row
 from cgc_ray.spec import ExperimentSpec, check_data_root, expand_trials, spec_hash, trial_id, validate_spec
 
-PERCENT_METRICS = ("top1", "top5", "ch")
 # What the Tune function of a DDP trial reserves: 1 MiB of memory and no CPU.
 WAITER_BUNDLE = {"memory": float(2**20)}
 
