@@ -478,7 +478,9 @@ def fit(
         metrics["epoch"] = epoch + 1
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
-            metrics.update(evaluate(model, val_loader, device, method=method, metrics=eval_metrics, seed=seed))
+            # the bare module: a DDP forward syncs buffers with ranks that are not evaluating
+            metrics.update(evaluate(unwrap(model), val_loader, device, method=method, metrics=eval_metrics,
+                                    seed=seed))
         if checkpoint_path is not None and is_main:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, generators=generators,
                             scaler=scaler, metrics=metrics,

@@ -82,6 +82,7 @@ NON_IDENTITY_FIELDS: frozenset[str] = frozenset(
         "scaling.use_gpu",
         "failure.max_retries",
         "failure.checkpoint_every",
+        "eval_every",
     }
 )
 
@@ -329,7 +330,8 @@ class ExperimentSpec(_Strict):
 
     ``name`` is the experiment (a results partition and the Ray run name),
     ``storage`` a local path or pyarrow filesystem URI (``s3://bucket/prefix``)
-    for results and checkpoints, ``metrics`` what evaluation computes.
+    for results and checkpoints, ``metrics`` what evaluation computes and
+    ``eval_every`` how often (in epochs; the last epoch is always evaluated).
     """
 
     name: str = "default"
@@ -343,6 +345,7 @@ class ExperimentSpec(_Strict):
     failure: FailureSpec = FailureSpec()
     sweep: SweepSpec = SweepSpec()
     metrics: tuple[MetricName, ...] = ("top1", "top5", "ch", "cgc_loss")
+    eval_every: int = Field(1, ge=1)
 
     @field_validator("name")
     @classmethod
@@ -720,6 +723,7 @@ _DEMO = {
     "optim": {"lr": 0.05, "nesterov": True, "weight_decay": 1e-4, "epochs": 20, "schedule": {"name": "onecycle"}},
     "scaling": {"cpus_per_worker": 1, "gpus_per_worker": 0.25},
     "metrics": ["top1", "ch", "cgc_loss"],
+    "eval_every": 5,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {

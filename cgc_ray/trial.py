@@ -130,7 +130,9 @@ def _loader(ds, batch: int, *, train: bool, seed: int, workers: int, distributed
         collate_fn=D.collate,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(seed) if train else None,
+        # its own generator even for evaluation: iterating a loader must not draw from the global RNG
+        # that training augmentations use, so how often we evaluate cannot change what is trained
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -218,14 +220,13 @@ def run_trial(
     opt, sched = build_optimizer(spec, model.module if distributed else model, len(train))
     method = MethodConfig(**method_config_kwargs(spec))
     is_main = not distributed or torch.distributed.get_rank() == 0
-    # Every rank evaluates (the whole validation set): a DDP forward broadcasts buffers from rank 0,
-    # so a forward on rank 0 alone would wait for the other ranks forever.
+    # rank 0 evaluates the whole validation set (on the bare module, see engine.fit)
     metrics = fit(
-        model, train, val, opt, method, device,
+        model, train, val if is_main else None, opt, method, device,
         epochs=spec.optim.epochs, scheduler=sched, scheduler_interval="step", unlabeled_loader=unl,
         checkpoint_path=Path(trial_dir) / CHECKPOINT_NAME, callback=report, seed=spec.seed,
         amp=device.type == "cuda", channels_last=device.type == "cuda",
-        eval_metrics=spec.metrics, is_main=is_main,
+        eval_metrics=spec.metrics, eval_every=spec.eval_every, is_main=is_main,
         checkpoint_extra={"arch": spec.model.arch, "num_classes": td.num_classes, "dataset": spec.data.dataset,
                           "image_size": spec.data.image_size},
     )

@@ -298,8 +298,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    else:  # "local": never attach to another Ray that happens to run on this machine
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1")
 
 

@@ -45,7 +45,7 @@ def _script(name: str, *args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def test_lambda_ablation_sweep_and_lambda_table(ray_session, tmp_path):
-    rows = _run("lambda_ablation", tmp_path, "sweep.grid.method.lam=[0.0, 1.0]")
+    rows = _run("lambda_ablation", tmp_path, "sweep.grid.method.lam=[0.0, 1.0]", "sweep.grid.seed=[0]")
     assert sorted(r["lam"] for r in rows) == [0.0, 1.0]
     for r in rows:
         assert r["method"] == "cgc" and r["dataset"] == "synthetic" and r["arch"] == "resnet_small"
@@ -165,7 +165,8 @@ def test_kill_driver_mid_sweep_then_rerun_each_trial_once(ray_session, tmp_path)
     from cgc_ray.spec import PRESETS, apply_overrides, expand_trials, load_spec, trial_id
     from cgc_ray.tune_runner import run_experiment
 
-    overrides = ["sweep.grid.method.lam=[0.0, 0.1, 1.0]", "optim.epochs=3", "data.synthetic.n_train_per_class=16"]
+    overrides = ["sweep.grid.method.lam=[0.0, 0.1, 1.0]", "sweep.grid.seed=[0]", "optim.epochs=3",
+                 "data.synthetic.n_train_per_class=16"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "experiments/lambda_ablation.py"), *_args(tmp_path, *overrides),

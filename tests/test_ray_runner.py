@@ -110,7 +110,8 @@ def test_unfittable_request_fails_in_seconds(ray_session, tmp_path):
 @pytest.mark.slow
 def test_ddp_trial_two_workers_writes_one_row(ray_session, tmp_path):
     """Two gloo workers (1 CPU each) on a 2-CPU Ray: the Tune function holds no CPU."""
-    spec = _spec("lambda_ablation_demo", tmp_path, "sweep.grid.method.lam=[0.1]", "optim.epochs=2",
+    spec = _spec("lambda_ablation_demo", tmp_path, "sweep.grid.method.lam=[0.1]", "sweep.grid.seed=[0]",
+                 "optim.epochs=2",
                  "scaling.num_workers=2")
     res = run_experiment(spec, progress=False)
     (tid,) = res.trial_ids
@@ -133,12 +134,18 @@ def test_ddp_trial_two_workers_writes_one_row(ray_session, tmp_path):
 
 
 @pytest.fixture
-def two_node_cluster():
-    """Head with 0 CPUs (schedules nothing) + one 1-CPU worker node; the shared Ray is stopped first."""
+def two_node_cluster(monkeypatch):
+    """Head with 0 CPUs (schedules nothing) + one 1-CPU worker node; the shared Ray is stopped first.
+
+    All nodes listen on loopback; ``ray.init`` would rewrite a 127.0.0.1
+    address to the host's network IP, which need not be reachable here.
+    """
     import ray
+    import ray._private.services
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
+    monkeypatch.setattr(ray._private.services, "resolve_ip_for_localhost", lambda host: host)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                             "node_ip_address": "127.0.0.1"})
     worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
@@ -153,37 +160,42 @@ def two_node_cluster():
 def test_trial_lands_on_worker_node_and_survives_losing_it(two_node_cluster, tmp_path):
     cluster, node_a = two_node_cluster
     # 1) placement: the only node with CPUs runs the trial
-    spec = _spec("lambda_ablation_demo", tmp_path, "sweep.grid.method.lam=[0.0]")
+    spec = _spec("lambda_ablation_demo", tmp_path, "sweep.grid.method.lam=[0.0]", "sweep.grid.seed=[0]")
     res = run_experiment(spec, progress=False)
     (tid0,) = res.trial_ids
     assert res.ran == [tid0] and res.metrics[tid0]["node_id"] == node_a.node_id
 
     # 2) remove that node after its first checkpoint: the trial moves to a new node and resumes
-    spec = _spec("lambda_ablation_demo", tmp_path, "sweep.grid.method.lam=[1.0]", "optim.epochs=4",
-                 "data.synthetic.n_train_per_class=24")
+    spec = _spec("lambda_ablation_demo", tmp_path, "sweep.grid.method.lam=[1.0]", "sweep.grid.seed=[0]",
+                 "optim.epochs=6", "data.synthetic.n_train_per_class=40")
     (trial,) = expand_trials(spec)
     tid = trial_id(trial)
     ckpt = tmp_path / "checkpoints/lambda_ablation" / tid / "checkpoint.pt"
-    moved: dict[str, str] = {}
+    out: dict[str, object] = {}
 
-    def lose_node_a():
-        deadline = time.monotonic() + 240
-        while not ckpt.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        node_b = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        moved["b"] = node_b.node_id
-        cluster.remove_node(node_a, allow_graceful=False)
+    def run():  # in a thread: Ray's node start/stop must happen on the main thread
+        try:
+            out["res"] = run_experiment(spec, progress=False)
+        except BaseException as e:  # re-raised below on the main thread
+            out["error"] = e
 
-    killer = threading.Thread(target=lose_node_a, daemon=True)
-    killer.start()
-    res = run_experiment(spec, progress=False)
-    killer.join(timeout=60)
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and runner.is_alive():
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.05)
+    cluster.remove_node(node_a, allow_graceful=False)  # first: the trial must not finish on node A
+    node_b = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    runner.join(timeout=300)
+    assert "error" not in out and "res" in out, out.get("error")
+    res = out["res"]
     assert res.failed == {} and res.ran == [tid]
     m = res.metrics[tid]
-    assert m["node_id"] == moved["b"] != node_a.node_id
-    assert m["resumed_from_epoch"] >= 1 and m["epoch"] == 4
+    assert m["node_id"] == node_b.node_id != node_a.node_id
+    assert m["resumed_from_epoch"] >= 1 and m["epoch"] == 6
     files = sorted(p.name for p in (tmp_path / "experiment=lambda_ablation").iterdir())
     assert files.count(f"{tid}.parquet") == 1 and not any(f.startswith(".") for f in files)
     table = pq.read_table(tmp_path / "experiment=lambda_ablation" / f"{tid}.parquet")
-    assert table.num_rows == 1 and table["epochs"][0].as_py() == 4
+    assert table.num_rows == 1 and table["epochs"][0].as_py() == 6
     assert completed_trial_ids(str(tmp_path), "lambda_ablation") == {tid0, tid}
