@@ -51,7 +51,8 @@ def data_root(spec: ExperimentSpec) -> str:
     return str(default_cache_dir() / "synthetic")
 
 
-def _options(spec: ExperimentSpec) -> dict[str, Any]:
+def synthetic_options(spec: ExperimentSpec) -> dict[str, Any]:
+    """Generator options of the embedded dataset (data.synthetic + image size); {} for real datasets."""
     if spec.data.dataset != "synthetic":
         return {}
     return {**spec.data.synthetic.model_dump(), "image_size": spec.data.image_size}
@@ -91,15 +92,15 @@ def check_trials_against_data(trials: Sequence[ExperimentSpec]) -> None:
     for t in trials:
         if t.data.shots is None:
             continue
-        key = json.dumps([t.data.dataset, data_root(t), _options(t), t.data.shots], sort_keys=True)
+        key = json.dumps([t.data.dataset, data_root(t), synthetic_options(t), t.data.shots], sort_keys=True)
         if key not in seen:
             seen.add(key)
-            validate_against_data(t, class_counts(D.records(t.data.dataset, data_root(t), "train", **_options(t))))
+            validate_against_data(t, class_counts(D.records(t.data.dataset, data_root(t), "train", **synthetic_options(t))))
 
 
 def trial_data(spec: ExperimentSpec) -> TrialData:
     """Resolve the trial's train / validation (and unlabelled) records."""
-    name, root, opts = spec.data.dataset, data_root(spec), _options(spec)
+    name, root, opts = spec.data.dataset, data_root(spec), synthetic_options(spec)
     num_classes = len(D.class_names(name, root, **opts))
     if name == "unrel":
         raise ValueError("data.dataset='unrel' is an evaluation set only (no train split); use `cgc-ray evaluate`")

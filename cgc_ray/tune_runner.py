@@ -403,7 +403,52 @@ def run_experiment(
             failed[tid] = str(r.error) if r.error else "no result row was written"
     ran = [c for c in by_id if c in now_done]
     metrics = {r.config["trial_id"]: dict(r.metrics or {}) for r in grid}
+    if ran:
+        write_sample_figure(spec)
     return ExperimentResult(ids, skipped, ran, failed, metrics)
+
+
+def _best(rows: list[dict[str, Any]], cgc: bool) -> dict[str, Any] | None:
+    """The CGC trial with the highest CH, or the baseline (lambda 0) with the highest top-1."""
+    if cgc:
+        cands = [r for r in rows if r["method"] != "baseline" and r["lam"] > 0 and r["ch"] is not None]
+        return max(cands, key=lambda r: r["ch"], default=None)
+    cands = [r for r in rows if (r["method"] == "baseline" or r["lam"] == 0) and r["top1"] is not None]
+    return max(cands, key=lambda r: r["top1"], default=None)
+
+
+def write_sample_figure(spec: ExperimentSpec) -> Path | None:
+    """``<storage>/experiment=<name>/explain.png``: the best CGC trial below the best baseline.
+
+    Local storage only (checkpoints are read from disk). A failure is a
+    warning, not an error: the results themselves are already written.
+    """
+    if "://" in spec.storage:
+        return None
+    import json
+    import warnings
+
+    from cgc_ray.results import read_rows
+
+    rows = read_rows(spec.storage, spec.name).to_pylist()
+    best_cgc, best_base = _best(rows, cgc=True), _best(rows, cgc=False)
+    if best_cgc is None:
+        return None
+    ckpt = lambda r: CheckpointStore(spec.storage, spec.name, r["trial_id"]).local_path
+    out = Path(_filesystem(spec.storage)[1]) / f"experiment={spec.name}" / "explain.png"
+    try:
+        from cgc_ray.figures import sample_explain_figure
+        from cgc_ray.trial import data_root, synthetic_options
+
+        trial = validate_spec(json.loads(best_cgc["config_json"]))
+        return sample_explain_figure(
+            ckpt(best_cgc), out, dataset=trial.data.dataset, root=data_root(trial),
+            baseline=ckpt(best_base) if best_base is not None else None,
+            image_size=trial.data.image_size, dataset_options=synthetic_options(trial),
+        )
+    except Exception as e:  # noqa: BLE001 - a figure must never cost the user their results
+        warnings.warn(f"could not write the sample explain figure {out}: {e}")
+        return None
 
 
 def _concurrent_room(worker_bundles: list[dict[str, float]], nodes: list[Mapping[str, float]]) -> int:

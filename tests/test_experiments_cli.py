@@ -58,6 +58,11 @@ def test_lambda_ablation_sweep_and_lambda_table(ray_session, tmp_path):
     top1 = next(line for line in md.splitlines() if line.startswith("| top1"))
     by_lam = {r["lam"]: r["top1"] for r in rows}
     assert f"{by_lam[0.0]:.2f} (1)" in top1.split("|")[2] and f"{by_lam[1.0]:.2f} (1)" in top1.split("|")[3]
+    # the sample figure of the best CGC trial (below the baseline) lands next to the results
+    from PIL import Image
+
+    with Image.open(tmp_path / "experiment=lambda_ablation" / "explain.png") as im:
+        assert im.width > 100 and im.height > 100
 
 
 def test_fewshot_sweep_pairs_episodes(ray_session, tmp_path):

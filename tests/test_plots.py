@@ -25,7 +25,8 @@ def _write(storage, spec, metrics):
 
 def _lambda_rows(storage):
     """λ in {0, 0.1, 1} x seed {0, 1}: top1 = 60 + 10 λ + seed, ch = 50 - 3 λ + seed."""
-    spec = apply_overrides(load_spec(PRESETS["lambda_ablation_demo"]), ["sweep.grid.seed=[0, 1]"])
+    spec = apply_overrides(load_spec(PRESETS["lambda_ablation_demo"]),
+                           ["sweep.grid.method.lam=[0.0, 0.1, 1.0]", "sweep.grid.seed=[0, 1]"])
     _write(storage, spec, lambda t: {"top1": 60 + 10 * t.method.lam + t.seed, "ch": 50 - 3 * t.method.lam + t.seed})
 
 

@@ -189,7 +189,8 @@ def test_fewshot_layout_and_formats(tmp_path):
 
 
 def test_lambda_layout(tmp_path):
-    spec = apply_overrides(load_spec(PRESETS["lambda_ablation_demo"]), ["sweep.grid.seed=[0, 1]"])
+    spec = apply_overrides(load_spec(PRESETS["lambda_ablation_demo"]),
+                           ["sweep.grid.method.lam=[0.0, 0.1, 1.0]", "sweep.grid.seed=[0, 1]"])
     trials = expand_trials(spec)
     assert len(trials) == 6
     _write_all(tmp_path, [(t, {"top1": 60 + 10 * t.method.lam + t.seed, "ch": 50 - t.method.lam}) for t in trials])
