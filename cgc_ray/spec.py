@@ -80,6 +80,8 @@ NON_IDENTITY_FIELDS: frozenset[str] = frozenset(
         "scaling.cpus_per_worker",
         "scaling.gpus_per_worker",
         "scaling.use_gpu",
+        "scaling.amp",
+        "scaling.channels_last",
         "failure.max_retries",
         "failure.checkpoint_every",
         "eval_every",
@@ -278,13 +280,16 @@ class ScalingSpec(_Strict):
 
     ``gpus_per_worker`` may be fractional below 1 so several small trials
     share a GPU; it is used only when a GPU is used (``use_gpu``: ``auto``
-    means "if the cluster has GPUs").
+    means "if the cluster has GPUs"). ``amp`` (fp16 autocast with a grad
+    scaler) and ``channels_last`` apply on GPUs only.
     """
 
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
     use_gpu: bool | Literal["auto"] = "auto"
+    amp: bool = True
+    channels_last: bool = True
 
     @field_validator("gpus_per_worker")
     @classmethod

@@ -11,7 +11,7 @@ The only module (with ``cluster`` glue in the CLI) that imports Ray.
 * Nothing is lost and nothing runs twice. Trial ids are content hashes of the
   resolved trial config; a trial whose row is in the results is skipped; a
   trial's checkpoint lives under the storage URI
-  (``<storage>/checkpoints/<experiment>/<trial_id>/checkpoint.pt``), so a
+  (``<storage>/_checkpoints/<experiment>/<trial_id>/checkpoint.pt``), so a
   retried trial (``FailureConfig``), a trial moved off a lost node or a re-run
   of the whole command resumes from its last finished epoch.
 """
@@ -107,7 +107,7 @@ class CheckpointStore:
 
     def __post_init__(self) -> None:
         self.fs, base = _filesystem(self.storage)
-        self.remote = f"{base}/checkpoints/{self.experiment}/{self.trial_id}/checkpoint.pt"
+        self.remote = f"{base}/_checkpoints/{self.experiment}/{self.trial_id}/checkpoint.pt"
         self.is_local = "://" not in self.storage
         self.workdir = Path(self.remote).parent if self.is_local else Path(tempfile.mkdtemp(prefix="cgc-ckpt-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -418,7 +418,10 @@ def _best(rows: list[dict[str, Any]], cgc: bool) -> dict[str, Any] | None:
 
 
 def write_sample_figure(spec: ExperimentSpec) -> Path | None:
-    """``<storage>/experiment=<name>/explain.png``: the best CGC trial below the best baseline.
+    """``<storage>/_figures/<name>/explain.png``: the best CGC trial below the best baseline.
+
+    Under a ``_`` folder, like ``_checkpoints`` and ``_ray``: pyarrow/pandas skip those when
+    they read the storage folder as a Parquet dataset.
 
     Local storage only (checkpoints are read from disk). A failure is a
     warning, not an error: the results themselves are already written.
@@ -435,7 +438,7 @@ def write_sample_figure(spec: ExperimentSpec) -> Path | None:
     if best_cgc is None:
         return None
     ckpt = lambda r: CheckpointStore(spec.storage, spec.name, r["trial_id"]).local_path
-    out = Path(_filesystem(spec.storage)[1]) / f"experiment={spec.name}" / "explain.png"
+    out = Path(_filesystem(spec.storage)[1]) / "_figures" / spec.name / "explain.png"
     try:
         from cgc_ray.figures import sample_explain_figure
         from cgc_ray.trial import data_root, synthetic_options

@@ -151,3 +151,11 @@ def test_method_config_validates():
         MethodConfig(tau=0)
     with pytest.raises(ValueError, match="name"):
         MethodConfig(name="simclr")
+
+
+def test_bf16_autocast_and_channels_last_step_on_cpu():
+    model, opt, _ = _setup()
+    model = model.to(memory_format=torch.channels_last)
+    train, _ = _loaders()
+    m = train_one_epoch(model, train, opt, MethodConfig(name="cgc"), "cpu", amp=True, channels_last=True)
+    assert math.isfinite(m["train_loss"]) and m["train_cgc"] > 0

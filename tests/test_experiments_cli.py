@@ -61,8 +61,12 @@ def test_lambda_ablation_sweep_and_lambda_table(ray_session, tmp_path):
     # the sample figure of the best CGC trial (below the baseline) lands next to the results
     from PIL import Image
 
-    with Image.open(tmp_path / "experiment=lambda_ablation" / "explain.png") as im:
+    with Image.open(tmp_path / "_figures" / "lambda_ablation" / "explain.png") as im:
         assert im.width > 100 and im.height > 100
+    # and the storage folder, checkpoints and figures included, still reads as one Parquet dataset
+    import pandas as pd
+
+    assert len(pd.read_parquet(tmp_path)) == 2
 
 
 def test_fewshot_sweep_pairs_episodes(ray_session, tmp_path):
@@ -179,7 +183,7 @@ def test_kill_driver_mid_sweep_then_rerun_each_trial_once(ray_session, tmp_path)
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     rows_dir = tmp_path / "experiment=lambda_ablation"
-    ckpt_dir = tmp_path / "checkpoints/lambda_ablation"
+    ckpt_dir = tmp_path / "_checkpoints/lambda_ablation"
 
     def mid_trial() -> bool:
         """A row exists and another trial has checkpointed but not finished."""
@@ -201,7 +205,7 @@ def test_kill_driver_mid_sweep_then_rerun_each_trial_once(ray_session, tmp_path)
     spec = apply_overrides(load_spec(PRESETS["lambda_ablation_demo"]),
                            [f"storage={tmp_path}", *TINY, *overrides])
     ids = [trial_id(t) for t in expand_trials(spec)]
-    ckpts = {t for t in ids if (tmp_path / "checkpoints/lambda_ablation" / t / "checkpoint.pt").exists()}
+    ckpts = {t for t in ids if (tmp_path / "_checkpoints/lambda_ablation" / t / "checkpoint.pt").exists()}
     interrupted = ckpts - set(before)
     assert interrupted
 

@@ -71,7 +71,7 @@ def test_checkpoint_store_pulls_and_pushes_through_a_uri_filesystem(tmp_path):
     """A ``file://`` URI goes the remote way (pyarrow filesystem copy), like s3:// would."""
     uri = f"file://{tmp_path / 'store'}"
     a = CheckpointStore(uri, "exp", "abc123")
-    assert not a.is_local and a.remote == f"{tmp_path}/store/checkpoints/exp/abc123/checkpoint.pt"
+    assert not a.is_local and a.remote == f"{tmp_path}/store/_checkpoints/exp/abc123/checkpoint.pt"
     a.pull()  # nothing stored yet: no file appears
     assert not a.local_path.exists()
     a.local_path.write_bytes(b"epoch-1")
@@ -87,7 +87,7 @@ def test_checkpoint_store_pulls_and_pushes_through_a_uri_filesystem(tmp_path):
     b.cleanup()
 
     local = CheckpointStore(str(tmp_path / "plain"), "exp", "t1")
-    assert local.is_local and local.local_path == tmp_path / "plain/checkpoints/exp/t1/checkpoint.pt"
+    assert local.is_local and local.local_path == tmp_path / "plain/_checkpoints/exp/t1/checkpoint.pt"
 
 
 # ---------------------------------------------------------------- resources on a live Ray
@@ -125,7 +125,7 @@ def test_ddp_trial_two_workers_writes_one_row(ray_session, tmp_path):
     # rank 0 checkpointed into storage, after the last epoch
     import torch
 
-    ckpt = torch.load(tmp_path / "checkpoints/lambda_ablation" / tid / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "_checkpoints/lambda_ablation" / tid / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1  # 0-based: the second epoch
     assert not any(k.startswith("module.") for k in ckpt["model"])
 
@@ -170,7 +170,7 @@ def test_trial_lands_on_worker_node_and_survives_losing_it(two_node_cluster, tmp
                  "optim.epochs=6", "data.synthetic.n_train_per_class=40")
     (trial,) = expand_trials(spec)
     tid = trial_id(trial)
-    ckpt = tmp_path / "checkpoints/lambda_ablation" / tid / "checkpoint.pt"
+    ckpt = tmp_path / "_checkpoints/lambda_ablation" / tid / "checkpoint.pt"
     out: dict[str, object] = {}
 
     def run():  # in a thread: Ray's node start/stop must happen on the main thread
