@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
-from cgc_ray.engine import MethodConfig, NonFiniteLossError, cgc_term, evaluate, fit, load_checkpoint, train_one_epoch
+from cgc_ray.engine import MethodConfig, NonFiniteLossError, cgc_term, evaluate, fit, train_one_epoch
 from cgc_ray.models import build_model
 
 

@@ -1,7 +1,5 @@
 """The CGC transform T: parameters, equivariance of heatmaps with images, flips."""
 
-import math
-
 import pytest
 import torch
 from torchvision.transforms.functional import resized_crop
