@@ -40,7 +40,6 @@ from cgc_ray.data import BoxDataset, ImageRecord, class_names, collate, records
 from cgc_ray.engine import CHECKPOINT_FORMAT, MethodConfig, evaluate
 from cgc_ray.metrics import content_heatmap
 from cgc_ray.models import build_model
-from cgc_ray.results import PERCENT_METRICS
 from cgc_ray.weights import load_weights
 
 Protocol = Literal["fast", "authors"]
@@ -292,17 +291,12 @@ def result_row(result: Mapping[str, Any], *, node: str | None = None) -> dict[st
     top1/top5/ch are converted to % (the table's unit); NaN metrics (e.g. CH
     on a dataset without boxes) become null.
     """
-    from cgc_ray.results import METRIC_COLUMNS, code_version, row_from_config
+    from cgc_ray.results import code_version, result_metrics, row_from_config
 
-    metrics = {}
-    for m in METRIC_COLUMNS:
-        v = result.get(m)
-        if v is not None and not math.isnan(v):
-            metrics[m] = v * 100 if m in PERCENT_METRICS else v
     config = result["config"]
     return row_from_config(
         config,
-        metrics,
+        result_metrics(result),
         trial_id=evaluation_trial_id(config),
         spec_hash=_digest(config),
         epochs=int(result["epochs"]),

@@ -56,6 +56,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib.metadata
 import json
+import math
 import subprocess
 import uuid
 from pathlib import Path
@@ -75,6 +76,7 @@ __all__ = [
     "code_version",
     "completed_trial_ids",
     "read_rows",
+    "result_metrics",
     "row_from_config",
     "write_row",
 ]
@@ -132,6 +134,16 @@ def _experiment_dir(base: str, experiment: str) -> str:
     if not experiment or "/" in experiment or experiment.startswith((".", "_")):
         raise ValueError(f"experiment name {experiment!r} cannot be a results directory; use letters, digits, _ . -")
     return f"{base}/{_PARTITION}{experiment}"
+
+
+def result_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Engine metrics (fractions) in the table's units: top1/top5/ch in %; NaN or missing left out (null)."""
+    out = {}
+    for m in METRIC_COLUMNS:
+        v = metrics.get(m)
+        if v is not None and not math.isnan(v):
+            out[m] = float(v) * (100.0 if m in PERCENT_METRICS else 1.0)
+    return out
 
 
 def row_from_config(

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cgc_ray.results import PERCENT_METRICS, _filesystem, code_version, completed_trial_ids, row_from_config, write_row
+from cgc_ray.results import (
+    _filesystem,
+    code_version,
+    completed_trial_ids,
+    result_metrics,
+    row_from_config,
+    write_row,
+)
 from cgc_ray.spec import ExperimentSpec, check_data_root, expand_trials, spec_hash, trial_id, validate_spec
 
 # What the Tune function of a DDP trial reserves: 1 MiB of memory and no CPU.
@@ -140,15 +147,6 @@ class CheckpointStore:
 
 
 # ---------------------------------------------------------------- the trial
-
-
-def _result_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Engine metrics (fractions) -> result columns (top-1/top-5/CH in %)."""
-    out = {}
-    for k in ("top1", "top5", "ch", "iauc", "cgc_loss", "zero_cam_frac"):
-        if k in metrics and metrics[k] is not None:
-            out[k] = float(metrics[k]) * (100.0 if k in PERCENT_METRICS else 1.0)
-    return out
 
 
 def _worker_threads(spec: ExperimentSpec) -> None:
@@ -266,7 +264,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
     final = _run_ddp(spec, tid, config, gpu) if spec.scaling.num_workers > 1 else _run_single(spec, tid, gpu)
     row = row_from_config(
         config["spec"],
-        _result_metrics(final),
+        result_metrics(final),
         trial_id=tid,
         spec_hash=config["spec_hash"],
         epochs=int(final.get("epoch", spec.optim.epochs)),
@@ -275,7 +273,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
         code_version=config["code_version"],
     )
     write_row(spec.storage, spec.name, row)
-    tune.report({"row_written": 1, **_result_metrics(final), "epoch": row["epochs"], "node_id": final["node_id"],
+    tune.report({"row_written": 1, **result_metrics(final), "epoch": row["epochs"], "node_id": final["node_id"],
                  "resumed_from_epoch": final["resumed_from_epoch"]})
 
 
