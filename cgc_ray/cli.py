@@ -16,6 +16,7 @@ handlers, so ``cgc-ray report`` and ``cgc-ray --help`` start without them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -43,8 +44,9 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
         help="summarise finished trials: mean±std (n) per config, paired CGC − baseline with 95%% CI",
         description="Read the Parquet results under --storage and print the paper-style tables.",
     )
-    p.add_argument("--storage", default=ExperimentSpec.model_fields["storage"].default,
-                   help="results location: a path or a pyarrow URI such as s3://bucket/prefix (default: %(default)s)")
+    p.add_argument("--storage", default=os.environ.get("CGC_RAY_STORAGE") or ExperimentSpec.model_fields["storage"].default,
+                   help="results location: a path or a pyarrow URI such as s3://bucket/prefix "
+                        "(default: $CGC_RAY_STORAGE, else %(default)s)")
     p.add_argument("--experiment", default=None, help="only this experiment (default: all)")
     p.add_argument("--format", choices=FORMATS, default="rich", help="output format (default: %(default)s)")
     p.add_argument("--layout", choices=("lambda", "fewshot", "methods"), default=None,

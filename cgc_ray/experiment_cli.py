@@ -8,7 +8,11 @@ Every script takes the same flags::
     --spec FILE       a YAML/JSON spec instead of a preset
     --set a.b=value   overrides, repeatable (values parsed as YAML)
     --storage URI     results and checkpoints (default ./results; s3://bucket/prefix on clusters)
-    --address ADDR    attach to a running Ray cluster ("auto" under `ray submit`)
+    --address ADDR    attach to a Ray cluster (default: $RAY_ADDRESS, else a `ray start` Ray on this
+                      node, else a loopback Ray of its own; "local" forces the latter)
+
+Local paths (storage, data root, split file, weights) are made absolute here,
+against the folder the command runs in, before the spec reaches Ray.
 
 The spec is validated (and the data root checked) before Ray starts.
 """
@@ -16,10 +20,16 @@ The spec is validated (and the data root checked) before Ray starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
-from cgc_ray.spec import PRESETS, SpecError, apply_overrides, check_data_root, load_spec
+from cgc_ray.spec import PRESETS, ExperimentSpec, SpecError, apply_overrides, load_spec, resolve_paths
+
+# Defaults a cluster sets in its nodes' environment (cluster/gpu.yaml), used when the flag is absent.
+ENV_STORAGE = "CGC_RAY_STORAGE"
+ENV_DATA_ROOT = "CGC_RAY_DATA_ROOT"
+DEFAULT_STORAGE = ExperimentSpec.model_fields["storage"].default
 
 # experiment -> (demo preset, paper preset chooser from (dataset, arch))
 Chooser = Callable[[str | None, str | None], str]
@@ -38,7 +48,8 @@ EXPERIMENTS: dict[str, tuple[str, Chooser]] = {
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default=None, help="dataset folder; omit for the embedded demo dataset")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder (default: $CGC_RAY_DATA_ROOT); omit both for the embedded demo dataset")
     p.add_argument("--dataset", default=None, help="dataset of the paper preset (e.g. cub200, cars196, imagenet100)")
     p.add_argument("--arch", default=None, help="resnet18 or resnet50 where the paper has both")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), metavar="NAME",
@@ -46,10 +57,13 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--spec", default=None, help="a YAML or JSON spec file (instead of a preset)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a spec field, e.g. --set method.lam=0.5 (repeatable)")
-    p.add_argument("--storage", default=None, help="results/checkpoints URI (default: the spec's, ./results)")
-    p.add_argument("--address", default=None, help="Ray cluster address ('auto' inside `ray submit`)")
+    p.add_argument("--storage", default=None, help="results/checkpoints path or URI (default: the spec's; for a preset $CGC_RAY_STORAGE, else ./results)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to attach to (default: $RAY_ADDRESS, else a Ray started with `ray start` on "
+                        "this node, else a new loopback Ray of this run's own; 'local' forces the latter)")
     p.add_argument("--autoscale", action="store_true",
-                   help="do not fail when no current node fits a trial (an autoscaler will add nodes)")
+                   help="an autoscaler adds nodes: check trials against its node types (read from the cluster), "
+                        "or, when those cannot be read, do not require a current node to fit a trial")
     p.add_argument("--max-concurrent", type=int, default=None, help="at most this many trials at once")
     p.add_argument("--no-progress", action="store_true", help="no live progress view")
     p.add_argument("--no-report", action="store_true", help="do not print the result table at the end")
@@ -57,7 +71,13 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def resolve_spec(args: argparse.Namespace, experiment: str | None):
-    """The experiment spec the flags describe (validated; data root checked)."""
+    """The experiment spec the flags describe: validated, every local path absolute.
+
+    Paths are resolved here, against the directory the command runs in, before
+    the spec reaches Ray. ``--storage`` and ``--data-root`` default to
+    ``$CGC_RAY_STORAGE`` and ``$CGC_RAY_DATA_ROOT`` (set by a cluster's config).
+    """
+    data_root = args.data_root if args.data_root is not None else os.environ.get(ENV_DATA_ROOT) or None
     if args.spec:
         spec = load_spec(args.spec)
     else:
@@ -65,7 +85,7 @@ def resolve_spec(args: argparse.Namespace, experiment: str | None):
             name = args.preset
         elif experiment is None:
             raise SpecError("give --spec FILE or --preset NAME")
-        elif args.data_root is None and args.dataset in (None, "synthetic"):
+        elif args.dataset == "synthetic" or (data_root is None and args.dataset is None):
             name = EXPERIMENTS[experiment][0]
         else:
             name = EXPERIMENTS[experiment][1](args.dataset, args.arch)
@@ -73,13 +93,15 @@ def resolve_spec(args: argparse.Namespace, experiment: str | None):
             raise SpecError(f"no preset {name!r} (from --dataset {args.dataset!r}); presets: {sorted(PRESETS)}")
         spec = load_spec(PRESETS[name])
     overrides = list(args.overrides)
-    if args.data_root is not None:
-        overrides.insert(0, f"data.root={args.data_root}")
-    if args.storage is not None:
-        overrides.insert(0, f"storage={args.storage}")
+    storage = args.storage
+    if storage is None and spec.storage == DEFAULT_STORAGE:
+        storage = os.environ.get(ENV_STORAGE) or None
+    if data_root is not None:
+        overrides.insert(0, f"data.root={data_root}")
+    if storage is not None:
+        overrides.insert(0, f"storage={storage}")
     spec = apply_overrides(spec, overrides) if overrides else spec
-    check_data_root(spec)
-    return spec
+    return resolve_paths(spec)
 
 
 def main(experiment: str | None, argv: Sequence[str] | None = None, *, description: str = "") -> int:
@@ -90,12 +112,13 @@ def main(experiment: str | None, argv: Sequence[str] | None = None, *, descripti
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from cgc_ray.cluster import ClusterError
     from cgc_ray.tune_runner import ResourceError, run_experiment
 
     try:
         res = run_experiment(spec, address=args.address, progress=not args.no_progress,
                              max_concurrent=args.max_concurrent, autoscale=args.autoscale)
-    except (ResourceError, SpecError) as e:  # SpecError: checks that read the data (e.g. data.shots)
+    except (ResourceError, ClusterError, SpecError) as e:  # SpecError: checks that read the data (data.shots)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{spec.name}: {len(res.trial_ids)} trials, {len(res.skipped)} already done, "

@@ -57,6 +57,7 @@ import datetime as _dt
 import importlib.metadata
 import json
 import math
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -277,21 +278,24 @@ def read_rows(storage_uri: str, experiment: str | None = None) -> pa.Table:
 
 
 def code_version() -> str:
-    """``cgc-ray <version>+g<commit>[.dirty]`` where git is available, else the package version."""
+    """``cgc-ray <version>+g<commit>[.dirty]`` where git is available, else the package version.
+
+    On a cluster the file mount has no ``.git``; ``cluster/gpu.yaml`` mounts it
+    separately and names it in ``$CGC_RAY_GIT_DIR``.
+    """
     try:
         ver = importlib.metadata.version("cgc-ray")
     except importlib.metadata.PackageNotFoundError:  # running from a source tree
         ver = "unknown"
     repo = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(repo)]
+    if os.environ.get("CGC_RAY_GIT_DIR"):
+        git += ["--git-dir", os.path.expanduser(os.environ["CGC_RAY_GIT_DIR"]), "--work-tree", str(repo)]
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
+        sha = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return f"cgc-ray {ver}"
     return f"cgc-ray {ver}+g{sha}{'.dirty' if dirty else ''}"

@@ -27,7 +27,9 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, NamedTuple, Union
 
@@ -96,6 +98,21 @@ class SpecError(ValueError):
     """A user-facing problem with a spec: says which field, what was wrong, what to do."""
 
 
+class PathKind(NamedTuple):
+    """Marks a spec field that may hold a local path (see :func:`resolve_paths`).
+
+    ``kind``: ``"path"`` a plain path; ``"storage"`` a path or a URI; ``"weights"``
+    a path, ``swav:PATH``, or a name that is not a path (a torchvision enum).
+    """
+
+    kind: str
+
+
+LocalPath = Annotated[str, PathKind("path")]
+StoragePath = Annotated[str, PathKind("storage")]
+WeightsRef = Annotated[str, PathKind("weights")]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -132,16 +149,23 @@ class DataSpec(_Strict):
     """
 
     dataset: DatasetName = "synthetic"
-    root: str | None = None
+    root: LocalPath | None = None
     image_size: int = Field(224, ge=32)
     batch_size: int = Field(256, ge=2)
-    num_workers: int = Field(4, ge=0)
+    num_workers: int | Literal["auto"] = "auto"
     shots: int | None = Field(None, ge=1)
     episode: int = Field(0, ge=0)
     percent: float | None = Field(None, gt=0, le=100)
-    split_file: str | None = None
+    split_file: LocalPath | None = None
     train_crop_scale: tuple[float, float] = (0.08, 1.0)
     synthetic: SyntheticSpec = SyntheticSpec()
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"data.num_workers must be >= 0 or 'auto', got {v}")
+        return v
 
     @field_validator("train_crop_scale")
     @classmethod
@@ -171,7 +195,7 @@ class ModelSpec(_Strict):
     """
 
     arch: ArchName = "resnet18"
-    weights: str | None = None
+    weights: WeightsRef | None = None
     layer: str = Field("layer4", pattern=r"^[A-Za-z_][\w.]*$")
 
     @model_validator(mode="after")
@@ -298,6 +322,18 @@ class ScalingSpec(_Strict):
             raise ValueError(f"scaling.gpus_per_worker above 1 must be a whole number (Ray's rule), got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _ddp_whole_gpus(self) -> "ScalingSpec":
+        if self.num_workers > 1 and 0 < self.gpus_per_worker < 1 and self.use_gpu is not False:
+            raise ValueError(
+                f"scaling.num_workers={self.num_workers} with scaling.gpus_per_worker={self.gpus_per_worker}: "
+                "DDP ranks cannot share a GPU (NCCL needs one per rank); set scaling.gpus_per_worker=1, "
+                "or scaling.num_workers=1 to pack single-worker trials, or scaling.use_gpu=false for CPU DDP"
+            )
+        if self.use_gpu is True and self.gpus_per_worker == 0:
+            raise ValueError("scaling.use_gpu=true needs scaling.gpus_per_worker > 0")
+        return self
+
 
 class FailureSpec(_Strict):
     """Fault tolerance: retries of a failed trial (from its last checkpoint)."""
@@ -341,7 +377,7 @@ class ExperimentSpec(_Strict):
 
     name: str = "default"
     seed: int = Field(0, ge=0)
-    storage: str = "./results"
+    storage: StoragePath = "./results"
     data: DataSpec = DataSpec()
     model: ModelSpec = ModelSpec()
     method: MethodSpec = MethodSpec()
@@ -368,6 +404,17 @@ class ExperimentSpec(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"metrics has repeated entries: {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _loader_fits_cpus(self) -> "ExperimentSpec":
+        w, cpus = self.data.num_workers, self.scaling.cpus_per_worker
+        if isinstance(w, int) and w > max(0, int(cpus) - 1):
+            raise ValueError(
+                f"data.num_workers={w} loader processes need CPUs the trial does not hold "
+                f"(scaling.cpus_per_worker={cpus:g}; one CPU trains): set scaling.cpus_per_worker={w + 1} "
+                "or data.num_workers=auto"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sweep_values_valid(self) -> "ExperimentSpec":
@@ -470,6 +517,103 @@ def apply_overrides(spec: ExperimentSpec | Mapping[str, Any], overrides: list[st
     return validate_spec(tree)
 
 
+def _path_kind(annotation: Any) -> str | None:
+    """The :class:`PathKind` of a field annotation (through ``X | None`` and ``Annotated``)."""
+    for meta in getattr(annotation, "__metadata__", ()):
+        if isinstance(meta, PathKind):
+            return meta.kind
+    for arg in typing.get_args(annotation):
+        kind = _path_kind(arg)
+        if kind is not None:
+            return kind
+    return None
+
+
+def path_fields(model: type[BaseModel] = None, prefix: str = "") -> dict[str, str]:
+    """Dotted field path -> :class:`PathKind` kind of every path-like field of the spec."""
+    model = model or ExperimentSpec
+    out: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        # pydantic moves the metadata of a bare Annotated[...] onto the FieldInfo
+        kind = next((m.kind for m in info.metadata if isinstance(m, PathKind)), None) or _path_kind(info.annotation)
+        if kind is not None:
+            out[prefix + name] = kind
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            out.update(path_fields(info.annotation, f"{prefix}{name}."))
+    return out
+
+
+def is_uri(value: str) -> bool:
+    """``scheme://...`` (s3, gs, file, hdfs, ...): left as given, never resolved against a folder."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value) is not None
+
+
+def resolve_path_value(value: str | None, kind: str, cwd: str | os.PathLike | None = None) -> str | None:
+    """``value`` made absolute against ``cwd`` (default: the current directory), ``~`` expanded.
+
+    URIs pass unchanged. For ``kind="weights"``: ``swav:PATH`` resolves its
+    PATH; a torchvision enum name (``ResNet50_Weights.IMAGENET1K_V1``) or a
+    ``scheme:reference`` that is not a path stays as it is.
+    """
+    if value is None or is_uri(value):
+        return value
+    if kind == "weights":
+        if value.startswith("swav:"):
+            return "swav:" + resolve_path_value(value[len("swav:"):], "path", cwd)
+        if re.match(r"^[A-Za-z]\w*:(?!\\|/)", value) or (
+            _TV_WEIGHTS_RE.match(value) and not Path(cwd or ".", value).exists()
+        ):
+            return value
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = Path(cwd if cwd is not None else os.getcwd()) / path
+    return os.path.normpath(path)
+
+
+def resolve_paths(spec: ExperimentSpec | Mapping[str, Any], cwd: str | os.PathLike | None = None) -> ExperimentSpec:
+    """The spec with every local path made absolute against ``cwd`` (default: the current directory).
+
+    Resolve at the edge, on the driver, before the spec reaches Ray: Tune runs
+    each trial in its own working directory, where ``./results`` would mean
+    something else. Covers every field marked path-like (:func:`path_fields`:
+    storage, data root, split file, weights) and the values of sweep axes over
+    them. URIs (``s3://``, ``gs://``, ``file://``) pass unchanged. Idempotent.
+    """
+    tree = validate_spec(spec).model_dump(mode="json")
+    fields = path_fields()
+    for path, kind in fields.items():
+        node, *_ = _walk(tree, path)
+        node[path.rsplit(".", 1)[-1]] = resolve_path_value(_get_path(tree, path), kind, cwd)
+    grid = tree["sweep"]["grid"]
+    for axis, values in grid.items():
+        if axis in fields:
+            grid[axis] = [resolve_path_value(v, fields[axis], cwd) for v in values]
+    return validate_spec(tree)
+
+
+def unresolved_paths(spec: ExperimentSpec) -> list[str]:
+    """``field=value`` of every local path of ``spec`` that is not absolute (should be empty on a worker)."""
+    out = []
+    for path, kind in path_fields().items():
+        value = _get_path(spec.model_dump(mode="json"), path)
+        if value is not None and resolve_path_value(value, kind, "/") != value:
+            out.append(f"{path}={value!r}")
+    return out
+
+
+def _walk(tree: dict, path: str) -> tuple[dict, str]:
+    *parents, leaf = path.split(".")
+    node = tree
+    for key in parents:
+        node = node[key]
+    return node, leaf
+
+
+def _get_path(tree: dict, path: str) -> Any:
+    node, leaf = _walk(tree, path)
+    return node.get(leaf)
+
+
 def expand_trials(spec: ExperimentSpec) -> list[ExperimentSpec]:
     """The grid product of ``spec.sweep`` as trial specs (each with an empty sweep).
 
@@ -521,6 +665,12 @@ def trial_id(spec: ExperimentSpec | Mapping[str, Any]) -> str:
 def spec_hash(spec: ExperimentSpec | Mapping[str, Any]) -> str:
     """12 hex of sha256 of the full resolved config (every field, unlike trial_id)."""
     return _digest(validate_spec(spec).model_dump(mode="json"))
+
+
+def loader_workers(spec: ExperimentSpec) -> int:
+    """DataLoader worker processes of one trial worker (``data.num_workers``, "auto" resolved)."""
+    w = spec.data.num_workers
+    return max(0, int(spec.scaling.cpus_per_worker) - 1) if w == "auto" else w
 
 
 def method_config_kwargs(spec: ExperimentSpec) -> dict[str, Any]:
@@ -649,6 +799,16 @@ def check_data_root(spec: ExperimentSpec) -> None:
                 )
 
 
+def data_root_missing_here(spec: ExperimentSpec) -> list[str]:
+    """The dataset folders the sweep names that do not exist on this machine (embedded data needs none)."""
+    missing = []
+    for dataset in _swept_values(spec, "data.dataset", spec.data.dataset):
+        for root in _swept_values(spec, "data.root", spec.data.root):
+            if dataset != "synthetic" and root is not None and not Path(root).expanduser().is_dir():
+                missing.append(root)
+    return missing
+
+
 def _swept_values(spec: ExperimentSpec, path: str, current: Any) -> list[Any]:
     return list(spec.sweep.grid.get(path, [current]))
 
@@ -693,6 +853,9 @@ def _paper_base(**over: Any) -> dict[str, Any]:
             "schedule": {"name": "step", "milestones": [30, 60], "gamma": 0.1},
         },
         "metrics": ["top1", "top5", "ch", "iauc", "cgc_loss"],
+        # one GPU per trial worker with 8 CPUs: 7 DataLoader processes feed it (cluster/gpu.yaml's 4-GPU
+        # type has 12 CPUs per GPU); ImageNet DDP adds --set scaling.num_workers=4
+        "scaling": {"cpus_per_worker": 8, "gpus_per_worker": 1},
     }
     return _merge(base, over)
 
@@ -773,6 +936,7 @@ for _ds, _lam in _FINEGRAINED_LAM.items():
         data={"dataset": _ds},
         model={"arch": "resnet50", "weights": _R50_IMAGENET},
         method={"lam": _lam},
+        scaling={"cpus_per_worker": 4, "gpus_per_worker": 1},  # one trial per single-GPU node (4 CPUs)
         sweep={"grid": {"method.name": ["baseline", "cgc"], "seed": [0, 1, 2]}},
     )
 for _ds, _lam in _FEWSHOT_LAM.items():
@@ -782,6 +946,7 @@ for _ds, _lam in _FEWSHOT_LAM.items():
         data={"dataset": _ds, "shots": 1},
         model={"arch": "resnet50", "weights": _R50_IMAGENET},
         method={"lam": _lam},
+        scaling={"cpus_per_worker": 1, "gpus_per_worker": 0.25},  # four small trials share a GPU
         sweep={
             "grid": {"method.name": ["baseline", "cgc"], "data.shots": [1, 5, 10], "data.episode": list(range(20))}
         },

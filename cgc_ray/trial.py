@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from cgc_ray import data as D
 from cgc_ray.engine import Callback, MethodConfig, fit
 from cgc_ray.models import build_model
-from cgc_ray.spec import ExperimentSpec, method_config_kwargs, validate_against_data, validate_spec
+from cgc_ray.spec import (
+    ExperimentSpec,
+    SpecError,
+    check_data_root,
+    loader_workers,
+    method_config_kwargs,
+    validate_against_data,
+    validate_spec,
+)
 
 # The split each dataset is evaluated on when a trial is not few-shot.
 EVAL_SPLIT = {
@@ -99,7 +108,15 @@ def check_trials_against_data(trials: Sequence[ExperimentSpec]) -> None:
 
 
 def trial_data(spec: ExperimentSpec) -> TrialData:
-    """Resolve the trial's train / validation (and unlabelled) records."""
+    """Resolve the trial's train / validation (and unlabelled) records.
+
+    Checks the data root first, on the node that reads it (a driver on a
+    cluster's head may not see the workers' data).
+    """
+    try:
+        check_data_root(spec)
+    except SpecError as e:
+        raise SpecError(f"on node {socket.gethostname()}: {e}") from None
     name, root, opts = spec.data.dataset, data_root(spec), synthetic_options(spec)
     num_classes = len(D.class_names(name, root, **opts))
     if name == "unrel":
@@ -145,14 +162,14 @@ def build_loaders(spec: ExperimentSpec, td: TrialData, *, distributed: bool = Fa
     mk = lambda recs, train: D.BoxDataset(recs, train=train, image_size=spec.data.image_size,
                                           scale=spec.data.train_crop_scale, cache_in_memory=small)
     # drop_last: a last batch of one image breaks the contrastive loss (an authors' defect)
-    train = _loader(mk(td.train, True), batch, train=True, seed=spec.seed, workers=spec.data.num_workers,
+    train = _loader(mk(td.train, True), batch, train=True, seed=spec.seed, workers=loader_workers(spec),
                     distributed=distributed, drop_last=len(td.train) > batch)
-    val = _loader(mk(td.val, False), batch, train=False, seed=spec.seed, workers=spec.data.num_workers,
+    val = _loader(mk(td.val, False), batch, train=False, seed=spec.seed, workers=loader_workers(spec),
                   distributed=False, drop_last=False)
     unl = None
     if td.unlabeled is not None:
         unl = _loader(mk(td.unlabeled, True), batch, train=True, seed=spec.seed + 1,
-                      workers=spec.data.num_workers, distributed=distributed, drop_last=True)
+                      workers=loader_workers(spec), distributed=distributed, drop_last=True)
     return train, val, unl
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,28 @@ from cgc_ray.results import (
     row_from_config,
     write_row,
 )
-from cgc_ray.spec import ExperimentSpec, check_data_root, expand_trials, spec_hash, trial_id, validate_spec
+from cgc_ray.cluster import (
+    BOOTSTRAP_CONFIG,
+    ENV_AUTOSCALING_CONFIG,
+    ClusterError,
+    ClusterView,
+    cluster_view,
+    connect,
+    find_cluster,
+)
+from cgc_ray.spec import (
+    ExperimentSpec,
+    SpecError,
+    check_data_root,
+    data_root_missing_here,
+    expand_trials,
+    is_uri,
+    resolve_paths,
+    spec_hash,
+    trial_id,
+    unresolved_paths,
+    validate_spec,
+)
 
 # What the Tune function of a DDP trial reserves: 1 MiB of memory and no CPU.
 WAITER_BUNDLE = {"memory": float(2**20)}
@@ -48,9 +70,31 @@ class ResourceError(RuntimeError):
 # ---------------------------------------------------------------- resources
 
 
-def use_gpu(spec: ExperimentSpec, cluster_gpus: float) -> bool:
-    u = spec.scaling.use_gpu
-    return cluster_gpus > 0 if u == "auto" else bool(u)
+def use_gpu(spec: ExperimentSpec, view: ClusterView, *, autoscale: bool = False) -> bool:
+    """Whether the trials of ``spec`` request GPUs on this cluster.
+
+    ``scaling.use_gpu`` true/false decides; "auto" asks the cluster: a GPU on
+    an alive node or on a node type its autoscaler can add. With
+    ``--autoscale`` and no node types to read, "auto" cannot be answered and
+    is refused rather than guessed (it would train on CPUs on GPU nodes).
+    """
+    s = spec.scaling
+    if s.use_gpu is False or (s.use_gpu == "auto" and s.gpus_per_worker == 0):
+        return False
+    if s.use_gpu is True:
+        if not view.has_gpus() and not (autoscale and not view.node_types):
+            raise ResourceError(
+                "scaling.use_gpu=true but no node of this cluster has a GPU, alive or among the node types its "
+                "autoscaler can add; set scaling.use_gpu=auto (or false), or attach to a GPU cluster (--address)"
+            )
+        return True
+    if autoscale and not view.node_types and not view.has_gpus():
+        raise ResourceError(
+            "--autoscale: the autoscaler's node types are unknown (no cluster config in the GCS and no "
+            f"{BOOTSTRAP_CONFIG}; set ${ENV_AUTOSCALING_CONFIG} to the cluster's YAML), so whether trials need "
+            "GPUs cannot be told; add --set scaling.use_gpu=true (or false)"
+        )
+    return view.has_gpus()
 
 
 def trial_bundles(spec: ExperimentSpec, gpu: bool) -> list[dict[str, float]]:
@@ -155,6 +199,22 @@ def _worker_threads(spec: ExperimentSpec) -> None:
     torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
 
 
+def _trial_device(gpu: bool) -> str:
+    """``cuda:0`` (Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU share) or ``cpu``; never a silent CPU fallback."""
+    if not gpu:
+        return "cpu"
+    import ray
+    import torch
+
+    if not torch.cuda.is_available():
+        held = ray.get_runtime_context().get_assigned_resources()
+        raise RuntimeError(
+            f"this trial holds {held} on node {socket.gethostname()} but torch.cuda.is_available() is False: "
+            "install a CUDA build of torch on the GPU nodes, or set scaling.use_gpu=false to train on CPUs"
+        )
+    return "cuda:0"
+
+
 def _node_id() -> str:
     import ray
 
@@ -244,7 +304,7 @@ def _run_single(spec: ExperimentSpec, tid: str, gpu: bool) -> dict[str, Any]:
         store.push()
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
-    device = "cuda:0" if gpu else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
+    device = _trial_device(gpu)
     try:
         final = run_trial(spec, trial_dir=store.workdir, device=device, report=report)
     finally:
@@ -258,6 +318,9 @@ def _trial_fn(config: dict[str, Any]) -> None:
     from ray import tune
 
     spec = validate_spec(config["spec"])
+    relative = unresolved_paths(spec)
+    if relative:  # the driver resolves paths; a relative one here would resolve in Tune's trial folder
+        raise SpecError(f"trial config has relative paths {relative}; resolve them with spec.resolve_paths first")
     tid = config["trial_id"]
     gpu = bool(config["use_gpu"])
     start = time.time()
@@ -287,18 +350,40 @@ def _tune_storage(storage: str) -> str:
     return str(Path(storage).expanduser().resolve() / "_ray")
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Attach to a cluster (``address``, "auto" under ``ray submit``) or start a quiet loopback Ray."""
+def _ray_initialized() -> bool:
     import ray
 
-    if ray.is_initialized():
+    return ray.is_initialized()
+
+
+def _is_local(storage: str) -> bool:
+    return not is_uri(storage)
+
+
+def _local_storage_message(storage: str, reason: str) -> str:
+    return (
+        f"storage={storage!r} is a local folder but {reason}: rows and checkpoints would land on the disks of "
+        "whichever node runs each trial. Use storage every node reaches: --storage s3://BUCKET/PREFIX (or set "
+        "CGC_RAY_STORAGE in the cluster's config), or file:///shared/mount for a filesystem all nodes mount"
+    )
+
+
+def _check_data_where_we_can(spec: ExperimentSpec, *, on_this_node: bool) -> None:
+    """Check the data root (and few-shot class counts) here, or say why the check is left to the trials.
+
+    On our own Ray this machine is the node that reads the data. Attached to a
+    cluster, the driver checks only what exists here; a root missing on this
+    node is checked by each trial on the node that reads it.
+    """
+    from cgc_ray.trial import check_trials_against_data  # torch: not needed to import this module
+
+    missing = data_root_missing_here(spec)
+    if missing and not on_this_node:
+        print(f"cgc-ray: data.root {', '.join(missing)} is not on this node (the driver's): the data check is "
+              "skipped here; each trial checks it on the node that reads it", file=sys.stderr)
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:  # "local": never attach to another Ray that happens to run on this machine
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 _node_ip_address="127.0.0.1")
+    check_data_root(spec)
+    check_trials_against_data(expand_trials(spec))
 
 
 @dataclass
@@ -332,12 +417,16 @@ def run_experiment(
     cluster's nodes (unless ``autoscale``: nodes may still be coming) before
     any trial starts.
     """
-    spec = validate_spec(spec)
-    check_data_root(spec)
+    spec = resolve_paths(validate_spec(spec))  # idempotent; the CLI resolved against the user's folder already
+    if autoscale and _is_local(spec.storage):
+        raise ResourceError(_local_storage_message(spec.storage, "--autoscale adds nodes"))
+    if _ray_initialized():  # a caller's Ray (a notebook, the tests): this process is already attached
+        view = cluster_view(own=False)
+        on_this_node = not view.multi_node
+    else:
+        view, on_this_node = None, find_cluster(address) is None
+    _check_data_where_we_can(spec, on_this_node=on_this_node)
     trials = expand_trials(spec)
-    from cgc_ray.trial import check_trials_against_data  # torch: not needed to import this module
-
-    check_trials_against_data(trials)
     ids = [trial_id(t) for t in trials]
     done = completed_trial_ids(spec.storage, spec.name)
     pending = [(t, i) for t, i in zip(trials, ids) if i not in done]
@@ -345,13 +434,17 @@ def run_experiment(
     if not pending:
         return ExperimentResult(ids, skipped, [], {})
 
-    import ray
     from ray import tune
 
-    init_ray(address)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    gpu = use_gpu(spec, sum(n.get("GPU", 0) for n in nodes))
-    if not autoscale:
+    if view is None:
+        view = cluster_view(own=connect(address))
+    if view.multi_node and _is_local(spec.storage):
+        reason = (f"this cluster has {len(view.nodes)} nodes" if len(view.nodes) > 1
+                  else f"its autoscaler can add nodes ({', '.join(view.node_types)})")
+        raise ResourceError(_local_storage_message(spec.storage, reason))
+    gpu = use_gpu(spec, view, autoscale=autoscale)
+    nodes = view.placement_nodes()
+    if not (autoscale and not view.node_types):  # without the node types, nodes may still be coming
         for t, _ in pending:
             check_fits(trial_bundles(t, gpu), nodes, what=f"one trial of {spec.name!r}")
     version = code_version()

@@ -1,15 +1,37 @@
-"""cluster/gpu.yaml: valid for Ray's own launcher schema, and secure by default."""
+"""cluster/gpu.yaml: valid for Ray's own launcher schema, secure by default, and described truly.
+
+The setup commands that edit ~/.bashrc are run here, in a scratch $HOME, so the
+tests see the environment a driver under `ray submit` gets; nothing else runs
+(no network, no Ray start).
+"""
 
 import ipaddress
 import json
+import os
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
-CONFIG_PATH = Path(__file__).resolve().parent.parent / "cluster" / "gpu.yaml"
+import ray.autoscaler
+from ray.autoscaler._private.aws.config import DEFAULT_RAY_INSTANCE_PROFILE, _create_default_inbound_rules
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_PATH = REPO / "cluster" / "gpu.yaml"
+WORKER_POLICY = REPO / "cluster" / "worker-policy.json"
+HEAD_POLICY = REPO / "cluster" / "head-policy.json"
+DOCS = REPO / "docs" / "CLUSTER.md"
 RAY_PORTS = (6379, 8265, 10001)
+VENV = "~/cgc-ray-venv"
+COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+                "head_start_ray_commands", "worker_start_ray_commands")
+ENV_VARS = ("CGC_RAY_STORAGE", "CGC_RAY_DATA_ROOT", "CGC_RAY_GIT_DIR")
+DLAMI_PARAMETER = re.compile(r"/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-2[24]\.04/[\w.-]+/ami-id")
 
 
 @pytest.fixture(scope="module")
@@ -17,18 +39,19 @@ def config():
     return yaml.safe_load(CONFIG_PATH.read_text())
 
 
-def test_valid_against_ray_launcher_schema(config):
-    jsonschema = pytest.importorskip("jsonschema")
-    autoscaler = pytest.importorskip("ray.autoscaler")
-    from ray.autoscaler._private.util import prepare_config, validate_config
+def _workers(config):
+    return {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
 
-    schema = json.loads((Path(autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+def test_valid_against_ray_launcher_schema(config):
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     jsonschema.validate(config, schema)
     prepared = prepare_config(config)  # merges Ray's AWS defaults, as `ray up` does
     validate_config(prepared)
     # Our explicit commands survive the merge with Ray's defaults (no nightly wheel).
     assert prepared["setup_commands"] == config["setup_commands"]
     assert prepared["head_node_type"] == "head.cpu"
+    assert all("ImageId" in t["node_config"] for t in prepared["available_node_types"].values())
 
 
 def _is_world(cidr):
@@ -58,9 +81,6 @@ def test_no_ray_port_open_to_the_internet(config):
 
 def test_ray_default_rules_plus_ours_keep_ray_ports_private(config):
     """Ray adds an intra-cluster rule and SSH; together with ours, no Ray port faces the world."""
-    pytest.importorskip("boto3")
-    from ray.autoscaler._private.aws.config import _create_default_inbound_rules
-
     rules = _create_default_inbound_rules({"sg-self"}, config["provider"]["security_group"]["IpPermissions"])
     for rule in rules:
         for port in RAY_PORTS:
@@ -79,8 +99,8 @@ def test_rule_checker_detects_open_ports():
 def test_dashboard_local_and_token_auth_on(config):
     head = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
-    assert "RAY_AUTH_MODE=token ray start --head" in head
-    assert "RAY_AUTH_MODE=token ray start --address" in " ".join(config["worker_start_ray_commands"])
+    assert f"RAY_AUTH_MODE=token {VENV}/bin/ray start --head" in head
+    assert f"RAY_AUTH_MODE=token {VENV}/bin/ray start --address" in " ".join(config["worker_start_ray_commands"])
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     assert any("export RAY_AUTH_MODE=token" in c for c in config["setup_commands"])  # drivers from `ray submit`
 
@@ -101,3 +121,283 @@ def test_node_types(config):
     assert head["resources"].get("GPU", 0) == 0
     gpus = sorted(t["resources"].get("GPU", 0) for name, t in types.items() if name != config["head_node_type"])
     assert gpus[0] == 1 and gpus[-1] > 1  # packed single-GPU type and a multi-GPU DDP type
+
+
+# --- (a) python, pip and ray come from the venv -------------------------------------------------
+
+_PROGRAM = re.compile(r"(python[\d.]*|pip[\d.]*|ray)")
+_OPERATORS = {";", "&&", "||", "|", "&", "(", ")", "{", "}"}
+_REDIRECTS = {">", ">>", "<", "2>", "&>"}
+
+
+def _simple_commands(line):
+    """argv of each simple command of a shell line (split at ; && || |, redirection targets dropped)."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    argv, out, skip_next = [], [], False
+    for tok in lexer:
+        if skip_next:
+            skip_next = False
+        elif tok in _REDIRECTS:
+            skip_next = True
+        elif tok in _OPERATORS:
+            out.append(argv)
+            argv = []
+        else:
+            argv.append(tok)
+    out.append(argv)
+    return [a for a in out if a]
+
+
+def _program(argv):
+    """The program a simple command runs: past `sudo` and leading VAR=value assignments."""
+    rest = list(argv)
+    while rest and (rest[0] == "sudo" or re.fullmatch(r"[A-Za-z_]\w*=\S*", rest[0])):
+        rest.pop(0)
+    return rest
+
+
+def _non_venv_python_pip_ray(config):
+    bad = []
+    for key in COMMAND_KEYS:
+        for line in config.get(key) or []:
+            for argv in _simple_commands(line):
+                prog, *args = _program(argv) or [""]
+                if not _PROGRAM.fullmatch(os.path.basename(prog)):
+                    continue
+                if prog.startswith(f"{VENV}/bin/"):
+                    continue
+                if prog == "python3" and args[:2] == ["-m", "venv"] and args[-1] == VENV:
+                    continue  # the system python3 only creates the venv
+                bad.append(f"{key}: {' '.join(argv)}")
+    return bad
+
+
+def test_python_pip_and_ray_run_from_the_venv(config):
+    assert _non_venv_python_pip_ray(config) == []
+    # The parser sees what it must: system tools, an env prefix, a command after `;`.
+    fake = {"setup_commands": ["sudo pip install x", "ulimit -n 1; RAY_AUTH_MODE=token ray start --head",
+                               "test -x a || python3 -m venv /elsewhere", "python3 -m pip install ray"]}
+    assert len(_non_venv_python_pip_ray(fake)) == 4
+    assert _simple_commands("a 'x; y' && b >> ~/.bashrc") == [["a", "x; y"], ["b"]]
+
+
+# --- (a, e) ~/.bashrc: the venv's python and the cluster's defaults -----------------------------
+
+def _bashrc_commands(config):
+    cmds = [c for c in config["setup_commands"] if "~/.bashrc" in c]
+    for c in cmds:  # runnable in a test: text tools only, no installs, no Ray
+        programs = {_program(argv)[0] for argv in _simple_commands(c)}
+        assert programs <= {"grep", "echo", "sed", "printf", "test"}, (c, programs)
+    return cmds
+
+
+def _fake_home(home):
+    venv_bin = home / "cgc-ray-venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "activate").write_text('export VIRTUAL_ENV="$HOME/cgc-ray-venv"\nexport PATH="$VIRTUAL_ENV/bin:$PATH"\n')
+    (venv_bin / "python").write_text("#!/bin/sh\n")
+    (venv_bin / "python").chmod(0o755)
+    (home / ".bashrc").write_text("# the image's own .bashrc\n")
+
+
+def _run(cmds, home):
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
+    for c in cmds:
+        subprocess.run(["bash", "-c", c], env=env, check=True, capture_output=True, timeout=10)
+    shown = subprocess.run(["bash", "-c", "source ~/.bashrc; command -v python; echo ---; env"],
+                           env=env, check=True, capture_output=True, text=True, timeout=10).stdout
+    python, _, env_text = shown.partition("---\n")
+    return python.strip(), dict(line.split("=", 1) for line in env_text.splitlines() if "=" in line)
+
+
+@pytest.fixture(scope="module")
+def node_env(config, tmp_path_factory):
+    """(home, `python` a driver gets, its environment) after the ~/.bashrc setup ran twice (two `ray up`s)."""
+    home = tmp_path_factory.mktemp("home")
+    _fake_home(home)
+    cmds = _bashrc_commands(config)
+    _run(cmds, home)
+    python, env = _run(cmds, home)
+    return home, python, env
+
+
+def test_bashrc_activates_the_venv(node_env):
+    home, python, env = node_env
+    assert python == f"{home}/cgc-ray-venv/bin/python"  # `ray submit` runs `python script.py`
+    assert env["VIRTUAL_ENV"] == f"{home}/cgc-ray-venv"
+    assert env["RAY_AUTH_MODE"] == "token"
+
+
+def test_bashrc_lines_written_once_and_rewritten_with_new_values(config, node_env, tmp_path):
+    home, _, env = node_env
+    text = (home / ".bashrc").read_text()
+    assert text.count(f"source {VENV}/bin/activate") == 1
+    for var in ("RAY_AUTH_MODE", *ENV_VARS):
+        assert len(re.findall(rf"^export {var}=", text, flags=re.M)) == 1, (var, text)
+    # An edited value (a second `ray up` after changing gpu.yaml) replaces the first one.
+    _fake_home(tmp_path)
+    cmds = _bashrc_commands(config)
+    _run(cmds, tmp_path)
+    edited = [c.replace(f"CGC_RAY_DATA_ROOT={env['CGC_RAY_DATA_ROOT']}", "CGC_RAY_DATA_ROOT=/elsewhere") for c in cmds]
+    assert edited != cmds
+    _, env2 = _run(edited, tmp_path)
+    assert env2["CGC_RAY_DATA_ROOT"] == "/elsewhere"
+    assert (tmp_path / ".bashrc").read_text().count("export CGC_RAY_DATA_ROOT=") == 1
+
+
+def test_cluster_defaults_exported(config, node_env):
+    home, _, env = node_env
+    assert re.fullmatch(r"s3://[^/]+/\S+", env["CGC_RAY_STORAGE"]), env["CGC_RAY_STORAGE"]
+    assert os.path.isabs(env["CGC_RAY_DATA_ROOT"])
+    # The git dir is the .git mount, expanded (the driver runs git --git-dir "$CGC_RAY_GIT_DIR").
+    mounts = config["file_mounts"]
+    assert mounts["~/cgc-ray.git"] == ".git"
+    assert env["CGC_RAY_GIT_DIR"] == f"{home}/cgc-ray.git" == "~/cgc-ray.git".replace("~", str(home), 1)
+
+
+def _rsync_excluded(pattern, path):
+    """Whether rsync excludes ``path`` (relative to the transfer root) for the exclude ``pattern``.
+
+    rsync(1): a leading "/" anchors at the transfer root; a pattern with "/" or
+    "**" matches the end of the full path, otherwise the last component; "*"
+    stops at "/", "**" does not. A leading "**/" also matches no directory
+    (rsync 3.2: "**/.git" excludes a top-level .git).
+    """
+    anchored, pat = pattern.startswith("/"), pattern.strip("/")
+    rx = "(?:.*/)?" + _glob(pat[3:]) if pat.startswith("**/") else _glob(pat)
+    if anchored:
+        return re.fullmatch(rx, path) is not None
+    if "/" in pat or "**" in pat:
+        return re.fullmatch(r"(?:.*/)?" + rx, path) is not None
+    return re.fullmatch(rx, path.rsplit("/", 1)[-1]) is not None
+
+
+def _glob(pat):
+    parts = re.split(r"(\*\*|\*|\?)", pat)
+    return "".join({"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(p, re.escape(p)) for p in parts)
+
+
+def test_git_mount_survives_rsync_exclude(config):
+    excludes = config["rsync_exclude"]
+    # The "." mount leaves .git out; the matcher agrees with rsync where it matters.
+    assert any(_rsync_excluded(p, ".git") for p in excludes)
+    assert _rsync_excluded("**/.git", "sub/.git") and not _rsync_excluded("**/.git", "refs/heads/main")
+    assert _rsync_excluded("results", "refs/heads/results") and not _rsync_excluded("/results", "refs/heads/results")
+    # Inside the .git mount nothing is dropped: every path rsync sees there (relative to .git).
+    git_dir = REPO / ".git"
+    assert git_dir.is_dir(), "the .git mount needs a normal clone (.git a folder, not a worktree's .git file)"
+    for root, dirs, files in os.walk(git_dir):
+        for name in dirs + files:
+            rel = (Path(root) / name).relative_to(git_dir).as_posix()
+            assert not [p for p in excludes if _rsync_excluded(p, rel)], rel
+            assert name != ".gitignore", f"rsync_filter would read {rel}"
+
+
+# --- (c) least privilege for workers -------------------------------------------------------------
+
+def _statements(path):
+    doc = json.loads(path.read_text())
+    assert doc["Version"] == "2012-10-17"
+    for s in doc["Statement"]:
+        yield s, _as_list(s["Action"]), _as_list(s["Resource"])
+
+
+def _as_list(v):
+    return v if isinstance(v, list) else [v]
+
+
+def _storage(node_env):
+    bucket, prefix = re.fullmatch(r"s3://([^/]+)/(.+?)/?", node_env[2]["CGC_RAY_STORAGE"]).groups()
+    return bucket, prefix
+
+
+def test_workers_do_not_get_the_autoscaler_profile(config):
+    head = config["available_node_types"][config["head_node_type"]]
+    assert "IamInstanceProfile" not in head["node_config"]  # the head keeps Ray's default: it runs the autoscaler
+    arns = {t["node_config"]["IamInstanceProfile"]["Arn"] for t in _workers(config).values()}
+    assert len(arns) == 1, arns
+    (arn,) = arns
+    assert re.fullmatch(r"arn:aws:iam::\w+:instance-profile/[\w+=,.@-]+", arn), arn
+    assert not arn.endswith(f"/{DEFAULT_RAY_INSTANCE_PROFILE}")
+
+
+def test_worker_policy_is_s3_on_the_results_prefix_only(node_env):
+    bucket, prefix = _storage(node_env)
+    write = {"s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+    granted = set()
+    for s, actions, resources in _statements(WORKER_POLICY):
+        assert s["Effect"] == "Allow" and "NotAction" not in s and "NotResource" not in s
+        assert all(a.startswith("s3:") and "*" not in a for a in actions), actions  # no ec2:, iam:, s3:*
+        assert "*" not in resources
+        granted |= set(actions)
+        for r in resources:
+            assert r.startswith(f"arn:aws:s3:::{bucket}"), r
+            if write & set(actions):
+                assert r == f"arn:aws:s3:::{bucket}/{prefix}/*", r
+            if "s3:ListBucket" in actions:  # listing the bucket only under the prefix
+                assert r == f"arn:aws:s3:::{bucket}"
+                allowed = s["Condition"]["StringLike"]["s3:prefix"]
+                assert all(p == prefix or p.startswith(f"{prefix}/") for p in _as_list(allowed)), allowed
+            else:
+                assert r in (f"arn:aws:s3:::{bucket}/{prefix}", f"arn:aws:s3:::{bucket}/{prefix}/*"), r
+    assert {"s3:GetObject", "s3:ListBucket", *write} <= granted
+
+
+def test_head_may_launch_workers_with_their_role_and_image(config):
+    """The autoscaler on the head passes the worker role and resolves the image parameter."""
+    (arn,) = {t["node_config"]["IamInstanceProfile"]["Arn"] for t in _workers(config).values()}
+    account, name = re.fullmatch(r"arn:aws:iam::(\w+):instance-profile/(.+)", arn).groups()
+    image = config["available_node_types"][config["head_node_type"]]["node_config"]["ImageId"]
+    needed = {("iam:PassRole", f"arn:aws:iam::{account}:role/{name}")}
+    if image.startswith("resolve:ssm:"):
+        region = config["provider"]["region"]
+        needed.add(("ssm:GetParameters", f"arn:aws:ssm:{region}::parameter{image[len('resolve:ssm:'):]}"))
+    granted = set()
+    for s, actions, resources in _statements(HEAD_POLICY):
+        assert "*" not in resources and all("*" not in a for a in actions)
+        granted |= {(a, r) for a in actions for r in resources}
+    assert needed == granted
+
+
+# --- (d) one current GPU image on every node type ------------------------------------------------
+
+def test_every_node_type_has_the_same_dlami(config):
+    images = {name: t["node_config"].get("ImageId") for name, t in config["available_node_types"].items()}
+    assert None not in images.values(), images  # else Ray picks its default: a CUDA 11.2 Ubuntu 18.04 DLAMI
+    assert len(set(images.values())) == 1, images  # one python3 builds every node's venv
+    (image,) = set(images.values())
+    ssm = image.removeprefix("resolve:ssm:")
+    assert re.fullmatch(r"ami-[0-9a-f]{8,17}", image) or (image != ssm and DLAMI_PARAMETER.fullmatch(ssm)), image
+
+
+# --- (f) docs/CLUSTER.md describes this file -----------------------------------------------------
+
+def _docs_table():
+    rows = re.findall(r"^\| `([\w.]+)` \| `([\w.]+)` \| (\d+) \| (\d+) \| (\d+) \|", DOCS.read_text(encoding="utf-8"), flags=re.M)
+    return {name: (instance, int(gpus), int(cpus), int(most)) for name, instance, gpus, cpus, most in rows}
+
+
+def test_docs_node_table_matches_the_yaml(config):
+    expected = {}
+    for name, t in config["available_node_types"].items():
+        most = 1 if name == config["head_node_type"] else t["max_workers"]
+        res = t["resources"]
+        expected[name] = (t["node_config"]["InstanceType"], res.get("GPU", 0), res.get("CPU", 0), most)
+    assert _docs_table() == expected
+
+
+def test_docs_gpu_counts_instances_and_commands_match_the_yaml(config):
+    text = DOCS.read_text(encoding="utf-8")
+    types = config["available_node_types"].values()
+    gpus = {t["resources"].get("GPU", 0) for t in types}
+    instances = {t["node_config"]["InstanceType"] for t in types}
+    assert {int(n) for n in re.findall(r"\b(\d+)-GPU\b", text)} <= gpus
+    ddp = {int(n) for n in re.findall(r"scaling\.num_workers=(\d+)", text)}
+    assert ddp and ddp <= {g for g in gpus if g > 1}  # one DDP trial fills one multi-GPU node
+    assert set(re.findall(r"\b[a-z]+\d+[a-z]*\.\d*x?large\b", text)) <= instances
+    assert set(re.findall(r"\b(?:CGC|RAY)_[A-Z_]+\b", text)) >= {"RAY_AUTH_MODE", *ENV_VARS}
+    # The plain submit takes no arguments; every script the docs name exists.
+    assert re.search(r"^ray submit cluster/gpu\.yaml experiments/\w+\.py$", text, flags=re.M)
+    for script in re.findall(r"experiments/\w+\.py", text):
+        assert (REPO / script).is_file(), script

@@ -120,7 +120,7 @@ def no_ray(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("Ray must not start for a bad spec")
 
-    monkeypatch.setattr(tr, "init_ray", refuse)
+    monkeypatch.setattr(tr, "connect", refuse)
 
 
 @pytest.mark.parametrize(

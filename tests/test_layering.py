@@ -10,7 +10,7 @@ import pytest
 PKG = pathlib.Path(__file__).resolve().parents[1] / "cgc_ray"
 CORE = ["cam", "transforms", "loss", "metrics", "models", "weights", "engine", "trial", "evaluation", "figures",
         "data/__init__", "data/formats", "data/dataset", "data/splits", "data/synthetic"]
-RAY_LAYER = {"tune_runner", "progress"}
+RAY_LAYER = {"tune_runner", "progress", "cluster"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:

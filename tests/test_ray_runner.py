@@ -27,7 +27,7 @@ from cgc_ray.tune_runner import (
 from conftest import TINY
 
 
-def _spec(preset: str, storage: Path, *overrides: str):
+def _spec(preset: str, storage: Path | str, *overrides: str):
     return apply_overrides(load_spec(PRESETS[preset]), [f"storage={storage}", *TINY, *overrides])
 
 
@@ -111,8 +111,7 @@ def test_unfittable_request_fails_in_seconds(ray_session, tmp_path):
 def test_ddp_trial_two_workers_writes_one_row(ray_session, tmp_path):
     """Two gloo workers (1 CPU each) on a 2-CPU Ray: the Tune function holds no CPU."""
     spec = _spec("lambda_ablation_demo", tmp_path, "sweep.grid.method.lam=[0.1]", "sweep.grid.seed=[0]",
-                 "optim.epochs=2",
-                 "scaling.num_workers=2")
+                 "optim.epochs=2", "scaling.num_workers=2", "scaling.gpus_per_worker=1")
     res = run_experiment(spec, progress=False)
     (tid,) = res.trial_ids
     assert res.failed == {} and res.ran == [tid]
@@ -159,14 +158,19 @@ def two_node_cluster(monkeypatch):
 @pytest.mark.slow
 def test_trial_lands_on_worker_node_and_survives_losing_it(two_node_cluster, tmp_path):
     cluster, node_a = two_node_cluster
-    # 1) placement: the only node with CPUs runs the trial
-    spec = _spec("lambda_ablation_demo", tmp_path, "sweep.grid.method.lam=[0.0]", "sweep.grid.seed=[0]")
+    # 0) a local storage folder on two nodes is refused before any trial runs (rows would land on worker disks)
+    with pytest.raises(ResourceError, match=r"is a local folder but this cluster has 2 nodes.*s3://"):
+        run_experiment(_spec("lambda_ablation_demo", tmp_path, "sweep.grid.seed=[0]"), progress=False)
+    assert not (tmp_path / "experiment=lambda_ablation").exists()
+    # 1) placement: the only node with CPUs runs the trial; file:// says "a filesystem every node mounts"
+    storage = f"file://{tmp_path}"
+    spec = _spec("lambda_ablation_demo", storage, "sweep.grid.method.lam=[0.0]", "sweep.grid.seed=[0]")
     res = run_experiment(spec, progress=False)
     (tid0,) = res.trial_ids
     assert res.ran == [tid0] and res.metrics[tid0]["node_id"] == node_a.node_id
 
     # 2) remove that node after its first checkpoint: the trial moves to a new node and resumes
-    spec = _spec("lambda_ablation_demo", tmp_path, "sweep.grid.method.lam=[1.0]", "sweep.grid.seed=[0]",
+    spec = _spec("lambda_ablation_demo", storage, "sweep.grid.method.lam=[1.0]", "sweep.grid.seed=[0]",
                  "optim.epochs=6", "data.synthetic.n_train_per_class=40")
     (trial,) = expand_trials(spec)
     tid = trial_id(trial)
@@ -198,4 +202,4 @@ def test_trial_lands_on_worker_node_and_survives_losing_it(two_node_cluster, tmp
     assert files.count(f"{tid}.parquet") == 1 and not any(f.startswith(".") for f in files)
     table = pq.read_table(tmp_path / "experiment=lambda_ablation" / f"{tid}.parquet")
     assert table.num_rows == 1 and table["epochs"][0].as_py() == 6
-    assert completed_trial_ids(str(tmp_path), "lambda_ablation") == {tid0, tid}
+    assert completed_trial_ids(storage, "lambda_ablation") == {tid0, tid}

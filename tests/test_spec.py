@@ -170,7 +170,7 @@ def test_trial_id_definition_and_invariances():
     expected = hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
     assert tid == expected and len(tid) == 12
     # Where/how fast does not change the id; what is computed does.
-    moved = apply_overrides(spec, ["storage=s3://b/p", "data.root=/x", "data.num_workers=9", "scaling.cpus_per_worker=3"])
+    moved = apply_overrides(spec, ["storage=s3://b/p", "data.root=/x", "data.num_workers=9", "scaling.cpus_per_worker=10"])
     assert trial_id(moved) == tid and spec_hash(moved) != spec_hash(spec)
     assert trial_id(apply_overrides(spec, ["method.lam=1"])) == tid  # 1 and 1.0 are the same lam
     for change in ["method.lam=0.5", "seed=1", "data.episode=3", "method.name=baseline", "optim.lr=0.01"]:
