@@ -5,7 +5,7 @@ boxes each, already decoded and normalised in memory, so decoding is not
 timed), one run each after a 2-image warm-up (``--repeats N``: N alternating
 runs, median time of each):
 
-- batched:   ``cgc_ray.engine.evaluate(metrics=("top1", "ch"))`` over batches
+- batched:   ``cgc_ray.train.engine.evaluate(metrics=("top1", "ch"))`` over batches
              of ``--batch-size`` (closed-form Grad-CAM from the forward's layer4
              activation, heatmaps resized, normalised and masked on the batch);
 - per-image: batch 1, a forward hook on layer4, ``torch.autograd.grad`` of the
@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cgc_ray.engine import evaluate
-from cgc_ray.models import ARCHS, build_model
+from cgc_ray.models import ARCHS
+from cgc_ray.models.resnet import build_model
+from cgc_ray.train.engine import evaluate
 
 
 def make_images(n: int, size: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -29,11 +29,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cgc_ray import transforms as T
-from cgc_ray.cam import capture
-from cgc_ray.engine import MethodConfig, cgc_term
-from cgc_ray.loss import cgc_loss
-from cgc_ray.models import build_model
+from cgc_ray.method import transforms as T
+from cgc_ray.method.cam import capture
+from cgc_ray.method.cgc import MethodConfig, cgc_term
+from cgc_ray.method.loss import cgc_loss
+from cgc_ray.models.resnet import build_model
 
 KINDS = ("baseline", "baseline_2b", "cgc", "cgc_autograd", "authors")
 

@@ -11,7 +11,7 @@ Flags shared by every experiment script: --data-root --dataset --arch --preset -
 
 import sys
 
-from cgc_ray.experiment_cli import main
+from cgc_ray.cli.experiment import main
 
 if __name__ == "__main__":
     sys.exit(main("semisup", description=__doc__))

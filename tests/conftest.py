@@ -51,3 +51,11 @@ def pytest_sessionfinish(session, exitstatus):
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+def make_method(**over):
+    """A ``MethodConfig`` with the spec's defaults (their one home), fields in ``over`` replaced."""
+    from cgc_ray.config import ExperimentSpec, method_config_kwargs
+    from cgc_ray.method.cgc import MethodConfig
+
+    return MethodConfig(**{**method_config_kwargs(ExperimentSpec()), **over})

@@ -8,8 +8,8 @@ import torch
 import torchvision
 from torch import nn
 
-from cgc_ray.cam import cam_and_logits, gradcam
-from cgc_ray.models import build_model
+from cgc_ray.method.cam import cam_and_logits, gradcam
+from cgc_ray.models.resnet import build_model
 
 
 @pytest.fixture(autouse=True)

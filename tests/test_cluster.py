@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cgc_ray.cluster import ClusterView, NodeType, find_cluster, types_from_config
-from cgc_ray.spec import PRESETS, SpecError, apply_overrides, load_spec
-from cgc_ray.tune_runner import ResourceError, _concurrent_room, check_fits, run_experiment, trial_bundles, use_gpu
 from conftest import TINY
+
+from cgc_ray.config import PRESETS, SpecError, apply_overrides, load_spec
+from cgc_ray.runner.cluster import ClusterView, find_cluster, types_from_config
+from cgc_ray.runner.driver import run_experiment
+from cgc_ray.runner.resources import ResourceError, _concurrent_room, check_fits, trial_bundles, use_gpu
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_YAML = REPO / "cluster" / "gpu.yaml"
@@ -50,7 +51,7 @@ def test_node_types_read_from_the_launcher_config():
 
 def test_bootstrap_config_on_the_head_is_found(tmp_path, monkeypatch):
     """``ray up`` writes the autoscaler config to ~/ray_bootstrap_config.yaml on the head."""
-    from cgc_ray import cluster
+    from cgc_ray.runner import cluster
 
     monkeypatch.delenv(cluster.ENV_AUTOSCALING_CONFIG, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -103,7 +104,7 @@ def test_fractional_gpu_with_ddp_is_refused_by_the_spec():
 
 
 def test_loader_workers_sized_to_the_trials_cpus():
-    from cgc_ray.spec import loader_workers
+    from cgc_ray.config import loader_workers
 
     assert loader_workers(_spec("data.num_workers=auto", "scaling.cpus_per_worker=4")) == 3
     assert loader_workers(_spec("data.num_workers=auto", "scaling.cpus_per_worker=1")) == 0
@@ -112,7 +113,7 @@ def test_loader_workers_sized_to_the_trials_cpus():
 
 
 def test_local_storage_with_autoscale_is_refused_before_ray(monkeypatch, tmp_path):
-    import cgc_ray.tune_runner as tr
+    import cgc_ray.runner.driver as tr
 
     monkeypatch.setattr(tr, "connect", lambda *a, **k: pytest.fail("Ray must not start"))
     with pytest.raises(ResourceError, match="local folder but --autoscale adds nodes"):

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
-
 import ray.autoscaler
-from ray.autoscaler._private.aws.config import DEFAULT_RAY_INSTANCE_PROFILE, _create_default_inbound_rules
+import yaml
+from ray.autoscaler._private.aws.config import (
+    DEFAULT_RAY_INSTANCE_PROFILE,
+    _create_default_inbound_rules,
+)
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO = Path(__file__).resolve().parent.parent

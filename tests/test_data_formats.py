@@ -1,11 +1,11 @@
 """Each dataset parser on a tiny fixture in its exact on-disk layout: counts, labels, splits, boxes to the pixel."""
 import os
 
+import fixtures_data as fx
 import pytest
 
-import cgc_ray.data.formats as formats
+import cgc_ray.data.imagenet as imagenet
 from cgc_ray.data import DatasetFormatError, ImageRecord, class_names, records
-import fixtures_data as fx
 
 
 def _by_name(recs):
@@ -108,24 +108,24 @@ def test_imagenet_index_cache_skips_walk_and_sees_new_files(tmp_path, monkeypatc
     def no_walk(*a, **k):
         raise AssertionError("walked the folder although the index was cached")
 
-    real_walk = formats._walk_imagenet
-    monkeypatch.setattr(formats, "_walk_imagenet", no_walk)
+    real_walk = imagenet._walk_imagenet
+    monkeypatch.setattr(imagenet, "_walk_imagenet", no_walk)
     assert records("imagenet", tmp_path, "val", cache_dir=tmp_path / "cache") == first
     fx.write_image(d / "train" / "n01443537" / "n01443537_3.JPEG")
     st = os.stat(d / "train" / "n01443537")
     os.utime(d / "train" / "n01443537", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    monkeypatch.setattr(formats, "_walk_imagenet", real_walk)
+    monkeypatch.setattr(imagenet, "_walk_imagenet", real_walk)
     assert len(records("imagenet", tmp_path, "train", cache_dir=tmp_path / "cache")) == 7
-    monkeypatch.setattr(formats, "_walk_imagenet", no_walk)
+    monkeypatch.setattr(imagenet, "_walk_imagenet", no_walk)
     assert len(records("imagenet", tmp_path, "train", cache_dir=tmp_path / "cache")) == 7
 
 
 def test_imagenet100_keeps_the_cmc_classes_in_sorted_order(tmp_path):
     extra = "n15075141"  # toilet tissue: not among the 100
-    fx.write_imagenet(tmp_path, wnids=list(formats.IMAGENET100_WNIDS) + [extra])
+    fx.write_imagenet(tmp_path, wnids=list(imagenet.IMAGENET100_WNIDS) + [extra])
     train = records("imagenet100", tmp_path, "train", cache_dir=tmp_path / "cache")
     assert len(train) == 200
-    order = sorted(formats.IMAGENET100_WNIDS)
+    order = sorted(imagenet.IMAGENET100_WNIDS)
     assert all(os.path.basename(os.path.dirname(r.path)) == order[r.label] for r in train)
     assert class_names("imagenet100", tmp_path) == order
 

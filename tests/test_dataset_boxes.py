@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cgc_ray.data import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, ImageRecord, collate
+from cgc_ray.data import ImageRecord
+from cgc_ray.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, collate
 
 W, H = 64, 48
 RECT = (10, 8, 30, 20)  # white pixels: columns 10..29, rows 8..19 -> continuous box (10, 8, 30, 20)

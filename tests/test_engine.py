@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 import torchvision
+from conftest import make_method
 from torch.utils.data import DataLoader, TensorDataset
 
-from cgc_ray.engine import MethodConfig, NonFiniteLossError, cgc_term, evaluate, fit, train_one_epoch
-from cgc_ray.models import build_model
+from cgc_ray.method.cgc import cgc_term
+from cgc_ray.models.resnet import build_model
+from cgc_ray.train.engine import NonFiniteLossError, evaluate, fit, train_one_epoch
 
 
 def _data(n=48, seed=0):
@@ -43,7 +45,7 @@ def test_cgc_gradients_reach_the_backbone():
     torch.manual_seed(0)
     model = build_model("resnet_small", 3)
     x = torch.randn(6, 3, 32, 32)
-    _, loss, _ = cgc_term(model, x, MethodConfig(name="cgc"), generator=torch.Generator().manual_seed(0))
+    _, loss, _ = cgc_term(model, x, make_method(name="cgc"), generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert model.conv1.weight.grad.abs().sum() > 0
     assert model.layer1[0].conv1.weight.grad.abs().sum() > 0
@@ -55,7 +57,7 @@ def test_each_method_trains_and_reports(resolution):
     for name in ("baseline", "cgc", "cgc_no_neg"):
         model, opt, _ = _setup()
         train, _ = _loaders()
-        m = train_one_epoch(model, train, opt, MethodConfig(name=name, lam=0.5, resolution=resolution), "cpu")
+        m = train_one_epoch(model, train, opt, make_method(name=name, lam=0.5, resolution=resolution), "cpu")
         assert m["train_steps"] == 6 and math.isfinite(m["train_loss"])
         if name == "baseline":
             assert m["train_cgc"] == 0 and m["train_loss"] == pytest.approx(m["train_ce"])
@@ -68,12 +70,12 @@ def test_semi_supervised_unlabelled_batches_feed_only_the_cgc_term():
     model, opt, _ = _setup()
     train, _ = _loaders()
     unl = DataLoader(_data(40, 7), batch_size=8)
-    m = train_one_epoch(model, train, opt, MethodConfig(name="cgc", lam=0.25), "cpu", unlabeled=unl)
+    m = train_one_epoch(model, train, opt, make_method(name="cgc", lam=0.25), "cpu", unlabeled=unl)
     assert m["train_cgc"] > 0 and m["train_steps"] == 6
 
 
 def test_resume_then_continue_equals_an_uninterrupted_run(tmp_path):
-    method = MethodConfig(name="cgc", lam=0.5)
+    method = make_method(name="cgc", lam=0.5)
     model, opt, sched = _setup()
     train, val = _loaders()
     full = fit(model, train, val, opt, method, "cpu", epochs=3, scheduler=sched, checkpoint_path=tmp_path / "a.pt")
@@ -101,9 +103,9 @@ def test_resume_then_continue_equals_an_uninterrupted_run(tmp_path):
 def test_a_finished_checkpoint_is_not_trained_again(tmp_path):
     model, opt, sched = _setup()
     train, val = _loaders()
-    first = fit(model, train, val, opt, MethodConfig(name="baseline"), "cpu", epochs=1, checkpoint_path=tmp_path / "c.pt")
+    first = fit(model, train, val, opt, make_method(name="baseline"), "cpu", epochs=1, checkpoint_path=tmp_path / "c.pt")
     calls = []
-    again = fit(model, train, val, opt, MethodConfig(name="baseline"), "cpu", epochs=1,
+    again = fit(model, train, val, opt, make_method(name="baseline"), "cpu", epochs=1,
                 checkpoint_path=tmp_path / "c.pt", callback=lambda m, p: calls.append(m))
     assert calls == [] and again["top1"] == first["top1"]
 
@@ -113,7 +115,7 @@ def test_checkpoint_loads_into_a_plain_torchvision_resnet(tmp_path):
     model = build_model("resnet18", 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     train, val = _loaders()
-    fit(model, train, None, opt, MethodConfig(name="cgc"), "cpu", epochs=1, checkpoint_path=tmp_path / "r.pt")
+    fit(model, train, None, opt, make_method(name="cgc"), "cpu", epochs=1, checkpoint_path=tmp_path / "r.pt")
     plain = torchvision.models.resnet18(num_classes=3)
     plain.load_state_dict(torch.load(tmp_path / "r.pt", weights_only=True)["model"])
     x = torch.randn(2, 3, 32, 32)
@@ -126,7 +128,7 @@ def test_nan_loss_fails_with_a_clear_error():
     train, _ = _loaders()
     with pytest.raises(NonFiniteLossError, match="loss is"):
         for _ in range(3):
-            train_one_epoch(model, train, opt, MethodConfig(name="baseline"), "cpu", check_every=1)
+            train_one_epoch(model, train, opt, make_method(name="baseline"), "cpu", check_every=1)
 
 
 def test_evaluate_reports_every_metric_and_leaves_batchnorm_alone():
@@ -134,28 +136,29 @@ def test_evaluate_reports_every_metric_and_leaves_batchnorm_alone():
     model.train()
     _, val = _loaders()
     before = copy.deepcopy(model.state_dict())
-    m = evaluate(model, val, "cpu", metrics=("top1", "top5", "ch", "cgc_loss", "iauc"), iauc_images=4)
+    m = evaluate(model, val, "cpu", method=make_method(), metrics=("top1", "top5", "ch", "cgc_loss", "iauc"),
+                 iauc_images=4)
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert 0 <= m["top1"] <= m["top5"] <= 1 and 0 <= m["ch"] <= 1 and 0 <= m["iauc"] <= 1
     assert m["cgc_loss"] > 0 and m["n_eval"] == 32
     with pytest.raises(ValueError, match="unknown metrics"):
-        evaluate(model, val, "cpu", metrics=("top1", "fid"))
+        evaluate(model, val, "cpu", method=make_method(), metrics=("top1", "fid"))
 
 
 def test_method_config_validates():
     with pytest.raises(ValueError, match="lam"):
-        MethodConfig(lam=-1)
+        make_method(lam=-1)
     with pytest.raises(ValueError, match="tau"):
-        MethodConfig(tau=0)
+        make_method(tau=0)
     with pytest.raises(ValueError, match="name"):
-        MethodConfig(name="simclr")
+        make_method(name="simclr")
 
 
 def test_bf16_autocast_and_channels_last_step_on_cpu():
     model, opt, _ = _setup()
     model = model.to(memory_format=torch.channels_last)
     train, _ = _loaders()
-    m = train_one_epoch(model, train, opt, MethodConfig(name="cgc"), "cpu", amp=True, channels_last=True)
+    m = train_one_epoch(model, train, opt, make_method(name="cgc"), "cpu", amp=True, channels_last=True)
     assert math.isfinite(m["train_loss"]) and m["train_cgc"] > 0

@@ -9,18 +9,25 @@ import matplotlib.cbook
 import numpy as np
 import pytest
 import torch
+from conftest import make_method
+from fixtures_data import write_cub
 from PIL import Image
 from torch import nn
 
-from cgc_ray.cam import gradcam
-from cgc_ray.cli import main
-from cgc_ray.data import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, ImageRecord, collate, records
-from cgc_ray.engine import MethodConfig, save_checkpoint
-from cgc_ray.evaluation import content_heatmap_authors, evaluate_checkpoint, evaluation_trial_id, result_row
-from cgc_ray.metrics import content_heatmap
-from cgc_ray.models import build_model
-from cgc_ray.results import read_rows
-from fixtures_data import write_cub
+from cgc_ray.cli.main import main
+from cgc_ray.data import ImageRecord, records
+from cgc_ray.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, collate
+from cgc_ray.explain.evaluation import (
+    content_heatmap_authors,
+    evaluate_checkpoint,
+    evaluation_trial_id,
+    result_row,
+)
+from cgc_ray.method.cam import gradcam
+from cgc_ray.method.metrics import content_heatmap
+from cgc_ray.models.checkpoint import save_checkpoint
+from cgc_ray.models.resnet import build_model
+from cgc_ray.results.table import read_rows
 
 # Grace Hopper's portrait ships with matplotlib (512 x 600 px). Boxes annotated by
 # hand on the image, 0-based continuous pixel coordinates (x1, y1, x2, y2): her
@@ -186,7 +193,7 @@ def checkpoint(tmp_path):
     torch.manual_seed(1)
     model = build_model("resnet_small", 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    method = MethodConfig(name="cgc", lam=0.25)
+    method = make_method(name="cgc", lam=0.25)
     path = tmp_path / "ckpt" / "model.pt"
     save_checkpoint(path, model, opt, None, 4, extra={"method": asdict(method), "arch": "resnet_small"})
     return path, model.eval()
@@ -225,7 +232,7 @@ def test_authors_protocol_ch_and_plain_state_dict(cub, checkpoint, tmp_path):
 def test_a_head_for_another_dataset_is_refused(cub, tmp_path):
     plain = tmp_path / "ten_classes.pth"
     torch.save(build_model("resnet_small", 10).state_dict(), plain)
-    with pytest.raises(ValueError, match="classification head"):
+    with pytest.raises(ValueError, match="classify 10 classes but the evaluated dataset has 3"):
         evaluate_checkpoint(plain, "cub200", cub, "test", arch="resnet_small", metrics=("top1",))
     with pytest.raises(ValueError, match="protocol"):
         evaluate_checkpoint(plain, "cub200", cub, "test", arch="resnet_small", protocol="paper")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from cgc_ray import experiment_cli
-from cgc_ray.report import report
-from cgc_ray.results import read_rows
 from conftest import TINY
+
+from cgc_ray.cli import experiment as experiment_cli
+from cgc_ray.results.report import report
+from cgc_ray.results.table import read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,7 +115,7 @@ def test_semisup_finegrained_imagenet_method_rows(ray_session, tmp_path):
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail the test if the runner tries to start or attach to Ray."""
-    import cgc_ray.tune_runner as tr
+    import cgc_ray.runner.driver as tr
 
     def refuse(*a, **k):
         raise AssertionError("Ray must not start for a bad spec")
@@ -171,8 +171,14 @@ def test_script_unfittable_resources_exit_2(tmp_path):
 
 @pytest.mark.slow
 def test_kill_driver_mid_sweep_then_rerun_each_trial_once(ray_session, tmp_path):
-    from cgc_ray.spec import PRESETS, apply_overrides, expand_trials, load_spec, trial_id
-    from cgc_ray.tune_runner import run_experiment
+    from cgc_ray.config import (
+        PRESETS,
+        apply_overrides,
+        expand_trials,
+        load_spec,
+        trial_id,
+    )
+    from cgc_ray.runner.driver import run_experiment
 
     overrides = ["sweep.grid.method.lam=[0.0, 0.1, 1.0]", "sweep.grid.seed=[0]", "optim.epochs=3",
                  "data.synthetic.n_train_per_class=16"]

@@ -8,15 +8,15 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
-from cgc_ray import figures as fg
-from cgc_ray.cam import gradcam
-from cgc_ray.cli import main as cli_main
+from cgc_ray.cli.main import main as cli_main
 from cgc_ray.data import class_names, records
 from cgc_ray.data.synthetic import ensure
-from cgc_ray.engine import save_checkpoint
-from cgc_ray.metrics import content_heatmap
-from cgc_ray.models import build_model
-from cgc_ray.transforms import CropFlip
+from cgc_ray.explain import figures as fg
+from cgc_ray.method.cam import gradcam
+from cgc_ray.method.metrics import content_heatmap
+from cgc_ray.method.transforms import CropFlip
+from cgc_ray.models.checkpoint import load_classifier, save_checkpoint
+from cgc_ray.models.resnet import build_model
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def _images(cub, n=3):
 
 def test_explain_maps_and_figure_size(cub):
     images, labels, boxes = _images(cub)
-    a, b = fg.Classifier(_small(0), "layer4", "a"), fg.Classifier(_small(1), "layer4", "b")
+    a, b = fg.Row(_small(0), "layer4", "a"), fg.Row(_small(1), "layer4", "b")
     maps = fg.explain_maps([a, b], images, labels, boxes, classes="gt")
     assert maps.heatmaps.shape == (2, 3, 64, 64) and maps.images.shape == (3, 64, 64, 3)
     assert torch.equal(maps.targets, labels.expand(2, -1))
@@ -63,7 +63,7 @@ def test_explain_maps_and_figure_size(cub):
 
 def test_overlays_differ_between_models_and_repeat_for_one(cub):
     images, labels, boxes = _images(cub, n=2)
-    a, b = fg.Classifier(_small(0), "layer4", "m"), fg.Classifier(_small(1), "layer4", "m")
+    a, b = fg.Row(_small(0), "layer4", "m"), fg.Row(_small(1), "layer4", "m")
 
     def render(c, alpha):
         return _rgb(fg.render_explain(fg.explain_maps([c], images, labels, boxes), alpha=alpha, dpi=60))
@@ -114,14 +114,14 @@ def test_consistency_of_flip_equivariant_model_is_one():
     images = torch.randn(3, 3, 16, 16)
     full_box = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(3, 4)
     flip = CropFlip(full_box, torch.ones(3, dtype=torch.bool))
-    sym = fg.Classifier(_SymmetricCNN(True), "features", "sym")
+    sym = fg.Row(_SymmetricCNN(True), "features", "sym")
     maps = fg.consistency_maps([sym], images, params=flip)
     assert maps.cos.shape == (1, 3)
     assert torch.allclose(maps.cos, torch.ones(1, 3), atol=1e-5)
     assert torch.allclose(maps.t_of_g, maps.g_of_t, atol=1e-5)
     assert torch.allclose(maps.t_images, maps.images.flip(2))  # N x S x S x 3: width is dim 2
     # the check can fail: the same net without mirror-symmetric kernels is not flip-equivariant
-    asym = fg.Classifier(_SymmetricCNN(False), "features", "asym")
+    asym = fg.Row(_SymmetricCNN(False), "features", "asym")
     assert fg.consistency_maps([asym], images, params=flip).cos.max() < 0.999
     fig = fg.render_consistency(maps, dpi=50)
     assert _rgb(fig).shape == (round(50 * (1.6 * 3 + 0.5)), round(50 * 1.6 * 4), 3)
@@ -129,7 +129,7 @@ def test_consistency_of_flip_equivariant_model_is_one():
 
 def test_consistency_samples_T_from_seed_and_compares_like_the_loss(cub):
     images, _, _ = _images(cub, n=2)
-    c = fg.Classifier(_small(0), "layer4", "a")
+    c = fg.Row(_small(0), "layer4", "a")
     m1 = fg.consistency_maps([c], images, seed=3)
     m2 = fg.consistency_maps([c], images, seed=3)
     assert torch.equal(m1.params.boxes, m2.params.boxes) and torch.equal(m1.cos, m2.cos)
@@ -138,24 +138,25 @@ def test_consistency_samples_T_from_seed_and_compares_like_the_loss(cub):
     assert torch.equal(m1.targets[0], c.model(images).argmax(1))
 
 
-def test_load_classifier_from_cgc_checkpoint_and_plain_state_dict(tmp_path):
+def test_load_row_from_cgc_checkpoint_and_plain_state_dict(tmp_path):
     model = _small(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     save_checkpoint(ckpt, model, opt, None, 3, extra={"method": {"name": "cgc", "lam": 0.8, "layer": "layer3"}})
-    c = fg.load_classifier(ckpt)
-    assert (c.arch, c.layer) == ("resnet_small", "layer3") and "cgc λ=0.8" in c.label and not c.model.training
+    c, arch = fg.load_row(ckpt)
+    assert (arch, c.layer) == ("resnet_small", "layer3") and "cgc λ=0.8" in c.label and not c.model.training
     assert all(torch.equal(c.model.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert load_classifier(ckpt).epochs == 4 and load_classifier(ckpt).method["lam"] == 0.8
 
     torch.manual_seed(0)
     r18 = build_model("resnet18", 7)
     plain = tmp_path / "r18.pth"
     torch.save({f"module.{k}": v for k, v in r18.state_dict().items()}, plain)  # DataParallel prefix
-    c18 = fg.load_classifier(plain)
-    assert (c18.arch, c18.layer, c18.label) == ("resnet18", "layer4", "r18")
+    c18, arch18 = fg.load_row(plain)
+    assert (arch18, c18.layer, c18.label) == ("resnet18", "layer4", "r18")
     assert torch.equal(c18.model.fc.weight, r18.fc.weight)
-    with pytest.raises(ValueError, match="does not fit arch='resnet34'"):
-        fg.load_classifier(plain, arch="resnet34")
+    with pytest.raises(ValueError, match="do not fit arch='resnet34'"):
+        fg.load_row(plain, arch="resnet34")
 
 
 def test_pick_indices():

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cgc_ray.loss import cgc_loss
+from cgc_ray.method.loss import cgc_loss
 
 
 def _free_port() -> int:
@@ -37,10 +37,11 @@ def _worker(rank: int, world: int, port: int, k: torch.Tensor, q: torch.Tensor, 
         else:
             dist.all_gather([torch.zeros(()) for _ in range(world)], loss.detach())
     finally:
+        dist.barrier()  # no rank tears gloo down while another still talks to it (SIGABRT otherwise)
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("anchor", ["paper"])
+@pytest.mark.parametrize("anchor", ["paper", "authors"])
 def test_global_negatives_equal_one_big_batch(anchor):
     torch.manual_seed(0)
     k, q = torch.rand(8, 5, 5), torch.rand(8, 5, 5)

@@ -1,4 +1,9 @@
-"""The layering of docs/DESIGN.md: core math knows nothing of Ray; reports start without torch."""
+"""The layers of docs/DESIGN.md, as imports: each subpackage may import only what this file allows.
+
+config (pydantic) -> data, method, models (torch) -> train -> explain -> runner (the only Ray) -> cli;
+results (pyarrow, rich, scipy) beside them, starting without torch or Ray. Every import counts, the
+ones inside functions too.
+"""
 
 import ast
 import pathlib
@@ -8,44 +13,92 @@ import sys
 import pytest
 
 PKG = pathlib.Path(__file__).resolve().parents[1] / "cgc_ray"
-CORE = ["cam", "transforms", "loss", "metrics", "models", "weights", "engine", "trial", "evaluation", "figures",
-        "data/__init__", "data/formats", "data/dataset", "data/splits", "data/synthetic"]
-RAY_LAYER = {"tune_runner", "progress", "cluster"}
+STDLIB = set(sys.stdlib_module_names) | {"__future__"}
+
+# subpackage -> (third-party top-level modules it may import, cgc_ray modules it may import)
+ALLOWED: dict[str, tuple[set[str], set[str]]] = {
+    "config": ({"pydantic", "yaml"}, {"config", "data.registry", "models.archs"}),
+    "data": ({"numpy", "PIL", "scipy", "pyarrow", "torch", "torchvision"}, {"data"}),
+    "method": ({"torch", "torchvision"}, {"method"}),
+    "models": ({"torch", "torchvision", "numpy"}, {"models", "method.cam"}),
+    "train": ({"torch", "numpy"}, {"train", "method", "models", "data", "config"}),
+    "explain": ({"torch", "torchvision", "numpy", "PIL", "matplotlib"},
+                {"explain", "method", "models", "data", "train", "config", "results.table"}),
+    "results": ({"pyarrow", "rich", "scipy", "matplotlib", "numpy"}, {"results", "config"}),
+    "runner": ({"ray", "torch", "rich", "yaml", "pyarrow"},
+               {"runner", "config", "data", "train", "results.table", "method", "models"}),
+    "cli": ({"rich", "torch", "matplotlib"}, {"cli", "config", "data", "models", "results", "runner", "explain",
+                                              "train"}),
+}
 
 
 def _imports(path: pathlib.Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in the file, as dotted absolute names."""
     tree = ast.parse(path.read_text())
+    package = ".".join(path.relative_to(PKG.parent).with_suffix("").parts[:-1])
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module
+            names.add(module)
+            names |= {f"{module}.{a.name}" for a in node.names if module.startswith("cgc_ray")}
     return names
 
 
-@pytest.mark.parametrize("module", CORE)
-def test_core_modules_do_not_import_ray(module):
-    assert "ray" not in _imports(PKG / f"{module}.py")
+def _modules():
+    for path in sorted(PKG.rglob("*.py")):
+        rel = path.relative_to(PKG).parts
+        if len(rel) > 1:
+            yield rel[0], path
 
 
-def test_only_the_ray_layer_imports_ray_anywhere():
-    offenders = []
-    for path in PKG.rglob("*.py"):
-        if path.stem not in RAY_LAYER and "ray" in _imports(path):
-            offenders.append(path.name)
-    assert offenders == []
+@pytest.mark.parametrize("sub, path", list(_modules()), ids=lambda v: str(v.relative_to(PKG)) if hasattr(v, "parts") else v)
+def test_every_import_is_allowed_for_its_subpackage(sub, path):
+    third_party, internal = ALLOWED[sub]
+    bad = []
+    for name in _imports(path):
+        top = name.split(".")[0]
+        if top == "cgc_ray":
+            rest = name.removeprefix("cgc_ray").lstrip(".")
+            ok = not rest or any(rest == a or rest.startswith(a + ".") or a.startswith(rest + ".") or a == rest
+                                 for a in internal)
+            # `from cgc_ray.x import name` adds "x.name": allowed when x itself is allowed
+            ok = ok or any(rest.rsplit(".", 1)[0] == a or rest.rsplit(".", 1)[0].startswith(a + ".") for a in internal)
+        else:
+            ok = top in STDLIB or top in third_party
+        if not ok:
+            bad.append(name)
+    assert bad == [], f"{path.relative_to(PKG)} imports {sorted(bad)}; {sub}/ may import {sorted(third_party)} " \
+                      f"and cgc_ray.{{{', '.join(sorted(internal))}}}"
 
 
-@pytest.mark.parametrize("module", ["cam", "loss", "engine", "trial", "data"])
-def test_core_imports_at_runtime_without_ray_rich_or_pydantic_leaking_in(module):
-    code = f"import sys, cgc_ray.{module}; print(sorted(m for m in ('ray', 'rich') if m in sys.modules))"
+def test_every_subpackage_has_a_rule():
+    assert {p.name for p in PKG.iterdir() if p.is_dir() and (p / "__init__.py").exists()} == set(ALLOWED)
+
+
+def _loaded(module: str, watch: tuple[str, ...]) -> list[str]:
+    code = f"import sys, {module}; print(sorted(m for m in {watch!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    return eval(out)
 
 
-@pytest.mark.parametrize("module", ["report", "results", "spec", "plots", "cli"])
-def test_report_side_starts_without_torch_or_ray(module):
-    code = f"import sys, cgc_ray.{module}; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+@pytest.mark.parametrize("module", ["cgc_ray.config", "cgc_ray.data", "cgc_ray.models", "cgc_ray.results.report",
+                                    "cgc_ray.results.plots", "cgc_ray.cli.main"])
+def test_starts_without_torch_or_ray(module):
+    """The spec, the data registry, ``cgc-ray report`` and ``--help`` start in well under a second."""
+    assert _loaded(module, ("torch", "ray")) == []
+
+
+@pytest.mark.parametrize("module", ["cgc_ray.method.cgc", "cgc_ray.models.checkpoint", "cgc_ray.data.dataset"])
+def test_core_math_loads_no_ray_rich_or_pydantic(module):
+    assert _loaded(module, ("ray", "rich", "pydantic")) == []
+
+
+def test_training_loads_no_ray_or_rich():
+    assert _loaded("cgc_ray.train.trial", ("ray", "rich")) == []

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cgc_ray.loss import cgc_loss
+from cgc_ray.method.loss import cgc_loss
 
 
 def reference(k, q, tau, anchor="paper"):

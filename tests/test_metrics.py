@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from cgc_ray.metrics import boxes_mask, content_heatmap, insertion_auc, topk_correct
+from cgc_ray.method.metrics import (
+    boxes_mask,
+    content_heatmap,
+    insertion_auc,
+    topk_correct,
+)
 
 
 def test_topk_counts():

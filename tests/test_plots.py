@@ -7,11 +7,18 @@ import sys
 import pytest
 from PIL import Image
 
-from cgc_ray import plots as pl
-from cgc_ray import report as rp
-from cgc_ray.cli import main as cli_main
-from cgc_ray.results import read_rows, row_from_config, write_row
-from cgc_ray.spec import PRESETS, apply_overrides, expand_trials, load_spec, spec_hash, trial_id
+from cgc_ray.cli.main import main as cli_main
+from cgc_ray.config import (
+    PRESETS,
+    apply_overrides,
+    expand_trials,
+    load_spec,
+    spec_hash,
+    trial_id,
+)
+from cgc_ray.results import plots as pl
+from cgc_ray.results import report as rp
+from cgc_ray.results.table import read_rows, row_from_config, write_row
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -107,5 +114,5 @@ def test_report_cli_plot_option(tmp_path, capsys):
 
 
 def test_plots_import_neither_torch_nor_ray():
-    code = "import sys, cgc_ray.plots; bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad"
+    code = "import sys, cgc_ray.results.plots; bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)

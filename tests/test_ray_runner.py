@@ -13,18 +13,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from cgc_ray.results import completed_trial_ids, read_rows
-from cgc_ray.spec import PRESETS, apply_overrides, expand_trials, load_spec, trial_id
-from cgc_ray.tune_runner import (
-    WAITER_BUNDLE,
-    CheckpointStore,
-    ResourceError,
-    check_fits,
-    run_experiment,
-    trial_bundles,
-)
 from conftest import TINY
+
+from cgc_ray.config import (
+    PRESETS,
+    apply_overrides,
+    expand_trials,
+    load_spec,
+    trial_id,
+)
+from cgc_ray.results.table import completed_trial_ids, read_rows
+from cgc_ray.runner.driver import run_experiment
+from cgc_ray.runner.resources import WAITER_BUNDLE, ResourceError, check_fits, trial_bundles
+from cgc_ray.runner.worker import CheckpointStore
 
 
 def _spec(preset: str, storage: Path | str, *overrides: str):

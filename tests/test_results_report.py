@@ -12,9 +12,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from cgc_ray import report as rp
-from cgc_ray.cli import main as cli_main
-from cgc_ray.results import (
+from cgc_ray.cli.main import main as cli_main
+from cgc_ray.config import (
+    PRESETS,
+    apply_overrides,
+    expand_trials,
+    load_spec,
+    spec_hash,
+    trial_id,
+)
+from cgc_ray.results import report as rp
+from cgc_ray.results.table import (
     FILE_SCHEMA,
     SCHEMA,
     SCHEMA_VERSION,
@@ -23,7 +31,6 @@ from cgc_ray.results import (
     row_from_config,
     write_row,
 )
-from cgc_ray.spec import PRESETS, apply_overrides, expand_trials, load_spec, spec_hash, trial_id
 
 
 def _row(spec, **metrics):
@@ -224,7 +231,7 @@ def test_cli_report(tmp_path, capsys):
     assert "cgc-baseline" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("module", ["cgc_ray.report", "cgc_ray.results", "cgc_ray.cli"])
+@pytest.mark.parametrize("module", ["cgc_ray.results.report", "cgc_ray.results.table", "cgc_ray.cli.main"])
 def test_report_path_imports_no_torch_or_ray(module):
     code = f"import {module}, sys; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,8 +8,7 @@ import sys
 import pytest
 import yaml
 
-from cgc_ray.spec import (
-    DATASETS,
+from cgc_ray.config import (
     NON_IDENTITY_FIELDS,
     PRESETS,
     ExperimentSpec,
@@ -24,6 +23,7 @@ from cgc_ray.spec import (
     validate_against_data,
     validate_spec,
 )
+from cgc_ray.data import DATASETS
 
 
 def _err(overrides, base=None):
@@ -311,5 +311,5 @@ def test_validate_against_data_shots():
 
 
 def test_spec_imports_no_torch_or_ray():
-    code = "import cgc_ray.spec, sys; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
+    code = "import cgc_ray.config, sys; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

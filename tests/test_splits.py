@@ -1,10 +1,10 @@
 """Few-shot episodes and 1% splits: sizes, disjointness, determinism, clear errors."""
 from collections import Counter
 
+import fixtures_data as fx
 import pytest
 
 from cgc_ray.data import ImageRecord, episode, percent_split, records
-import fixtures_data as fx
 
 
 def _recs(per_class):

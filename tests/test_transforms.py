@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.transforms.functional import resized_crop
 
-from cgc_ray import transforms as T
+from cgc_ray.method import transforms as T
 
 
 def test_sampled_boxes_respect_scale_ratio_and_bounds():

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY
 
-from cgc_ray.results import read_rows
-from cgc_ray.spec import (
+from cgc_ray.config import (
     PRESETS,
     apply_overrides,
     load_spec,
@@ -27,7 +27,7 @@ from cgc_ray.spec import (
     resolve_paths,
     unresolved_paths,
 )
-from conftest import TINY
+from cgc_ray.results.table import read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,7 +94,7 @@ def test_resolve_paths_covers_fields_and_sweep_axes_and_is_idempotent(tmp_path):
 
 
 def test_cli_resolves_against_the_callers_folder(tmp_path, monkeypatch):
-    from cgc_ray import experiment_cli
+    from cgc_ray.cli import experiment as experiment_cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CGC_RAY_STORAGE", raising=False)
@@ -107,7 +107,7 @@ def test_cli_resolves_against_the_callers_folder(tmp_path, monkeypatch):
 
 def test_cluster_environment_supplies_storage_and_data_root(tmp_path, monkeypatch):
     """``ray submit cluster/gpu.yaml experiments/X.py`` passes no flags: the nodes' environment does."""
-    from cgc_ray import experiment_cli
+    from cgc_ray.cli import experiment as experiment_cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CGC_RAY_STORAGE", "s3://bucket/cgc-ray")

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.models import WeightsEnum, resnet18, resnet50
 
-from cgc_ray.weights import load_weights
+from cgc_ray.models.weights import load_weights
 
 
 def _trunk(sd):

@@ -1,37 +1,26 @@
-"""Datasets of the CGC paper: on-disk parsers, a box-aware Dataset, few-shot and semi-supervised splits.
+"""Datasets of the CGC paper: a registry of their facts, on-disk parsers, few-shot and semi-supervised splits.
 
-Only torch/torchvision/PIL/scipy/pyarrow here (no ray, pydantic or rich).
-`cgc_ray.data.synthetic` (procedural data in CUB layout) is imported lazily.
+Importing this package imports no torch (the spec's data checks use it before
+torch starts): the torch Dataset is ``cgc_ray.data.dataset.BoxDataset``, the
+ImageNet index ``cgc_ray.data.imagenet``, the generated data
+``cgc_ray.data.synthetic``.
 """
-from .dataset import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, collate, read_image, transform_boxes
-from .formats import (
-    DATASETS,
-    IMAGENET100_WNIDS,
-    DatasetFormatError,
-    ImageRecord,
-    class_names,
-    cub200_class_names,
-    cub200_records,
-    records,
-)
+from .formats import DatasetFormatError, ImageRecord, class_names, records
+from .registry import DATASETS, REGISTRY, DatasetInfo, cache_dir, info, synthetic_root
 from .splits import episode, percent_split, select_listed
 
 __all__ = [
     "DATASETS",
-    "IMAGENET100_WNIDS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "BoxDataset",
+    "REGISTRY",
     "DatasetFormatError",
+    "DatasetInfo",
     "ImageRecord",
+    "cache_dir",
     "class_names",
-    "collate",
-    "cub200_class_names",
-    "cub200_records",
     "episode",
+    "info",
     "percent_split",
-    "read_image",
     "records",
     "select_listed",
-    "transform_boxes",
+    "synthetic_root",
 ]

@@ -6,8 +6,7 @@ from torch import nn
 from torchvision import models as tvm
 from torchvision.models.resnet import BasicBlock, ResNet
 
-TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-ARCHS = TORCHVISION_ARCHS + ("resnet_small",)
+from cgc_ray.models.archs import ARCHS
 
 
 class SmallResNet(ResNet):
@@ -50,7 +49,7 @@ def build_model(arch: str, num_classes: int, *, weights: str | None = None) -> n
     weights: None (random init), a torchvision weight enum name such as
     "ResNet50_Weights.IMAGENET1K_V1" (torchvision downloads it when online), a
     local state_dict / cgc-ray checkpoint path, or "swav:PATH"; see
-    ``cgc_ray.weights.load_weights``. A head whose shape differs is left new.
+    ``cgc_ray.models.weights.load_weights``. A head whose shape differs is left new.
     """
     if arch not in ARCHS:
         raise ValueError(f"model.arch={arch!r} is not supported; choose one of {list(ARCHS)}")
@@ -58,7 +57,7 @@ def build_model(arch: str, num_classes: int, *, weights: str | None = None) -> n
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     model = SmallResNet(num_classes) if arch == "resnet_small" else tvm.get_model(arch, num_classes=num_classes)
     if weights:
-        from cgc_ray.weights import load_weights
+        from cgc_ray.models.weights import load_weights
 
         load_weights(model, weights, arch=arch)
     return model

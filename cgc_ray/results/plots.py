@@ -1,6 +1,6 @@
 """Result plots from the Parquet rows: λ ablation, accuracy-versus-CH trade-off, few-shot gains.
 
-Statistics come from :mod:`cgc_ray.report` (groups of repeats with mean ± std,
+Statistics come from :mod:`cgc_ray.results.report` (groups of repeats with mean ± std,
 paired CGC − baseline differences with 95% Student-t intervals), so a plot
 and the table printed beside it show the same numbers. Each plot is written
 only when its data exist:
@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
-from cgc_ray.report import Group, Paired, paired_differences, summarize
-from cgc_ray.results import read_rows
+from cgc_ray.results.report import Group, Paired, paired_differences, summarize
+from cgc_ray.results.table import read_rows
 
 __all__ = ["pareto_front", "plot_accuracy_vs_ch", "plot_fewshot_gains", "plot_lambda_ablation", "plot_results"]
 
@@ -200,8 +200,8 @@ def plot_results(
 ) -> list[Path]:
     """Write every plot whose data exist into ``out_dir``; returns the written paths.
 
-    source: a table with :data:`cgc_ray.results.SCHEMA` columns, or a storage
-    URI read with :func:`cgc_ray.results.read_rows` (only ``experiment`` if given).
+    source: a table with :data:`cgc_ray.results.table.SCHEMA` columns, or a storage
+    URI read with :func:`cgc_ray.results.table.read_rows` (only ``experiment`` if given).
     """
     table = read_rows(source, experiment) if isinstance(source, str) else source
     if experiment is not None and not isinstance(source, str):

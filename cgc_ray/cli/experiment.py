@@ -4,7 +4,7 @@ Every script takes the same flags::
 
     --data-root DIR   the dataset (none: demo scale on the embedded synthetic dataset)
     --dataset NAME    which paper preset when several exist (few-shot, fine-grained, ImageNet)
-    --preset NAME     any preset of cgc_ray.spec.PRESETS (overrides the choice above)
+    --preset NAME     any preset of cgc_ray.config.PRESETS (overrides the choice above)
     --spec FILE       a YAML/JSON spec instead of a preset
     --set a.b=value   overrides, repeatable (values parsed as YAML)
     --storage URI     results and checkpoints (default ./results; s3://bucket/prefix on clusters)
@@ -24,7 +24,14 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from cgc_ray.spec import PRESETS, ExperimentSpec, SpecError, apply_overrides, load_spec, resolve_paths
+from cgc_ray.config import (
+    PRESETS,
+    ExperimentSpec,
+    SpecError,
+    apply_overrides,
+    load_spec,
+    resolve_paths,
+)
 
 # Defaults a cluster sets in its nodes' environment (cluster/gpu.yaml), used when the flag is absent.
 ENV_STORAGE = "CGC_RAY_STORAGE"
@@ -53,7 +60,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="dataset of the paper preset (e.g. cub200, cars196, imagenet100)")
     p.add_argument("--arch", default=None, help="resnet18 or resnet50 where the paper has both")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), metavar="NAME",
-                   help="a preset from cgc_ray.spec.PRESETS")
+                   help="a preset from cgc_ray.config.PRESETS")
     p.add_argument("--spec", default=None, help="a YAML or JSON spec file (instead of a preset)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a spec field, e.g. --set method.lam=0.5 (repeatable)")
@@ -112,8 +119,8 @@ def main(experiment: str | None, argv: Sequence[str] | None = None, *, descripti
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from cgc_ray.cluster import ClusterError
-    from cgc_ray.tune_runner import ResourceError, run_experiment
+    from cgc_ray.runner.cluster import ClusterError
+    from cgc_ray.runner.driver import ResourceError, run_experiment
 
     try:
         res = run_experiment(spec, address=args.address, progress=not args.no_progress,
@@ -121,12 +128,16 @@ def main(experiment: str | None, argv: Sequence[str] | None = None, *, descripti
     except (ResourceError, ClusterError, SpecError) as e:  # SpecError: checks that read the data (data.shots)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if res.ran:  # after the sweep, outside the orchestrator
+        from cgc_ray.explain.figures import write_sample_figure
+
+        write_sample_figure(spec)
     print(f"{spec.name}: {len(res.trial_ids)} trials, {len(res.skipped)} already done, "
           f"{len(res.ran)} ran now, {len(res.failed)} failed", file=sys.stderr)
     for tid, err in res.failed.items():
         print(f"  failed {tid}: {err.strip().splitlines()[-1] if err.strip() else err}", file=sys.stderr)
     if not args.no_report:
-        from cgc_ray.report import report
+        from cgc_ray.results.report import report
 
         sys.stdout.write(report(spec.storage, spec.name, "rich"))
     return 1 if res.failed else 0

@@ -22,11 +22,13 @@ the architecture is read off the state_dict's key names and shapes.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -35,28 +37,30 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 
-from cgc_ray import transforms as T
-from cgc_ray.cam import gradcam
-from cgc_ray.data import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, ImageRecord, class_names, collate, records
-from cgc_ray.engine import CHECKPOINT_FORMAT
-from cgc_ray.metrics import content_heatmap
-from cgc_ray.models import ARCHS, build_model
-from cgc_ray.weights import read_state_dict
+from cgc_ray.config import ExperimentSpec, is_uri, validate_spec
+from cgc_ray.data import ImageRecord, class_names, records
+from cgc_ray.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, collate
+from cgc_ray.method import transforms as T
+from cgc_ray.method.cam import gradcam
+from cgc_ray.method.metrics import content_heatmap
+from cgc_ray.models.checkpoint import load_classifier
+from cgc_ray.results.table import checkpoint_path, figures_dir, read_rows
+from cgc_ray.train.trial import data_root, synthetic_options
 
 __all__ = [
-    "Classifier",
+    "Row",
     "ConsistencyMaps",
     "ExplainMaps",
     "consistency_maps",
     "draw_cell",
     "explain_maps",
-    "infer_arch",
-    "load_classifier",
+    "load_row",
     "load_images",
     "pick_indices",
     "render_consistency",
     "render_explain",
     "sample_explain_figure",
+    "write_sample_figure",
     "write_explain",
 ]
 
@@ -65,58 +69,26 @@ CMAP = "inferno"
 
 
 @dataclass
-class Classifier:
-    """A model in eval mode, the layer its Grad-CAM reads, the row title it is shown under, its arch name."""
+class Row:
+    """One row of a figure: a model in eval mode, the layer its Grad-CAM reads, the title it is shown under."""
 
     model: nn.Module
     layer: str
     label: str
-    arch: str = ""
 
 
-def infer_arch(state: dict[str, Tensor]) -> str:
-    """The entry of ``models.ARCHS`` whose parameters have exactly the keys and shapes of ``state``.
+def load_row(path: str | Path, *, arch: str | None = None, layer: str | None = None) -> tuple[Row, str]:
+    """A figure row from a checkpoint or state_dict (read by ``models.checkpoint.load_classifier``), and its arch.
 
-    Models are built on the meta device (no memory, no init cost); BatchNorm's
-    ``num_batches_tracked`` counters are ignored (older checkpoints lack them).
-    """
-    if "fc.weight" not in state:
-        raise ValueError("the state_dict has no 'fc.weight'; pass --arch explicitly (a torchvision ResNet layout)")
-    num_classes = state["fc.weight"].shape[0]
-    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
-    for arch in ARCHS:
-        with torch.device("meta"):
-            own = build_model(arch, max(num_classes, 2)).state_dict()
-        if shapes == {k: tuple(v.shape) for k, v in own.items() if not k.endswith("num_batches_tracked")}:
-            return arch
-    raise ValueError(
-        f"the state_dict ({len(shapes)} tensors, fc {tuple(state['fc.weight'].shape)}) matches none of {list(ARCHS)}; "
-        "pass the architecture with --arch"
-    )
-
-
-def load_classifier(path: str | Path, *, arch: str | None = None, layer: str | None = None) -> Classifier:
-    """Load a cgc-ray checkpoint or a plain state_dict into a model in eval mode.
-
-    arch: None infers it (:func:`infer_arch`). layer: None takes the Grad-CAM
-    layer the checkpoint was trained with (``extra.method.layer``), else
-    "layer4". The row title is the file name plus the method and λ when the
-    checkpoint records them.
+    The title is the file name, plus the method and λ a cgc-ray checkpoint records.
     """
     path = Path(path)
-    state, _, _ = read_state_dict(str(path), arch=arch or "")
-    meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    method = meta.get("extra", {}).get("method", {}) if meta.get("format") == CHECKPOINT_FORMAT else {}
-    arch = arch or infer_arch(state)
-    model = build_model(arch, state["fc.weight"].shape[0])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path} does not fit arch={arch!r}: {e}") from e
+    clf = load_classifier(path, arch=arch, layer=layer)
     label = path.stem if path.stem != "checkpoint" else f"{path.parent.name}/{path.stem}"
+    method = clf.method or {}
     if method.get("name"):
         label += f"\n{method['name']}" + (f" λ={method['lam']:g}" if method["name"] != "baseline" else "")
-    return Classifier(model.eval(), layer or method.get("layer", "layer4"), label, arch)
+    return Row(clf.model, clf.layer, label), clf.arch
 
 
 def pick_indices(n_available: int, n: int, seed: int, indices: Sequence[int] | None = None) -> list[int]:
@@ -183,7 +155,7 @@ def _predict(model: nn.Module, images: Tensor) -> Tensor:
 
 
 def explain_maps(
-    classifiers: Sequence[Classifier],
+    classifiers: Sequence[Row],
     images: Tensor,
     labels: Tensor,
     boxes: Sequence[Tensor],
@@ -296,7 +268,7 @@ class ConsistencyMaps:
 
 
 def consistency_maps(
-    classifiers: Sequence[Classifier],
+    classifiers: Sequence[Row],
     images: Tensor,
     *,
     params: T.CropFlip | None = None,
@@ -402,13 +374,13 @@ def write_explain(
     """
     if not checkpoints:
         raise ValueError("explain needs at least one checkpoint")
-    classifiers = [load_classifier(p, arch=arch, layer=layer) for p in checkpoints]
+    classifiers, archs = zip(*(load_row(p, arch=arch, layer=layer) for p in checkpoints))
     opts = dataset_options or {}
     recs = records(dataset, root, split, **opts)
     if not recs:
         raise ValueError(f"dataset {dataset!r} split {split!r} under {root} has no images")
     chosen = [recs[i] for i in pick_indices(len(recs), n, seed, indices)]
-    size = image_size or _default_image_size(classifiers[0].arch)
+    size = image_size or _default_image_size(archs[0])
     images, labels, boxes = load_images(chosen, size)
     names = class_names(dataset, root, **opts)
     if consistency:
@@ -444,3 +416,41 @@ def sample_explain_figure(
     ckpts = [baseline, checkpoint] if baseline is not None else [checkpoint]
     return write_explain(ckpts, out, dataset=dataset, root=root, split=split, n=n, seed=seed,
                          image_size=image_size, dataset_options=dataset_options, dpi=80)
+
+
+def _best(rows: list[dict[str, Any]], cgc: bool) -> dict[str, Any] | None:
+    """The CGC trial with the highest CH, or the baseline (lambda 0) with the highest top-1."""
+    if cgc:
+        cands = [r for r in rows if r["method"] != "baseline" and r["lam"] > 0 and r["ch"] is not None]
+        return max(cands, key=lambda r: r["ch"], default=None)
+    cands = [r for r in rows if (r["method"] == "baseline" or r["lam"] == 0) and r["top1"] is not None]
+    return max(cands, key=lambda r: r["top1"], default=None)
+
+
+def write_sample_figure(spec: ExperimentSpec) -> Path | None:
+    """``<storage>/_figures/<name>/explain.png``: the best CGC trial below the best baseline.
+
+    Under a ``_`` folder, like ``_checkpoints`` and ``_ray``: pyarrow/pandas skip those when
+    they read the storage folder as a Parquet dataset.
+
+    Local storage only (checkpoints are read from disk). A failure is a
+    warning, not an error: the results themselves are already written.
+    """
+    if is_uri(spec.storage):
+        return None
+    rows = read_rows(spec.storage, spec.name).to_pylist()
+    best_cgc, best_base = _best(rows, cgc=True), _best(rows, cgc=False)
+    if best_cgc is None:
+        return None
+    ckpt = lambda r: Path(checkpoint_path(spec.storage, spec.name, r["trial_id"]))
+    out = Path(figures_dir(spec.storage, spec.name)) / "explain.png"
+    try:
+        trial = validate_spec(json.loads(best_cgc["config_json"]))
+        return sample_explain_figure(
+            ckpt(best_cgc), out, dataset=trial.data.dataset, root=data_root(trial),
+            baseline=ckpt(best_base) if best_base is not None else None,
+            image_size=trial.data.image_size, dataset_options=synthetic_options(trial),
+        )
+    except Exception as e:  # noqa: BLE001 - a figure must never cost the user their results
+        warnings.warn(f"could not write the sample explain figure {out}: {e}")
+        return None

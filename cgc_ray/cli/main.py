@@ -24,11 +24,11 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cgc_ray.report import report
+    from cgc_ray.results.report import report
 
     sys.stdout.write(report(args.storage, args.experiment, args.format, layout=args.layout, width=args.width))
     if args.plot is not None:
-        from cgc_ray.plots import plot_results
+        from cgc_ray.results.plots import plot_results
 
         for path in plot_results(args.storage, args.plot, experiment=args.experiment):
             print(f"wrote {path}", file=sys.stderr)
@@ -36,8 +36,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
-    from cgc_ray.report import FORMATS
-    from cgc_ray.spec import ExperimentSpec
+    from cgc_ray.config import ExperimentSpec
+    from cgc_ray.results.report import FORMATS
 
     p = subparsers.add_parser(
         "report",
@@ -62,15 +62,15 @@ def _explain(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from cgc_ray.figures import write_explain
+    from cgc_ray.explain.figures import write_explain
 
     options: dict = {}
     root = args.data_root
     split = args.split
     if args.dataset == "synthetic":
-        from cgc_ray.trial import default_cache_dir
+        from cgc_ray.data import synthetic_root
 
-        root = root or str(default_cache_dir() / "synthetic")
+        root = root or str(synthetic_root())
         options = {"variant": "spurious" if args.where == "conflict" else args.variant}
         if args.image_size is not None:
             options["image_size"] = args.image_size
@@ -90,7 +90,8 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _add_explain(subparsers: argparse._SubParsersAction) -> None:
-    from cgc_ray.spec import ARCHS, DATASETS
+    from cgc_ray.data import DATASETS
+    from cgc_ray.models import ARCHS
 
     p = subparsers.add_parser(
         "explain",
@@ -131,8 +132,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from cgc_ray.evaluation import evaluate_checkpoint, result_row
-    from cgc_ray.results import write_row
+    from cgc_ray.explain.evaluation import evaluate_checkpoint, result_row
+    from cgc_ray.results.table import write_row
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate_checkpoint(
@@ -160,7 +161,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    from cgc_ray.spec import ARCHS, DATASETS, ExperimentSpec
+    from cgc_ray.config import ExperimentSpec
+    from cgc_ray.data import DATASETS
+    from cgc_ray.models import ARCHS
 
     p = subparsers.add_parser(
         "evaluate",
@@ -197,7 +200,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_run(subparsers: argparse._SubParsersAction) -> None:
-    # listed for --help only: main() hands `run ...` to cgc_ray.experiment_cli before parsing
+    # listed for --help only: main() hands `run ...` to cgc_ray.cli.experiment before parsing
     subparsers.add_parser(
         "run",
         help="run every trial of a spec (YAML/JSON file or preset) on Ray; same flags as experiments/*.py",
@@ -222,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cgc-ray`` script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:  # the experiment scripts' own parser takes every flag after `run`
-        from cgc_ray.experiment_cli import main as run_main
+        from cgc_ray.cli.experiment import main as run_main
 
         return run_main(None, argv[1:])
     args = build_parser().parse_args(argv)

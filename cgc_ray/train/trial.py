@@ -9,7 +9,6 @@ process group already initialised).
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import time
@@ -21,9 +20,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cgc_ray import data as D
-from cgc_ray.engine import Callback, MethodConfig, fit
-from cgc_ray.models import build_model
-from cgc_ray.spec import (
+from cgc_ray.config import (
     ExperimentSpec,
     SpecError,
     check_data_root,
@@ -32,23 +29,13 @@ from cgc_ray.spec import (
     validate_against_data,
     validate_spec,
 )
+from cgc_ray.data.dataset import BoxDataset, collate
+from cgc_ray.method.cgc import MethodConfig
+from cgc_ray.models.resnet import build_model
+from cgc_ray.train.engine import Callback, fit
+from cgc_ray.train.optim import build_optimizer, build_scheduler
 
-# The split each dataset is evaluated on when a trial is not few-shot.
-EVAL_SPLIT = {
-    "synthetic": "test",
-    "cub200": "test",
-    "cars196": "test",
-    "aircraft": "test",
-    "flowers102": "test",
-    "imagenet": "val",
-    "imagenet100": "val",
-    "unrel": "test",
-}
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CGC_RAY_CACHE_DIR", Path.home() / ".cache" / "cgc-ray"))
 
 
 def data_root(spec: ExperimentSpec) -> str:
@@ -57,7 +44,7 @@ def data_root(spec: ExperimentSpec) -> str:
         return spec.data.root
     if spec.data.dataset != "synthetic":
         raise ValueError(f"data.root is required for data.dataset={spec.data.dataset!r}")
-    return str(default_cache_dir() / "synthetic")
+    return str(D.synthetic_root())
 
 
 def synthetic_options(spec: ExperimentSpec) -> dict[str, Any]:
@@ -91,6 +78,12 @@ def class_counts(records: Sequence[D.ImageRecord]) -> dict[int, int]:
     return counts
 
 
+def fewshot_pool(spec: ExperimentSpec) -> list[D.ImageRecord]:
+    """The images few-shot episodes of this dataset draw from (its registry's ``fewshot_pool`` splits)."""
+    name, root, opts = spec.data.dataset, data_root(spec), synthetic_options(spec)
+    return [r for split in D.info(name).fewshot_pool for r in D.records(name, root, split, **opts)]
+
+
 def check_trials_against_data(trials: Sequence[ExperimentSpec]) -> None:
     """Before any trial starts: few-shot trials must leave every class a validation image.
 
@@ -104,7 +97,7 @@ def check_trials_against_data(trials: Sequence[ExperimentSpec]) -> None:
         key = json.dumps([t.data.dataset, data_root(t), synthetic_options(t), t.data.shots], sort_keys=True)
         if key not in seen:
             seen.add(key)
-            validate_against_data(t, class_counts(D.records(t.data.dataset, data_root(t), "train", **synthetic_options(t))))
+            validate_against_data(t, class_counts(fewshot_pool(t)))
 
 
 def trial_data(spec: ExperimentSpec) -> TrialData:
@@ -119,15 +112,17 @@ def trial_data(spec: ExperimentSpec) -> TrialData:
         raise SpecError(f"on node {socket.gethostname()}: {e}") from None
     name, root, opts = spec.data.dataset, data_root(spec), synthetic_options(spec)
     num_classes = len(D.class_names(name, root, **opts))
-    if name == "unrel":
-        raise ValueError("data.dataset='unrel' is an evaluation set only (no train split); use `cgc-ray evaluate`")
-    train = D.records(name, root, "train", **opts)
+    if D.info(name).train_split is None:
+        raise ValueError(f"data.dataset={name!r} is an evaluation set only (no train split); use `cgc-ray evaluate`")
     if spec.data.shots is not None:
-        validate_against_data(spec, class_counts(train))
+        pool = fewshot_pool(spec)
+        validate_against_data(spec, class_counts(pool))
         seed = episode_seed(spec)
-        train, val = D.episode(train, spec.data.shots, seed)
+        train, val = D.episode(pool, spec.data.shots, seed)
         return TrialData(train, val, None, num_classes, seed)
-    val = D.records(name, root, EVAL_SPLIT[name], **opts)
+    facts = D.info(name)
+    train = D.records(name, root, facts.train_split, **opts)
+    val = D.records(name, root, facts.eval_split, **opts)
     if spec.data.percent is not None:
         labelled, _ = D.percent_split(train, spec.data.percent, spec.seed, list_file=spec.data.split_file)
         # the paper feeds all of the training set, unlabelled, to the CGC term
@@ -145,7 +140,7 @@ def _loader(ds, batch: int, *, train: bool, seed: int, workers: int, distributed
         shuffle=train and sampler is None,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=D.collate,
+        collate_fn=collate,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available(),
         # its own generator even for evaluation: iterating a loader must not draw from the global RNG
@@ -159,7 +154,7 @@ def build_loaders(spec: ExperimentSpec, td: TrialData, *, distributed: bool = Fa
     world = torch.distributed.get_world_size() if distributed else 1
     batch = max(2, spec.data.batch_size // world)
     small = spec.data.dataset == "synthetic"
-    mk = lambda recs, train: D.BoxDataset(recs, train=train, image_size=spec.data.image_size,
+    mk = lambda recs, train: BoxDataset(recs, train=train, image_size=spec.data.image_size,
                                           scale=spec.data.train_crop_scale, cache_in_memory=small)
     # drop_last: a last batch of one image breaks the contrastive loss (an authors' defect)
     train = _loader(mk(td.train, True), batch, train=True, seed=spec.seed, workers=loader_workers(spec),
@@ -171,43 +166,6 @@ def build_loaders(spec: ExperimentSpec, td: TrialData, *, distributed: bool = Fa
         unl = _loader(mk(td.unlabeled, True), batch, train=True, seed=spec.seed + 1,
                       workers=loader_workers(spec), distributed=distributed, drop_last=True)
     return train, val, unl
-
-
-def lr_factor(spec: ExperimentSpec, steps_per_epoch: int):
-    """Per-step multiplier of the base learning rate: linear warm-up, then the schedule."""
-    o = spec.optim
-    total = o.epochs * steps_per_epoch
-    warm = o.warmup_epochs * steps_per_epoch
-    s = o.schedule
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if s.name == "step":
-            epoch = step // steps_per_epoch
-            return s.gamma ** sum(epoch >= m for m in s.milestones)
-        progress = (step - warm) / max(1, total - warm)
-        if s.name == "cosine":
-            floor = s.min_lr / o.lr
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        # one-cycle: cosine up from lr/25 to lr over pct_start, then down to lr/25e4
-        if progress < s.pct_start:
-            p = progress / s.pct_start
-            return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * p))
-        p = (progress - s.pct_start) / (1 - s.pct_start)
-        return 1 / 25e4 + (1 - 1 / 25e4) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
-
-    return factor
-
-
-def build_optimizer(spec: ExperimentSpec, model: torch.nn.Module, steps_per_epoch: int):
-    o = spec.optim
-    head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
-    trunk = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
-    groups = [{"params": trunk, "lr": o.lr}, {"params": head, "lr": o.head_lr or o.lr}]
-    opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(spec, steps_per_epoch))
-    return opt, sched
 
 
 def run_trial(
@@ -235,7 +193,8 @@ def run_trial(
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    opt, sched = build_optimizer(spec, model.module if distributed else model, len(train))
+    opt = build_optimizer(spec, model.module if distributed else model)
+    sched = build_scheduler(spec, opt, len(train))
     method = MethodConfig(**method_config_kwargs(spec))
     is_main = not distributed or torch.distributed.get_rank() == 0
     # rank 0 evaluates the whole validation set (on the bare module, see engine.fit)

@@ -120,7 +120,7 @@ _PARTITION = "experiment="
 _ATOMIC_PUT_FILESYSTEMS = {"s3", "gcs"}
 
 
-def _filesystem(storage_uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(storage_uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, base path) for a local path or a pyarrow filesystem URI."""
     if "://" not in storage_uri:
         return pafs.LocalFileSystem(), str(Path(storage_uri).expanduser().resolve())
@@ -129,6 +129,16 @@ def _filesystem(storage_uri: str) -> tuple[pafs.FileSystem, str]:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         raise ValueError(f"storage URI {storage_uri!r} is not usable by pyarrow: {e}") from None
     return fs, path.rstrip("/")
+
+
+def checkpoint_path(storage_uri: str, experiment: str, trial_id: str) -> str:
+    """Where a trial's checkpoint lives in the storage's filesystem: ``_checkpoints/<experiment>/<trial_id>/checkpoint.pt``."""
+    return f"{filesystem(storage_uri)[1]}/_checkpoints/{experiment}/{trial_id}/checkpoint.pt"
+
+
+def figures_dir(storage_uri: str, experiment: str) -> str:
+    """Where an experiment's figures live: ``_figures/<experiment>`` (``_`` folders are skipped by Parquet readers)."""
+    return f"{filesystem(storage_uri)[1]}/_figures/{experiment}"
 
 
 def _experiment_dir(base: str, experiment: str) -> str:
@@ -213,7 +223,7 @@ def write_row(storage_uri: str, experiment: str, row: Mapping[str, Any]) -> str:
         raise ValueError(f"trial_id {tid!r} cannot be a file name")
     table = pa.Table.from_pylist([row], schema=FILE_SCHEMA)
 
-    fs, base = _filesystem(storage_uri)
+    fs, base = filesystem(storage_uri)
     directory = _experiment_dir(base, experiment)
     fs.create_dir(directory, recursive=True)
     final = f"{directory}/{tid}.parquet"
@@ -245,7 +255,7 @@ def _trial_files(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
 
 def completed_trial_ids(storage_uri: str, experiment: str) -> set[str]:
     """Trial ids with a result row in ``experiment`` (from file names; no file is read)."""
-    fs, base = _filesystem(storage_uri)
+    fs, base = filesystem(storage_uri)
     return {i.base_name.removesuffix(".parquet") for i in _trial_files(fs, _experiment_dir(base, experiment))}
 
 
@@ -255,7 +265,7 @@ def read_rows(storage_uri: str, experiment: str | None = None) -> pa.Table:
     Files written by an older schema version read with nulls in the columns
     they lack. A missing storage location reads as an empty table.
     """
-    fs, base = _filesystem(storage_uri)
+    fs, base = filesystem(storage_uri)
     if experiment is None:
         experiments = [
             i.base_name.removeprefix(_PARTITION)

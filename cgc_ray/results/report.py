@@ -24,7 +24,7 @@ Layouts (picked from the data, or forced with ``layout=``):
 ``rich`` and ``markdown`` print those layouts; ``csv`` and ``json`` print the
 same numbers in long (tidy) form for further analysis.
 
-This module needs pyarrow, rich and ``cgc_ray.results``/``cgc_ray.spec`` only:
+This module needs pyarrow, rich and ``cgc_ray.results.table``/``cgc_ray.config`` only:
 importing it imports neither torch nor Ray, so ``cgc-ray report`` starts fast.
 """
 
@@ -39,8 +39,8 @@ from typing import Any, Iterable, Literal, Sequence
 
 import pyarrow as pa
 
-from cgc_ray.results import METRIC_COLUMNS, read_rows
-from cgc_ray.spec import NON_IDENTITY_FIELDS
+from cgc_ray.config import NON_IDENTITY_FIELDS
+from cgc_ray.results.table import METRIC_COLUMNS, read_rows
 
 __all__ = ["Group", "Paired", "Stat", "describe", "paired_differences", "report", "summarize", "t_quantile_975"]
 

@@ -9,112 +9,23 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cgc_ray import transforms as T
-from cgc_ray.cam import cam_and_logits, cams_from_activation, capture, linear_head, unwrap
-from cgc_ray.loss import cgc_loss
-from cgc_ray.metrics import content_heatmap, insertion_auc, topk_correct
-
-MethodName = Literal["baseline", "cgc", "cgc_no_neg"]
-CHECKPOINT_FORMAT = "cgc-ray-checkpoint/1"
+from cgc_ray.method.cam import cam_and_logits, linear_head, unwrap
+from cgc_ray.method.cgc import MethodConfig, cgc_term
+from cgc_ray.method.metrics import content_heatmap, insertion_auc, topk_correct
+from cgc_ray.models.checkpoint import load_checkpoint, save_checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """What is optimised: ``CE`` (baseline) or ``CE + lam * L_CGC``.
-
-    name:        baseline | cgc | cgc_no_neg (the paper's ablation without negatives).
-    lam, tau:    the paper's lambda and temperature.
-    resolution:  where heatmaps are compared: "image" (upsampled to the input
-                 size, as the authors) or "feature" (the layer's own h x w, faster).
-    anchor:      "paper" (eq. 2) or "authors" (UCDvision/CGC's negatives).
-    global_negatives: negatives from every torch.distributed rank.
-    layer:       the Grad-CAM layer.
-    crop_scale:  area range of T's random resized crop.
-    """
-
-    name: MethodName = "cgc"
-    lam: float = 0.5
-    tau: float = 0.5
-    resolution: Literal["image", "feature"] = "image"
-    anchor: Literal["paper", "authors"] = "paper"
-    global_negatives: bool = False
-    layer: str = "layer4"
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-
-    def __post_init__(self) -> None:
-        if self.name not in ("baseline", "cgc", "cgc_no_neg"):
-            raise ValueError(f"method.name={self.name!r}; choose baseline, cgc or cgc_no_neg")
-        if not self.lam >= 0:
-            raise ValueError(f"method.lam={self.lam} must be >= 0")
-        if not self.tau > 0:
-            raise ValueError(f"method.tau={self.tau} must be > 0")
-        if self.resolution not in ("image", "feature"):
-            raise ValueError(f"method.resolution={self.resolution!r}; choose 'image' or 'feature'")
-
-    @property
-    def uses_cgc(self) -> bool:
-        return self.name != "baseline" and self.lam > 0
-
-
-def cgc_term(
-    model: nn.Module,
-    x: Tensor,
-    method: MethodConfig,
-    *,
-    generator: torch.Generator | None = None,
-    create_graph: bool = True,
-    amp_dtype: torch.dtype | None = None,
-    closed_form: bool | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One forward of [x ; T(x)]: (logits of x B x K, L_CGC, number of all-zero g(x)).
-
-    The class t of both views is the top-1 prediction on x. Both heatmaps carry
-    gradients; the views share one forward (BatchNorm sees both).
-    ``closed_form=False`` forces the autograd Grad-CAM path (for benchmarks).
-    """
-    B, _, H, W = x.shape
-    params = T.sample_params(B, (H, W), scale=method.crop_scale, generator=generator, device=x.device)
-    xt = T.apply(x, params)  # B x 3 x H x W
-    with capture(model, method.layer) as feat:
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(torch.cat([x, xt]))  # 2B x K
-    t = logits[:B].detach().argmax(dim=1)  # B
-    with torch.autocast(x.device.type, enabled=False):
-        cams = cams_from_activation(
-            model, feat.value.float(), logits.float(), torch.cat([t, t]), layer=method.layer,
-            create_graph=create_graph, closed_form=closed_form,
-        )  # 2B x h x w
-        g_x, g_Tx = cams[:B], cams[B:]
-        size = (H, W) if method.resolution == "image" else tuple(g_x.shape[-2:])
-        q = T.apply(g_x, params, size)  # T_i(g(x_i)), B x size
-        k = g_Tx if size == tuple(g_Tx.shape[-2:]) else F.interpolate(
-            g_Tx[:, None], size=size, mode="bilinear", align_corners=False
-        )[:, 0]  # g(T_i(x_i)), B x size
-        loss = cgc_loss(
-            k,
-            q,
-            tau=method.tau,
-            negatives=method.name != "cgc_no_neg",
-            anchor=method.anchor,
-            global_negatives=method.global_negatives,
-        )
-    zeros = (g_x.flatten(1).sum(dim=1) == 0).sum()
-    return logits[:B].float(), loss, zeros
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -235,7 +146,7 @@ def evaluate(
     loader: Iterable,
     device: torch.device | str,
     *,
-    method: MethodConfig | None = None,
+    method: MethodConfig,
     metrics: Iterable[str] = ("top1", "top5", "ch", "cgc_loss"),
     cgc_batch: int = 32,
     iauc_images: int = 64,
@@ -251,7 +162,6 @@ def evaluate(
     ``iauc_images`` images. zero_cam_frac: share of all-zero ground-truth CAMs.
     """
     device = torch.device(device)
-    method = method or MethodConfig()
     wanted = set(metrics)
     unknown = wanted - {"top1", "top5", "ch", "cgc_loss", "iauc"}
     if unknown:
@@ -259,8 +169,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    heldout_method = MethodConfig(name="cgc", tau=method.tau, resolution=method.resolution, layer=method.layer,
-                                  anchor=method.anchor, crop_scale=method.crop_scale)
+    # the held-out loss is the paper's contrastive CGC loss whatever was trained (a baseline too), on local negatives
+    heldout_method = replace(method, name="cgc", global_negatives=False)
     n = 0
     correct = {"top1": 0.0, "top5": 0.0}
     ch_sum, ch_n, zeros = 0.0, 0, 0
@@ -320,96 +230,6 @@ def evaluate(
 
 
 # ---------------------------------------------------------------- checkpoints
-
-
-def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "generators": {k: g.get_state() for k, g in generators.items()},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    npst = state["numpy"]
-    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-                         npst["cached_gaussian"]))
-    for k, g in generators.items():
-        if k in state["generators"]:
-            g.set_state(state["generators"][k])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    epoch: int,
-    *,
-    generators: dict[str, torch.Generator] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    metrics: dict[str, float] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> None:
-    """Atomically write model, optimiser, scheduler, epoch (last finished) and all RNG states.
-
-    ``model`` is saved unwrapped (no "module." prefix), so it loads into a
-    plain torchvision model. Loadable with ``torch.load(weights_only=True)``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": epoch,
-        "rng": _rng_state(generators or {}),
-        "metrics": metrics or {},
-        "extra": extra or {},
-    }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-    *,
-    generators: dict[str, torch.Generator] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    map_location: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote; returns the checkpoint dict (epoch, metrics, extra)."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a cgc-ray checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    unwrap(model).load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"], generators or {})
-    return state
 
 
 # ---------------------------------------------------------------- fit

@@ -26,7 +26,7 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -35,17 +35,18 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cgc_ray.cam import gradcam, unwrap
-from cgc_ray.data import BoxDataset, ImageRecord, class_names, collate, records
-from cgc_ray.engine import CHECKPOINT_FORMAT, MethodConfig, evaluate
-from cgc_ray.metrics import content_heatmap
-from cgc_ray.models import build_model
-from cgc_ray.weights import load_weights
+from cgc_ray.config import ExperimentSpec, method_config_kwargs
+from cgc_ray.data import ImageRecord, class_names, records, synthetic_root
+from cgc_ray.data.dataset import BoxDataset, collate
+from cgc_ray.method.cam import gradcam, unwrap
+from cgc_ray.method.cgc import MethodConfig, method_config_from_record
+from cgc_ray.method.metrics import content_heatmap
+from cgc_ray.models.checkpoint import load_classifier
+from cgc_ray.train.engine import evaluate
 
 Protocol = Literal["fast", "authors"]
 PROTOCOLS: tuple[str, ...] = ("fast", "authors")
 METRICS: tuple[str, ...] = ("top1", "top5", "ch", "iauc", "cgc_loss")
-DEFAULT_ARCH = "resnet18"
 
 
 # --------------------------------------------------------------------------- authors' CH
@@ -107,59 +108,24 @@ def content_heatmap_authors(
 # --------------------------------------------------------------------------- loading
 
 
-def default_synthetic_root() -> Path:
-    """Where the embedded synthetic dataset is generated when no root is given."""
-    return Path(os.environ.get("CGC_RAY_CACHE_DIR", Path.home() / ".cache" / "cgc-ray")) / "synthetic"
-
-
-def _peek_checkpoint(weights: str) -> dict[str, Any]:
-    """The header of a cgc-ray checkpoint (format, epoch, extra), or {} for any other weights."""
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        return {}
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not a weights-only file: load_weights reports it with the path
-        return {}
-    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        return {"epoch": state.get("epoch"), "extra": dict(state.get("extra") or {})}
-    return {}
-
-
 def load_model(
     weights: str | os.PathLike, num_classes: int, *, arch: str | None = None, layer: str | None = None
 ) -> tuple[nn.Module, MethodConfig | None, dict[str, Any]]:
-    """Build ``arch`` with ``num_classes`` outputs and load ``weights`` into it, head included.
+    """The classifier in ``weights`` (``models.checkpoint.load_classifier``), checked against the dataset.
 
-    weights: a cgc-ray checkpoint, a plain torchvision state_dict path, or any
-    other string ``cgc_ray.weights.load_weights`` accepts. arch: None takes
-    ``extra["arch"]`` recorded in a cgc-ray checkpoint, else resnet18.
     Returns (model in eval mode, the checkpoint's MethodConfig or None when it
     records none, {"arch", "weights", "epochs"}). Raises ValueError when the
-    classification head does not load (a head for another number of classes
-    would be evaluated at random).
+    head has another number of classes than the evaluated dataset (its
+    predictions would be meaningless).
     """
-    header = _peek_checkpoint(str(weights))
-    extra = header.get("extra", {})
-    arch = arch or extra.get("arch") or DEFAULT_ARCH
-    model = build_model(arch, num_classes)
-    report = load_weights(model, str(weights), arch=arch)
-    if report.missing or report.skipped:
+    clf = load_classifier(weights, arch=arch, layer=layer)
+    if clf.num_classes != num_classes:
         raise ValueError(
-            f"weights {report.source}: classification head {list(report.missing)} did not load "
-            f"(it has another shape or is absent); the model was built for {num_classes} classes of the "
-            "evaluated dataset. Evaluate on the dataset the checkpoint was trained on, or check --arch"
+            f"weights {clf.source} classify {clf.num_classes} classes but the evaluated dataset has {num_classes}; "
+            "evaluate on the dataset the checkpoint was trained on"
         )
-    method = None
-    if isinstance(extra.get("method"), dict):
-        fields = dict(extra["method"])
-        fields["crop_scale"] = tuple(fields.get("crop_scale", MethodConfig.crop_scale))
-        method = MethodConfig(**fields)
-    if layer is not None and method is not None:
-        method = MethodConfig(**{**asdict(method), "layer": layer})
-    epoch = header.get("epoch")
-    info = {"arch": arch, "weights": report.source, "epochs": 0 if epoch is None else int(epoch) + 1}
-    return model.eval(), method, info
+    method = None if clf.method is None else replace(method_config_from_record(clf.method), layer=clf.layer)
+    return clf.model, method, {"arch": clf.arch, "weights": clf.source, "epochs": clf.epochs}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -199,7 +165,7 @@ def evaluate_checkpoint(
     top1/top5/iauc/cgc_loss and the fast CH come from ``engine.evaluate`` on
     centre crops at ``image_size``; with ``protocol="authors"`` CH is
     :func:`content_heatmap_authors` at ``short_side`` instead. root None is
-    allowed for ``synthetic`` (generated under :func:`default_synthetic_root`).
+    allowed for ``synthetic`` (generated under :func:`cgc_ray.data.synthetic_root`).
     layer: None takes the checkpoint's recorded Grad-CAM layer, else layer4.
     limit: evaluate only this many images, spread evenly over the split.
     synthetic_variant: for ``synthetic``, the generated variant; its images are
@@ -220,7 +186,7 @@ def evaluate_checkpoint(
     if root is None:
         if dataset != "synthetic":
             raise ValueError(f"dataset {dataset!r} needs a data root (--data-root); only 'synthetic' is embedded")
-        root = default_synthetic_root()
+        root = synthetic_root()
     options = {"variant": synthetic_variant, "image_size": image_size} if dataset == "synthetic" else {}
     recs = _subsample(records(dataset, root, split, **options), limit)
     if not recs:
@@ -234,7 +200,9 @@ def evaluate_checkpoint(
         num_classes = len(class_names(dataset, root, **options))
         model, method, info = load_model(checkpoint, num_classes, arch=arch, layer=layer)
     recorded = method is not None
-    method = method or MethodConfig(name="baseline", lam=0.0, layer=layer or "layer4")
+    # a file that records no method is scored as a baseline with the spec's CGC settings (tau, T, resolution)
+    method = method or MethodConfig(**{**method_config_kwargs(ExperimentSpec()), "name": "baseline", "lam": 0.0,
+                                       "layer": layer or "layer4"})
     model.to(device)
 
     out: dict[str, Any] = {"ch_protocol": protocol}
@@ -286,12 +254,12 @@ def evaluation_trial_id(config: Mapping[str, Any]) -> str:
 
 
 def result_row(result: Mapping[str, Any], *, node: str | None = None) -> dict[str, Any]:
-    """A row for ``cgc_ray.results.write_row`` from :func:`evaluate_checkpoint`'s result.
+    """A row for ``cgc_ray.results.table.write_row`` from :func:`evaluate_checkpoint`'s result.
 
     top1/top5/ch are converted to % (the table's unit); NaN metrics (e.g. CH
     on a dataset without boxes) become null.
     """
-    from cgc_ray.results import code_version, result_metrics, row_from_config
+    from cgc_ray.results.table import code_version, result_metrics, row_from_config
 
     config = result["config"]
     return row_from_config(

@@ -37,12 +37,36 @@ def _validate(q: Tensor, k: Tensor, tau: float, negatives: bool) -> None:
         )
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of each part and returns this rank's.
+
+    Equal per-rank batch sizes (the DistributedSampler's drop_last). Written
+    out because ``torch.distributed.nn.functional.all_gather`` is deprecated
+    and aborted gloo processes at exit here (SIGABRT, about one run in three).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> tuple[Tensor, ...]:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        g = torch.stack(grads)  # world x B x D
+        dist.all_reduce(g)
+        return g[dist.get_rank()]
+
+
 def _gather_with_grad(k: Tensor) -> tuple[Tensor, int]:
     """All ranks' keys (N_total x D), differentiable, and this rank's offset."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_nn
 
-    parts = dist_nn.all_gather(k)
+    parts = _GatherWithGrad.apply(k)
     rank = dist.get_rank()
     offset = sum(p.shape[0] for p in parts[:rank])
     return torch.cat(parts, dim=0), offset

@@ -1,0 +1,88 @@
+"""Config plumbing shared by every layer: the error type, path-field markers, and nested-dict helpers.
+
+No pydantic, torch or Ray: ``results`` and ``report`` group rows with these
+helpers without starting either. A spec tree is the ``model_dump(mode="json")``
+of an ``ExperimentSpec``; a dotted path such as ``"method.lam"`` names a leaf.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Mapping, NamedTuple
+
+
+class SpecError(ValueError):
+    """A user-facing problem with a spec: says which field, what was wrong, what to do."""
+
+
+class PathKind(NamedTuple):
+    """Marks a spec field that may hold a local path (see :func:`resolve_paths`).
+
+    ``kind``: ``"path"`` a plain path; ``"storage"`` a path or a URI; ``"weights"``
+    a path, ``swav:PATH``, or a name that is not a path (a torchvision enum).
+    """
+
+    kind: str
+
+
+LocalPath = Annotated[str, PathKind("path")]
+StoragePath = Annotated[str, PathKind("storage")]
+WeightsRef = Annotated[str, PathKind("weights")]
+
+
+
+# Dict-valued fields whose keys are free-form (the rest of a dotted path is the key).
+FREE_KEY_DICTS = {("sweep", "grid")}
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; ``sweep.grid`` stays one leaf (its keys are dotted paths)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v and (tuple(key.split(".")) not in FREE_KEY_DICTS):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def canonical(obj: Any) -> str:
+    """Canonical JSON (sorted keys, no spaces, no NaN): equal values give equal text."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
+
+
+def digest(obj: Any) -> str:
+    """12 hex of the sha256 of :func:`canonical`."""
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()[:12]
+
+
+def set_path(tree: dict, path: str, value: Any) -> dict:
+    """Set ``tree[a][b]... = value`` for ``path == "a.b..."``; unknown keys raise SpecError."""
+    parts = path.split(".")
+    node, walked = tree, []
+    for i, key in enumerate(parts):
+        if tuple(walked) in FREE_KEY_DICTS:
+            node[".".join(parts[i:])] = value
+            return tree
+        if not isinstance(node, dict) or key not in node:
+            where = ".".join(walked) or "<top level>"
+            valid = ", ".join(sorted(node)) if isinstance(node, dict) else "(none: not a section)"
+            raise SpecError(f"unknown field {path!r}: {key!r} is not a key of {where}; valid keys there: {valid}")
+        if i == len(parts) - 1:
+            node[key] = value
+        else:
+            node = node[key]
+            walked.append(key)
+    return tree
+
+
+def get_path(tree: Mapping[str, Any], path: str) -> Any:
+    """``tree[a][b]...`` for ``path == "a.b..."`` (None where a key is absent)."""
+    node: Any = tree
+    for key in path.split("."):
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(key)
+    return node

@@ -1,0 +1,89 @@
+"""The spec against the data on disk: is the dataset where the spec says, and can the sweep run on it.
+
+Called on the driver before any trial starts (where the data is visible there)
+and by every trial on the node that reads the data. Dataset facts come from
+the registry (``cgc_ray.data.registry``), their one home.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from cgc_ray.config.base import SpecError
+from cgc_ray.config.spec import ExperimentSpec
+from cgc_ray.data import registry
+
+
+def splits_read(dataset: str, shots: int | None) -> tuple[str, ...]:
+    """The splits a trial reads: the few-shot pool, or the training and evaluation splits."""
+    d = registry.info(dataset)
+    if shots is not None:
+        return d.fewshot_pool
+    return tuple(s for s in (d.train_split, d.eval_split) if s is not None)
+
+
+def check_data_root(spec: ExperimentSpec) -> None:
+    """Fail before any trial starts if ``data.root`` cannot hold the dataset.
+
+    Raises SpecError with the expected layout when a real dataset has no root,
+    when the root is missing, or when entries the trial's splits read are
+    absent. Checks every dataset, root and shot setting a sweep reaches.
+    """
+    for dataset in _swept_values(spec, "data.dataset", spec.data.dataset):
+        layout = registry.info(dataset).layout
+        for root in _swept_values(spec, "data.root", spec.data.root):
+            if dataset == "synthetic":
+                continue
+            if root is None:
+                raise SpecError(
+                    f"data.root is required for data.dataset={dataset!r} (only 'synthetic' is embedded); "
+                    f"pass --data-root or --set data.root=PATH. Expected layout:\n{layout}"
+                )
+            if not Path(root).expanduser().is_dir():
+                raise SpecError(f"data.root={root!r} does not exist; expected layout for {dataset}:\n{layout}")
+            for shots in _swept_values(spec, "data.shots", spec.data.shots):
+                folder, missing = registry.missing_entries(dataset, root, splits_read(dataset, shots))
+                if missing:
+                    raise SpecError(
+                        f"data.root={root!r} lacks {', '.join(missing)} for data.dataset={dataset!r} "
+                        f"(looked in {folder}); expected layout:\n{layout}"
+                    )
+
+
+def data_root_missing_here(spec: ExperimentSpec) -> list[str]:
+    """The dataset folders the sweep names that do not exist on this machine (embedded data needs none)."""
+    missing = []
+    for dataset in _swept_values(spec, "data.dataset", spec.data.dataset):
+        for root in _swept_values(spec, "data.root", spec.data.root):
+            if dataset != "synthetic" and root is not None and not Path(root).expanduser().is_dir():
+                missing.append(root)
+    return missing
+
+
+def _swept_values(spec: ExperimentSpec, path: str, current: Any) -> list[Any]:
+    return list(spec.sweep.grid.get(path, [current]))
+
+
+def validate_against_data(spec: ExperimentSpec, class_counts: Mapping[int, int]) -> None:
+    """Check the spec against the real dataset: few-shot needs shots < images per class.
+
+    ``class_counts``: label -> number of training images of that class. Every
+    swept value of ``data.shots`` is checked.
+    """
+    if not class_counts:
+        raise SpecError(f"data.dataset={spec.data.dataset!r} has no images: check data.root")
+    smallest = min(class_counts.values())
+    for shots in _swept_values(spec, "data.shots", spec.data.shots):
+        if shots is None or shots < smallest:
+            continue
+        short = sorted(c for c, n in class_counts.items() if n <= shots)
+        shown = ", ".join(f"class {c}: {class_counts[c]}" for c in short[:5])
+        more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+        raise SpecError(
+            f"data.shots={shots} leaves no validation image for {len(short)} class(es) ({shown}{more}); "
+            f"few-shot takes shots images per class for training and the rest for validation, "
+            f"so data.shots must be at most {smallest - 1} here"
+        )
+
+

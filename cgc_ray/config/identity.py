@@ -1,0 +1,98 @@
+"""What a trial is: overrides, the sweep's trials, and the content hash that names each trial.
+
+A trial's id is the hash of the fields that change what it computes; where it
+runs and how fast (:data:`NON_IDENTITY_FIELDS`) are left out, so the same trial
+on a laptop and on a cluster has the same id and its finished row is reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any, Mapping
+
+import yaml
+
+from cgc_ray.config.base import SpecError, digest, flatten, set_path
+from cgc_ray.config.spec import ExperimentSpec, validate_spec
+
+# Fields that say where or how fast a trial runs, not what it computes; they
+# are left out of trial_id so moving results to a cluster (other data root,
+# other storage, more CPUs) still recognises completed trials.
+NON_IDENTITY_FIELDS: frozenset[str] = frozenset(
+    {
+        "name",
+        "storage",
+        "data.root",
+        "data.num_workers",
+        "scaling.cpus_per_worker",
+        "scaling.gpus_per_worker",
+        "scaling.use_gpu",
+        "scaling.amp",
+        "scaling.channels_last",
+        "failure.max_retries",
+        "failure.checkpoint_every",
+        "eval_every",
+    }
+)
+
+
+
+def apply_overrides(spec: ExperimentSpec | Mapping[str, Any], overrides: list[str]) -> ExperimentSpec:
+    """Apply ``--set`` style overrides ``"a.b=value"``; values are parsed as YAML.
+
+    ``"method.lam=0.5"``, ``"data.shots=null"``, ``"sweep.grid.seed=[0,1,2]"``,
+    ``"optim.schedule={name: cosine}"``. Raises SpecError naming the path and
+    the valid keys at the level where it went wrong.
+    """
+    tree = validate_spec(spec).model_dump(mode="json")
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        path = path.strip()
+        if not sep or not path:
+            raise SpecError(f"override {item!r} must look like 'section.field=value'")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise SpecError(f"override {item!r}: value is not valid YAML: {e}") from None
+        set_path(tree, path, value)
+    return validate_spec(tree)
+
+
+def expand_trials(spec: ExperimentSpec) -> list[ExperimentSpec]:
+    """The grid product of ``spec.sweep`` as trial specs (each with an empty sweep).
+
+    Order is deterministic (axes in insertion order, values in given order);
+    trials with the same :func:`trial_id` appear once.
+    """
+    grid = spec.sweep.grid
+    base = spec.model_dump(mode="json")
+    base["sweep"] = {"grid": {}}
+    trials, seen = [], set()
+    for combo in itertools.product(*grid.values()):
+        tree = copy.deepcopy(base)
+        for path, value in zip(grid, combo):
+            set_path(tree, path, value)
+        trial = validate_spec(tree)
+        tid = trial_id(trial)
+        if tid not in seen:
+            seen.add(tid)
+            trials.append(trial)
+    return trials
+
+
+def trial_id(spec: ExperimentSpec | Mapping[str, Any]) -> str:
+    """Deterministic id of what a trial computes: 12 hex of sha256 of its canonical config.
+
+    Fields in :data:`NON_IDENTITY_FIELDS` (where/how fast it runs) are left out,
+    so the same trial on a laptop and on a cluster has the same id.
+    """
+    flat = flatten(validate_spec(spec).model_dump(mode="json"))
+    return digest({k: v for k, v in flat.items() if k not in NON_IDENTITY_FIELDS})
+
+
+def spec_hash(spec: ExperimentSpec | Mapping[str, Any]) -> str:
+    """12 hex of sha256 of the full resolved config (every field, unlike trial_id)."""
+    return digest(validate_spec(spec).model_dump(mode="json"))
+
+

@@ -1,0 +1,286 @@
+"""cgc-ray checkpoints, and the one reader of every weights file the product accepts.
+
+Writing: :func:`save_checkpoint` stores model, optimiser, scheduler, scaler,
+epoch (the last finished one), every RNG state, the metrics and an ``extra``
+dict (arch, number of classes, method, dataset), atomically. The model is saved
+unwrapped, so it loads into a plain torchvision model:
+``model.load_state_dict(torch.load(p, weights_only=True)["model"])``.
+
+Reading, for every consumer:
+
+- :func:`load_checkpoint` restores a training run (resume);
+- :func:`read_state_dict` returns the weights of any accepted source: a
+  cgc-ray checkpoint, a plain state_dict (``module.`` / ``_orig_mod.``
+  prefixes stripped), ``swav:PATH`` (SwAV's projection head and prototypes
+  dropped) or a torchvision enum name (``ResNet50_Weights.IMAGENET1K_V1``,
+  downloaded by torchvision when the machine is online);
+- :func:`read_header` the format, epoch and ``extra`` of a cgc-ray checkpoint;
+- :func:`load_classifier` builds the classifier a file describes, head
+  included, for evaluation and figures (the architecture is the one recorded,
+  else read off the state_dict's keys and shapes).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cgc_ray.method.cam import unwrap
+from cgc_ray.models.resnet import ARCHS, build_model
+
+CHECKPOINT_FORMAT = "cgc-ray-checkpoint/1"
+SWAV_DROPPED_PREFIXES = ("projection_head.", "prototypes.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_ENUM_NAME = re.compile(r"^(?P<cls>[A-Za-z0-9_]+_Weights)\.(?P<member>[A-Za-z0-9_]+)$")
+
+
+# ---------------------------------------------------------------- training state
+
+
+def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "generators": {k: g.get_state() for k, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    for k, g in generators.items():
+        if k in state["generators"]:
+            g.set_state(state["generators"][k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epoch: int,
+    *,
+    generators: dict[str, torch.Generator] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Atomically write model, optimiser, scheduler, epoch (last finished) and all RNG states.
+
+    ``model`` is saved unwrapped (no "module." prefix), so it loads into a
+    plain torchvision model. Loadable with ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "rng": _rng_state(generators or {}),
+        "metrics": metrics or {},
+        "extra": extra or {},
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    *,
+    generators: dict[str, torch.Generator] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote; returns the checkpoint dict (epoch, metrics, extra)."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a cgc-ray checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    unwrap(model).load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"], generators or {})
+    return state
+
+
+# ---------------------------------------------------------------- any weights file
+
+
+def _strip_prefixes(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p) :], True
+        out[k] = v
+    return out
+
+
+def _torch_load(path: Path) -> object:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights file {path} does not exist; pass a torchvision enum name "
+            "(e.g. ResNet50_Weights.IMAGENET1K_V1), 'swav:/path/to/ckpt' or an existing state_dict path"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain containers, so it cannot be loaded with "
+            f"weights_only=True; re-save just the state_dict (torch.save(model.state_dict(), path)). ({e})"
+        ) from e
+
+
+def _unwrap(obj: object, path: Path) -> dict:
+    """The state_dict inside a raw state_dict, a {"model": ...} (cgc-ray) or {"state_dict": ...} wrapper."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{path} is not a state_dict (name -> tensor), nor a dict holding one under 'model' or 'state_dict'"
+        )
+    return _strip_prefixes(obj)
+
+
+def read_state_dict(weights: str, *, arch: str) -> tuple[dict[str, torch.Tensor], str, tuple[str, ...]]:
+    """(state_dict with wrapper prefixes stripped, description of the source, dropped keys)."""
+    m = _ENUM_NAME.match(weights)
+    if m and not Path(weights).exists():
+        from torchvision.models import get_weight
+
+        expected = arch.replace("_", "").lower()
+        if m["cls"][: -len("_Weights")].replace("_", "").lower() != expected:
+            raise ValueError(f"weights {weights!r} are for a different architecture than arch={arch!r}")
+        try:
+            enum = get_weight(weights)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"unknown torchvision weights {weights!r}: {e}") from e
+        return dict(enum.get_state_dict(progress=False)), f"torchvision:{weights}", ()
+    if weights.startswith("swav:"):
+        path = Path(weights[len("swav:") :]).expanduser()
+        state = _unwrap(_torch_load(path), path)
+        dropped = tuple(sorted(k for k in state if k.startswith(SWAV_DROPPED_PREFIXES)))
+        return {k: v for k, v in state.items() if k not in dropped}, f"swav:{path}", dropped
+    path = Path(weights).expanduser()
+    return _unwrap(_torch_load(path), path), str(path), ()
+
+
+def read_header(weights: str | os.PathLike) -> dict[str, Any]:
+    """``{"epoch", "extra"}`` of a cgc-ray checkpoint, or {} for any other weights source."""
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        return {}
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a weights-only file: read_state_dict reports it with the path
+        return {}
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return {"epoch": state.get("epoch"), "extra": dict(state.get("extra") or {})}
+    return {}
+
+
+def infer_arch(state: dict[str, torch.Tensor]) -> str:
+    """The entry of ``ARCHS`` whose parameters have exactly the keys and shapes of ``state``.
+
+    Models are built on the meta device (no memory, no init cost); BatchNorm's
+    ``num_batches_tracked`` counters are ignored (older checkpoints lack them).
+    """
+    if "fc.weight" not in state:
+        raise ValueError("the state_dict has no 'fc.weight'; pass --arch explicitly (a torchvision ResNet layout)")
+    num_classes = state["fc.weight"].shape[0]
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    for arch in ARCHS:
+        with torch.device("meta"):
+            own = build_model(arch, max(num_classes, 2)).state_dict()
+        if shapes == {k: tuple(v.shape) for k, v in own.items() if not k.endswith("num_batches_tracked")}:
+            return arch
+    raise ValueError(
+        f"the state_dict ({len(shapes)} tensors, fc {tuple(state['fc.weight'].shape)}) matches none of {list(ARCHS)}; "
+        "pass the architecture with --arch"
+    )
+
+
+@dataclass
+class Classifier:
+    """A classifier loaded from a weights file, in eval mode.
+
+    ``layer``: the Grad-CAM layer it was trained with (else layer4);
+    ``method``: the ``MethodConfig`` fields a cgc-ray checkpoint records (None
+    for other files); ``epochs``: epochs trained (0 when unknown).
+    """
+
+    model: nn.Module
+    arch: str
+    num_classes: int
+    layer: str
+    method: dict[str, Any] | None
+    epochs: int
+    source: str
+
+
+def load_classifier(weights: str | os.PathLike, *, arch: str | None = None, layer: str | None = None) -> Classifier:
+    """Build the classifier ``weights`` holds, head included (see :func:`read_state_dict` for the sources).
+
+    arch: None takes the one a cgc-ray checkpoint records, else the torchvision
+    enum's, else :func:`infer_arch`. Raises ValueError when the weights do not
+    fit the architecture.
+    """
+    weights = str(weights)
+    header = read_header(weights)
+    extra = header.get("extra", {})
+    enum = _ENUM_NAME.match(weights)
+    arch = arch or extra.get("arch") or (
+        f"resnet{enum['cls'].removeprefix('ResNet').removesuffix('_Weights')}" if enum else None)
+    state, source, _ = read_state_dict(weights, arch=arch or "")
+    arch = arch or infer_arch(state)
+    if "fc.weight" not in state:
+        raise ValueError(f"weights {source} have no classification head (fc.weight): they cannot classify")
+    num_classes = state["fc.weight"].shape[0]
+    model = build_model(arch, num_classes)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"weights {source} do not fit arch={arch!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    method = dict(extra["method"]) if isinstance(extra.get("method"), dict) else None
+    epoch = header.get("epoch")
+    return Classifier(model.eval(), arch, num_classes, layer or (method or {}).get("layer") or "layer4", method,
+                      0 if epoch is None else int(epoch) + 1, source)

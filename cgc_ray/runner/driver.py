@@ -1,0 +1,196 @@
+"""The sweep driver: validate, schedule every pending trial of a spec as a Ray Tune trial, collect.
+
+It orchestrates only: figures and reports are drawn after it returns, by the
+caller. What runs inside each trial is :mod:`cgc_ray.runner.worker`; what a
+trial asks of the cluster, :mod:`cgc_ray.runner.resources`; which Ray it
+attaches to, :mod:`cgc_ray.runner.cluster`.
+
+* Nothing is lost and nothing runs twice. Trial ids are content hashes of the
+  resolved trial config; a trial whose row is in the results is skipped; a
+  trial's checkpoint lives under the storage URI
+  (``<storage>/_checkpoints/<experiment>/<trial_id>/checkpoint.pt``), so a
+  retried trial (``FailureConfig``), a trial moved off a lost node or a re-run
+  of the whole command resumes from its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from cgc_ray.config import (
+    ExperimentSpec,
+    check_data_root,
+    data_root_missing_here,
+    expand_trials,
+    is_uri,
+    resolve_paths,
+    spec_hash,
+    trial_id,
+    validate_spec,
+)
+from cgc_ray.results.table import code_version, completed_trial_ids
+from cgc_ray.runner.cluster import cluster_view, connect, find_cluster
+from cgc_ray.runner.resources import (
+    ResourceError,
+    _concurrent_room,
+    check_fits,
+    trial_bundles,
+    use_gpu,
+)
+from cgc_ray.runner.worker import _trial_by_id, ray_storage_path
+
+# ---------------------------------------------------------------- the driver
+
+
+def _ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _is_local(storage: str) -> bool:
+    return not is_uri(storage)
+
+
+def _local_storage_message(storage: str, reason: str) -> str:
+    return (
+        f"storage={storage!r} is a local folder but {reason}: rows and checkpoints would land on the disks of "
+        "whichever node runs each trial. Use storage every node reaches: --storage s3://BUCKET/PREFIX (or set "
+        "CGC_RAY_STORAGE in the cluster's config), or file:///shared/mount for a filesystem all nodes mount"
+    )
+
+
+def _check_data_where_we_can(spec: ExperimentSpec, *, on_this_node: bool) -> None:
+    """Check the data root (and few-shot class counts) here, or say why the check is left to the trials.
+
+    On our own Ray this machine is the node that reads the data. Attached to a
+    cluster, the driver checks only what exists here; a root missing on this
+    node is checked by each trial on the node that reads it.
+    """
+    from cgc_ray.train.trial import (
+        check_trials_against_data,  # torch: not needed to import this module
+    )
+
+    missing = data_root_missing_here(spec)
+    if missing and not on_this_node:
+        print(f"cgc-ray: data.root {', '.join(missing)} is not on this node (the driver's): the data check is "
+              "skipped here; each trial checks it on the node that reads it", file=sys.stderr)
+        return
+    check_data_root(spec)
+    check_trials_against_data(expand_trials(spec))
+
+
+@dataclass
+class ExperimentResult:
+    """What one ``run_experiment`` call did.
+
+    ``metrics``: trial id -> the last result Tune got from that trial in this
+    call (for a finished trial: the result columns plus ``epoch``,
+    ``node_id`` (the Ray node of rank 0) and ``resumed_from_epoch`` (epochs a
+    checkpoint had already done when its last attempt started)).
+    """
+
+    trial_ids: list[str]
+    skipped: list[str]
+    ran: list[str]
+    failed: dict[str, str]
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def run_experiment(
+    spec: ExperimentSpec | Mapping[str, Any],
+    *,
+    address: str | None = None,
+    progress: bool = True,
+    max_concurrent: int | None = None,
+    autoscale: bool = False,
+) -> ExperimentResult:
+    """Run every trial of ``spec`` not yet in the results; returns what ran and what failed.
+
+    Validates the spec and the data root, and checks that one trial fits the
+    cluster's nodes (unless ``autoscale``: nodes may still be coming) before
+    any trial starts.
+    """
+    spec = resolve_paths(validate_spec(spec))  # idempotent; the CLI resolved against the user's folder already
+    if autoscale and _is_local(spec.storage):
+        raise ResourceError(_local_storage_message(spec.storage, "--autoscale adds nodes"))
+    if _ray_initialized():  # a caller's Ray (a notebook, the tests): this process is already attached
+        view = cluster_view(own=False)
+        on_this_node = not view.multi_node
+    else:
+        view, on_this_node = None, find_cluster(address) is None
+    _check_data_where_we_can(spec, on_this_node=on_this_node)
+    trials = expand_trials(spec)
+    ids = [trial_id(t) for t in trials]
+    done = completed_trial_ids(spec.storage, spec.name)
+    pending = [(t, i) for t, i in zip(trials, ids) if i not in done]
+    skipped = [i for i in ids if i in done]
+    if not pending:
+        return ExperimentResult(ids, skipped, [], {})
+
+    from ray import tune
+
+    if view is None:
+        view = cluster_view(own=connect(address))
+    if view.multi_node and _is_local(spec.storage):
+        reason = (f"this cluster has {len(view.nodes)} nodes" if len(view.nodes) > 1
+                  else f"its autoscaler can add nodes ({', '.join(view.node_types)})")
+        raise ResourceError(_local_storage_message(spec.storage, reason))
+    gpu = use_gpu(spec, view, autoscale=autoscale)
+    nodes = view.placement_nodes()
+    if not (autoscale and not view.node_types):  # without the node types, nodes may still be coming
+        for t, _ in pending:
+            check_fits(trial_bundles(t, gpu), nodes, what=f"one trial of {spec.name!r}")
+    version = code_version()
+    configs = [
+        {"spec": t.model_dump(mode="json"), "trial_id": i, "spec_hash": spec_hash(t), "use_gpu": gpu,
+         "code_version": version}
+        for t, i in pending
+    ]
+    by_id = {c["trial_id"]: c for c in configs}
+    # one resource shape per experiment: scaling is not a sweep axis that changes bundles mid-run
+    bundles = trial_bundles(pending[0][0], gpu)
+    if len(bundles) > 1:
+        # DDP: the TorchTrainer reserves its workers itself; Tune holds only the waiting function, and
+        # starts no more trials than the cluster has room for workers (else trainers queue for resources)
+        room = _concurrent_room(bundles[1:], nodes)
+        max_concurrent = min(max_concurrent or room, room)
+        bundles = bundles[:1]
+    callbacks = []
+    if progress:
+        from cgc_ray.runner.progress import RichProgress
+
+        callbacks.append(RichProgress(total=len(ids), already_done=len(skipped), experiment=spec.name))
+    # Tune shows and names trials by id; the full config is looked up on the worker
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial_by_id, table=by_id),
+                            tune.PlacementGroupFactory(bundles, strategy="PACK")),
+        param_space={"trial_id": tune.grid_search(list(by_id))},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent,
+            trial_name_creator=lambda tr: tr.config["trial_id"],
+            trial_dirname_creator=lambda tr: tr.config["trial_id"],
+        ),
+        run_config=tune.RunConfig(
+            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",  # Ray's run state; results are keyed by trial id
+            storage_path=ray_storage_path(spec.storage),
+            failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+    grid = tuner.fit()
+    now_done = completed_trial_ids(spec.storage, spec.name)
+    failed = {}
+    for r in grid:
+        tid = r.config["trial_id"]
+        if tid not in now_done:
+            failed[tid] = str(r.error) if r.error else "no result row was written"
+    ran = [c for c in by_id if c in now_done]
+    metrics = {r.config["trial_id"]: dict(r.metrics or {}) for r in grid}
+    return ExperimentResult(ids, skipped, ran, failed, metrics)
+
+
