@@ -11,6 +11,10 @@ import os
 
 import pytest
 
+# Ray on loopback only (read when Ray is imported): no traffic to this host's network address
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 # Every --set a test passes to shrink a demo preset to seconds on 2 CPU cores.
 TINY = [
     "optim.epochs=1",

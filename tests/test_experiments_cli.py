@@ -46,15 +46,15 @@ def _script(name: str, *args: str, **kw) -> subprocess.CompletedProcess:
 
 def test_lambda_ablation_sweep_and_lambda_table(ray_session, tmp_path):
     rows = _run("lambda_ablation", tmp_path, "sweep.grid.method.lam=[0.0, 1.0]", "sweep.grid.seed=[0]")
-    assert sorted(r["lam"] for r in rows) == [0.0, 1.0]
+    assert sorted((r["lam"], r["method"]) for r in rows) == [(0.0, "baseline"), (1.0, "cgc")]  # λ = 0 trains L_CE only
     for r in rows:
-        assert r["method"] == "cgc" and r["dataset"] == "synthetic" and r["arch"] == "resnet_small"
+        assert r["status"] == "finished" and r["dataset"] == "synthetic" and r["arch"] == "resnet_small"
         assert r["epochs"] == 1 and r["shots"] is None and r["episode"] == 0
         assert 0 <= r["top1"] <= 100 and 0 <= r["ch"] <= 100 and r["cgc_loss"] > 0
         assert r["top5"] is None  # the demo preset does not compute top-5
     md = report(str(tmp_path), "lambda_ablation", "markdown")
     header = next(line for line in md.splitlines() if line.startswith("| metric"))
-    assert header.split("|")[2:4] == [" λ=0 ", " λ=1 "]
+    assert header.split("|")[2:4] == [" λ=0 (baseline) ", " λ=1 "]
     top1 = next(line for line in md.splitlines() if line.startswith("| top1"))
     by_lam = {r["lam"]: r["top1"] for r in rows}
     assert f"{by_lam[0.0]:.2f} (1)" in top1.split("|")[2] and f"{by_lam[1.0]:.2f} (1)" in top1.split("|")[3]

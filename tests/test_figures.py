@@ -143,8 +143,8 @@ def test_load_row_from_cgc_checkpoint_and_plain_state_dict(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     save_checkpoint(ckpt, model, opt, None, 3, extra={"method": {"name": "cgc", "lam": 0.8, "layer": "layer3"}})
-    c, arch = fg.load_row(ckpt)
-    assert (arch, c.layer) == ("resnet_small", "layer3") and "cgc λ=0.8" in c.label and not c.model.training
+    c, loaded = fg.load_row(ckpt)
+    assert (loaded.arch, c.layer) == ("resnet_small", "layer3") and "cgc λ=0.8" in c.label and not c.model.training
     assert all(torch.equal(c.model.state_dict()[k], v) for k, v in model.state_dict().items())
     assert load_classifier(ckpt).epochs == 4 and load_classifier(ckpt).method["lam"] == 0.8
 
@@ -152,8 +152,8 @@ def test_load_row_from_cgc_checkpoint_and_plain_state_dict(tmp_path):
     r18 = build_model("resnet18", 7)
     plain = tmp_path / "r18.pth"
     torch.save({f"module.{k}": v for k, v in r18.state_dict().items()}, plain)  # DataParallel prefix
-    c18, arch18 = fg.load_row(plain)
-    assert (arch18, c18.layer, c18.label) == ("resnet18", "layer4", "r18")
+    c18, loaded18 = fg.load_row(plain)
+    assert (loaded18.arch, c18.layer, c18.label) == ("resnet18", "layer4", "r18")
     assert torch.equal(c18.model.fc.weight, r18.fc.weight)
     with pytest.raises(ValueError, match="do not fit arch='resnet34'"):
         fg.load_row(plain, arch="resnet34")

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from cgc_ray.config import ExperimentSpec, SpecError, apply_overrides
 from cgc_ray.models.resnet import build_model

@@ -17,7 +17,7 @@ from cgc_ray.config import (
     trial_id,
 )
 from cgc_ray.results import plots as pl
-from cgc_ray.results import report as rp
+from cgc_ray.results import stats
 from cgc_ray.results.table import read_rows, row_from_config, write_row
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -72,7 +72,7 @@ def test_plots_draw_report_numbers(tmp_path):
     _lambda_rows(tmp_path)
     _fewshot_rows(tmp_path)
     table = read_rows(str(tmp_path))
-    groups, paired = rp.summarize(table), rp.paired_differences(table)
+    groups, paired = stats.summarize(table), stats.paired_differences(table)
 
     lam = pl.plot_lambda_ablation(groups)
     top1_ax, ch_ax = lam.axes

@@ -22,6 +22,7 @@ from cgc_ray.config import (
     trial_id,
 )
 from cgc_ray.results import report as rp
+from cgc_ray.results import stats
 from cgc_ray.results.table import (
     FILE_SCHEMA,
     SCHEMA,
@@ -131,20 +132,23 @@ def test_missing_storage_reads_empty(tmp_path):
 # --------------------------------------------------------------------------- statistics
 
 
-def test_t_quantile_matches_scipy():
-    from scipy import stats
+def test_t_quantile_is_scipys():
+    from scipy import stats as st
 
-    for df in list(range(1, 60)) + [100, 1000]:
-        assert rp.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-6)
+    for df in (1, 2, 5, 30, 31, 100, 1000):
+        assert stats.t_quantile(df) == st.t.ppf(0.975, df)
+    assert stats.t_quantile(2) == pytest.approx(4.302653, abs=1e-6)  # the table value
     with pytest.raises(ValueError):
-        rp.t_quantile_975(0)
+        stats.t_quantile(0)
 
 
 def test_describe_hand_values():
-    s = rp.describe([50.0, 52.0, 57.0])
+    s = stats.describe([50.0, 52.0, 57.0])
     assert s.mean == pytest.approx(53.0) and s.std == pytest.approx(math.sqrt(13.0)) and s.n == 3
-    one = rp.describe([4.0])
-    assert (one.mean, one.std, one.n) == (4.0, None, 1)
+    half = 4.302653 * math.sqrt(13.0) / math.sqrt(3)
+    assert s.ci == pytest.approx((53.0 - half, 53.0 + half), abs=1e-5)
+    one = stats.describe([4.0])
+    assert (one.mean, one.std, one.n, one.ci) == (4.0, None, 1, None)
 
 
 def _fewshot_results(tmp_path):
@@ -161,21 +165,21 @@ def _fewshot_results(tmp_path):
 def test_paired_difference_hand_computed(tmp_path):
     _fewshot_results(tmp_path)
     table = read_rows(str(tmp_path))
-    groups = {g.labels["method.name"]: g for g in rp.summarize(table)}
+    groups = {g.labels["method.name"]: g for g in stats.summarize(table)}
     assert set(groups) == {"baseline", "cgc"}
     assert groups["baseline"].stats["top1"].mean == pytest.approx(53.0)
     assert groups["baseline"].stats["top1"].std == pytest.approx(math.sqrt(13.0))
     assert groups["cgc"].stats["top1"].mean == pytest.approx(166 / 3)
-    (p,) = rp.paired_differences(table)
+    (p,) = stats.paired_differences(table)
     d = p.stats["top1"]
     mean, sd = 7 / 3, math.sqrt(13 / 3)  # d = (3, 0, 4)
     half = 4.302653 * sd / math.sqrt(3)
-    assert (p.method, d.n) == ("cgc", 3)
+    assert (p.method, d.n, p.unpaired) == ("cgc", 3, 0)
     assert d.mean == pytest.approx(mean) and d.std == pytest.approx(sd)
     assert d.ci == pytest.approx((mean - half, mean + half), abs=1e-5)
-    from scipy import stats
+    from scipy import stats as st
 
-    assert d.ci == pytest.approx(stats.t.interval(0.95, 2, loc=mean, scale=sd / math.sqrt(3)), abs=1e-5)
+    assert d.ci == pytest.approx(st.t.interval(0.95, 2, loc=mean, scale=sd / math.sqrt(3)), abs=1e-5)
     assert p.stats["ch"].mean == pytest.approx(0.0) and p.stats["ch"].std == pytest.approx(0.0)
 
 
@@ -187,11 +191,14 @@ def test_fewshot_layout_and_formats(tmp_path):
     row = next(line for line in md.splitlines() if line.startswith("| synthetic"))
     assert "| 5 | 53.00±3.61 (3) | 55.33±" in row and "+2.33 [-2.84, 7.50] (3)" in row
     recs = json.loads(rp.report(str(tmp_path), None, "json"))
-    paired = [r for r in recs if r["kind"] == "cgc-baseline" and r["metric"] == "top1"]
+    paired = [r for r in recs if r["kind"] == "paired" and r["metric"] == "top1"]
     assert len(paired) == 1 and paired[0]["mean"] == pytest.approx(7 / 3) and paired[0]["n"] == 3
+    assert paired[0]["method"] == "cgc" and paired[0]["ci_low"] == pytest.approx(7 / 3 - 4.302653 * math.sqrt(13 / 3)
+                                                                                   / math.sqrt(3), abs=1e-5)
     csv_text = rp.report(str(tmp_path), None, "csv")
-    assert csv_text.splitlines()[0].startswith("kind,experiment,") and len(csv_text.splitlines()) == 1 + len(recs)
-    rich_text = rp.report(str(tmp_path), None, "rich")
+    assert csv_text.splitlines()[0].startswith("schema_version,experiment,kind,method,")
+    assert len(csv_text.splitlines()) == 1 + len(recs)
+    rich_text = rp.report(str(tmp_path), None, "rich", width=250)
     assert "55.33±" in rich_text and "+2.33 [-2.84, 7.50] (3)" in rich_text
 
 
@@ -203,24 +210,26 @@ def test_lambda_layout(tmp_path):
     _write_all(tmp_path, [(t, {"top1": 60 + 10 * t.method.lam + t.seed, "ch": 50 - t.method.lam}) for t in trials])
     md = rp.report(str(tmp_path), "lambda_ablation", "markdown")
     lines = md.splitlines()
-    assert "| metric | λ=0 | λ=0.1 | λ=1 |" in lines
+    assert "| metric | λ=0 (baseline) | λ=0.1 | λ=1 |" in lines
     assert "| top1 | 60.50±0.71 (2) | 61.50±0.71 (2) | 70.50±0.71 (2) |" in lines
     assert "| ch | 50.00±0.00 (2) | 49.90±0.00 (2) | 49.00±0.00 (2) |" in lines
+    assert "| cgc λ=1 − baseline | +10.00 [10.00, 10.00] (2) | -1.00 [-1.00, -1.00] (2) |" in lines
 
 
-def test_methods_layout_groups_baselines_across_lambda(tmp_path):
-    """A baseline ignores lambda: baselines from lam presets 1.0 and 0.5 form one group."""
+def test_baselines_of_different_lambda_presets_are_one_trial(tmp_path):
+    """A baseline ignores λ (and τ, T, ...): the same trial id whatever the preset's CGC settings."""
     spec = load_spec(PRESETS["imagenet_demo"])
-    trials = expand_trials(spec) + [apply_overrides(spec, ["sweep.grid={}", "method.name=baseline", "method.lam=0.5"])]
+    base = apply_overrides(spec, ["sweep.grid={}", "method.name=baseline"])
+    other = apply_overrides(base, ["method.lam=0.5", "method.tau=0.1", "method.crop_scale=[0.5, 1.0]"])
+    assert trial_id(base) == trial_id(other)
+    assert trial_id(apply_overrides(base, ["method.name=cgc", "method.lam=0"])) == trial_id(base)  # λ = 0: CE only
+    assert trial_id(apply_overrides(base, ["method.name=cgc"])) != trial_id(base)
+    trials = expand_trials(spec)
     metrics = {"baseline": 70.0, "cgc": 68.0, "cgc_no_neg": 66.0}
-    _write_all(tmp_path, [(t, {"top1": metrics[t.method.name] + t.method.lam}) for t in trials])
-    groups = rp.summarize(read_rows(str(tmp_path)))
-    assert len(groups) == 3
-    base = next(g for g in groups if g.labels["method.name"] == "baseline")
-    assert base.stats["top1"].n == 2 and base.stats["top1"].mean == pytest.approx(70.75)
+    _write_all(tmp_path, [(t, {"top1": metrics[t.method.name]}) for t in trials])
     md = rp.report(str(tmp_path), fmt="markdown")
-    assert "| method | top1 |" in md and "| cgc | 69.00 (1) |" in md and "| baseline | 70.75±0.35 (2) |" in md
-    assert "| cgc − baseline | -1.75 (1) |" in md
+    assert "| method | top1 |" in md and "| cgc | 68.00 (1) |" in md and "| baseline | 70.00 (1) |" in md
+    assert "| cgc λ=1 − baseline | -2.00 (1) |" in md
 
 
 def test_cli_report(tmp_path, capsys):
@@ -228,7 +237,7 @@ def test_cli_report(tmp_path, capsys):
     assert "no finished trials" in capsys.readouterr().out
     _fewshot_results(tmp_path)
     assert cli_main(["report", "--storage", str(tmp_path), "--experiment", "fewshot", "--format", "csv"]) == 0
-    assert "cgc-baseline" in capsys.readouterr().out
+    assert ",paired,cgc," in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("module", ["cgc_ray.results.report", "cgc_ray.results.table", "cgc_ray.cli.main"])

@@ -1,6 +1,5 @@
 """ExperimentSpec: validation messages, overrides, grid expansion, trial ids, presets, data checks."""
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -9,12 +8,14 @@ import pytest
 import yaml
 
 from cgc_ray.config import (
+    CGC_ONLY_FIELDS,
     NON_IDENTITY_FIELDS,
     PRESETS,
     ExperimentSpec,
     SpecError,
     apply_overrides,
     check_data_root,
+    effective_method,
     expand_trials,
     load_spec,
     method_config_kwargs,
@@ -23,6 +24,7 @@ from cgc_ray.config import (
     validate_against_data,
     validate_spec,
 )
+from cgc_ray.config.base import flatten
 from cgc_ray.data import DATASETS
 
 
@@ -152,29 +154,65 @@ def test_spec_without_sweep_is_one_trial():
     assert expand_trials(spec) == [spec]
 
 
-def test_trial_id_definition_and_invariances():
-    spec = ExperimentSpec()
-    tid = trial_id(spec)
-    flat = {}
+# One change per leaf of the spec (a path may need companions to stay valid). A new field fails
+# test_every_field_is_covered until it is listed here, so its effect on trial ids is decided, not assumed.
+CHANGES = {
+    "name": ["name=other"], "seed": ["seed=1"], "storage": ["storage=s3://b/p"],
+    "data.dataset": ["data.dataset=cub200"], "data.root": ["data.root=/x"], "data.image_size": ["data.image_size=64"],
+    "data.batch_size": ["data.batch_size=32"], "data.num_workers": ["data.num_workers=0"],
+    "data.shots": ["data.shots=5"], "data.episode": ["data.episode=3"], "data.percent": ["data.percent=1"],
+    "data.split_file": ["data.percent=1", "data.split_file=/x/1percent.txt"],
+    "data.train_crop_scale": ["data.train_crop_scale=[0.5, 1.0]"], "data.synthetic.variant": ["data.synthetic.variant=spurious"],
+    "data.synthetic.seed": ["data.synthetic.seed=1"], "data.synthetic.n_train_per_class": ["data.synthetic.n_train_per_class=9"],
+    "data.synthetic.n_test_per_class": ["data.synthetic.n_test_per_class=9"], "data.synthetic.p_cue": ["data.synthetic.p_cue=0.5"],
+    "model.arch": ["model.arch=resnet50"], "model.weights": ["model.weights=/w.pt"], "model.layer": ["model.layer=layer3"],
+    "method.name": ["method.name=cgc_no_neg"], "method.lam": ["method.lam=0.5"], "method.tau": ["method.tau=0.1"],
+    "method.resolution": ["method.resolution=feature"], "method.anchor": ["method.anchor=authors"],
+    "method.negatives": ["method.negatives=global"], "method.crop_scale": ["method.crop_scale=[0.3, 1.0]"],
+    "optim.lr": ["optim.lr=0.01"], "optim.head_lr": ["optim.head_lr=1.0"], "optim.momentum": ["optim.momentum=0.5"],
+    "optim.weight_decay": ["optim.weight_decay=0"], "optim.nesterov": ["optim.nesterov=true"],
+    "optim.epochs": ["optim.epochs=10"], "optim.warmup_epochs": ["optim.warmup_epochs=5"],
+    "optim.schedule.name": ["optim.schedule={name: cosine}"], "optim.schedule.milestones": ["optim.schedule.milestones=[10]"],
+    "optim.schedule.gamma": ["optim.schedule.gamma=0.5"], "scaling.num_workers": ["scaling.num_workers=2"],
+    "scaling.cpus_per_worker": ["scaling.cpus_per_worker=4"], "scaling.gpus_per_worker": ["scaling.gpus_per_worker=0.5"],
+    "scaling.use_gpu": ["scaling.use_gpu=false"], "scaling.amp": ["scaling.amp=false"],
+    "scaling.channels_last": ["scaling.channels_last=false"], "failure.max_retries": ["failure.max_retries=0"],
+    "failure.checkpoint_every": ["failure.checkpoint_every=5"], "sweep.grid": ["sweep.grid.seed=[0]"],
+    "metrics": ["metrics=[top1]"], "eval_every": ["eval_every=5"],
+}
 
-    def walk(tree, prefix=""):
-        for k, v in tree.items():
-            key = prefix + k
-            if isinstance(v, dict) and v and key != "sweep.grid":
-                walk(v, key + ".")
-            else:
-                flat[key] = v
 
-    walk(spec.model_dump(mode="json"))
-    ident = {k: v for k, v in flat.items() if k not in NON_IDENTITY_FIELDS}
-    expected = hashlib.sha256(json.dumps(ident, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
-    assert tid == expected and len(tid) == 12
-    # Where/how fast does not change the id; what is computed does.
-    moved = apply_overrides(spec, ["storage=s3://b/p", "data.root=/x", "data.num_workers=9", "scaling.cpus_per_worker=10"])
-    assert trial_id(moved) == tid and spec_hash(moved) != spec_hash(spec)
-    assert trial_id(apply_overrides(spec, ["method.lam=1"])) == tid  # 1 and 1.0 are the same lam
-    for change in ["method.lam=0.5", "seed=1", "data.episode=3", "method.name=baseline", "optim.lr=0.01"]:
-        assert trial_id(apply_overrides(spec, [change])) != tid, change
+def test_every_field_is_covered():
+    assert set(CHANGES) == set(flatten(ExperimentSpec().model_dump(mode="json")))
+
+
+@pytest.mark.parametrize("path", sorted(CHANGES))
+def test_trial_id_changes_exactly_with_what_a_trial_computes(path):
+    cgc = ExperimentSpec()
+    baseline = apply_overrides(cgc, ["method.name=baseline"])
+    for spec in (cgc, baseline):
+        changed = apply_overrides(spec, CHANGES[path])
+        if path == "sweep.grid":  # a sweep's trials have an empty grid: its one trial is the spec itself
+            changed = expand_trials(changed)[0]
+        kept = path in NON_IDENTITY_FIELDS or path == "sweep.grid" or (
+            spec.method.name == "baseline" and path in CGC_ONLY_FIELDS)
+        if spec.method.name == "baseline" and path == "method.name":
+            kept = False  # baseline -> cgc_no_neg
+        assert (trial_id(changed) == trial_id(spec)) == kept, (path, spec.method.name)
+        assert spec_hash(changed) != spec_hash(spec) or path == "sweep.grid"
+    assert len(trial_id(cgc)) == 12 and trial_id(cgc) == trial_id(ExperimentSpec())
+
+
+def test_lambda_zero_is_a_baseline_and_one_baseline_serves_every_lambda():
+    spec = apply_overrides(ExperimentSpec(), ["sweep.grid.method.name=[baseline, cgc]",
+                                              "sweep.grid.method.lam=[0.0, 0.4, 0.8]", "sweep.grid.seed=[0, 1]"])
+    trials = expand_trials(spec)
+    # baseline x {0, .4, .8} and cgc x {0} are one trial per seed; cgc x {.4, .8} two more
+    assert len(trials) == 6
+    assert sorted((effective_method(t), t.method.lam if t.method.name != "baseline" else None) for t in trials) == [
+        ("baseline", None), ("baseline", None), ("cgc", 0.4), ("cgc", 0.4), ("cgc", 0.8), ("cgc", 0.8)]
+    assert trial_id(apply_overrides(ExperimentSpec(), ["method.lam=0"])) == \
+        trial_id(apply_overrides(ExperimentSpec(), ["method.name=baseline"]))
 
 
 def test_method_config_kwargs():

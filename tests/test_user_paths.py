@@ -128,7 +128,7 @@ def test_script_with_relative_storage_and_data_root_then_report(tmp_path):
               "--dataset", "synthetic", "--data-root", "data", "--no-progress", "--no-report",
               *_sets("sweep.grid.method.lam=[0.0, 0.5]", "sweep.grid.seed=[0]")], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "2 ran now, 0 failed" in p.stderr
+    assert "2 ran now (0 diverged), 0 failed" in p.stderr
     rows = read_rows(str(tmp_path / "results"), "lambda_ablation").to_pylist()
     assert sorted(r["lam"] for r in rows) == [0.0, 0.5]
     assert any((tmp_path / "data").rglob("images.txt"))  # the embedded set was generated under ./data

@@ -32,6 +32,8 @@ from cgc_ray.config import (
     load_spec,
     resolve_paths,
 )
+from cgc_ray.config.spec import TV_WEIGHTS_RE
+from cgc_ray.models.archs import ARCHS, TORCHVISION_ARCHS
 
 # Defaults a cluster sets in its nodes' environment (cluster/gpu.yaml), used when the flag is absent.
 ENV_STORAGE = "CGC_RAY_STORAGE"
@@ -58,7 +60,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: $CGC_RAY_DATA_ROOT); omit both for the embedded demo dataset")
     p.add_argument("--dataset", default=None, help="dataset of the paper preset (e.g. cub200, cars196, imagenet100)")
-    p.add_argument("--arch", default=None, help="resnet18 or resnet50 where the paper has both")
+    p.add_argument("--arch", default=None, choices=ARCHS,
+                   help="the architecture (model.arch); ImageNet-pretrained presets take that arch's torchvision "
+                        "weights; refused where the preset's weights exist for one arch only (SwAV ResNet50)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), metavar="NAME",
                    help="a preset from cgc_ray.config.PRESETS")
     p.add_argument("--spec", default=None, help="a YAML or JSON spec file (instead of a preset)")
@@ -100,6 +104,8 @@ def resolve_spec(args: argparse.Namespace, experiment: str | None):
             raise SpecError(f"no preset {name!r} (from --dataset {args.dataset!r}); presets: {sorted(PRESETS)}")
         spec = load_spec(PRESETS[name])
     overrides = list(args.overrides)
+    if args.arch is not None:
+        overrides = _arch_overrides(spec, args.arch) + overrides
     storage = args.storage
     if storage is None and spec.storage == DEFAULT_STORAGE:
         storage = os.environ.get(ENV_STORAGE) or None
@@ -111,6 +117,19 @@ def resolve_spec(args: argparse.Namespace, experiment: str | None):
     return resolve_paths(spec)
 
 
+def _arch_overrides(spec, arch: str) -> list[str]:
+    """``--arch``: model.arch, and for torchvision-pretrained presets the same weights of that arch."""
+    weights = spec.model.weights
+    if weights is None or spec.model.arch == arch:
+        return [f"model.arch={arch}"]
+    if TV_WEIGHTS_RE.match(weights) and arch in TORCHVISION_ARCHS:
+        return [f"model.arch={arch}", f"model.weights=ResNet{arch.removeprefix('resnet')}_Weights.IMAGENET1K_V1"]
+    raise SpecError(
+        f"--arch {arch}: this preset starts from model.weights={weights!r}, which exist for "
+        f"model.arch={spec.model.arch!r} only; drop --arch, or give weights for {arch} with --set model.weights=..."
+    )
+
+
 def main(experiment: str | None, argv: Sequence[str] | None = None, *, description: str = "") -> int:
     args = build_parser(f"{experiment or 'cgc-ray run'}", description).parse_args(argv)
     try:
@@ -120,22 +139,27 @@ def main(experiment: str | None, argv: Sequence[str] | None = None, *, descripti
         return 2
 
     from cgc_ray.runner.cluster import ClusterError
-    from cgc_ray.runner.driver import ResourceError, run_experiment
+    from cgc_ray.runner.driver import ResourceError, StorageError, run_experiment
 
     try:
         res = run_experiment(spec, address=args.address, progress=not args.no_progress,
                              max_concurrent=args.max_concurrent, autoscale=args.autoscale)
-    except (ResourceError, ClusterError, SpecError) as e:  # SpecError: checks that read the data (data.shots)
+    except (ResourceError, ClusterError, StorageError, SpecError) as e:  # SpecError: checks that read the data
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if res.ran:  # after the sweep, outside the orchestrator
+    if res.ran:  # after the sweep, outside the orchestrator: the sample figure and the Arrow summary
         from cgc_ray.explain.figures import write_sample_figure
+        from cgc_ray.results.report import report
 
         write_sample_figure(spec)
-    print(f"{spec.name}: {len(res.trial_ids)} trials, {len(res.skipped)} already done, "
-          f"{len(res.ran)} ran now, {len(res.failed)} failed", file=sys.stderr)
+        report(spec.storage, spec.name, "parquet")
+    print(f"{spec.name}: {len(res.trial_ids)} trials, {len(res.skipped)} already done, {len(res.ran)} ran now "
+          f"({len(res.diverged)} diverged), {len(res.failed)} failed, {len(res.held)} held by another driver",
+          file=sys.stderr)
     for tid, err in res.failed.items():
-        print(f"  failed {tid}: {err.strip().splitlines()[-1] if err.strip() else err}", file=sys.stderr)
+        print(f"  failed {tid}: {err}", file=sys.stderr)
+    for tid, where in sorted(res.held.items()):
+        print(f"  {tid} is run by the driver at {where}", file=sys.stderr)
     if not args.no_report:
         from cgc_ray.results.report import report
 

@@ -37,7 +37,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
     from cgc_ray.config import ExperimentSpec
-    from cgc_ray.results.report import FORMATS
+    from cgc_ray.results.report import FORMATS, LAYOUTS
 
     p = subparsers.add_parser(
         "report",
@@ -49,12 +49,12 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
                         "(default: $CGC_RAY_STORAGE, else %(default)s)")
     p.add_argument("--experiment", default=None, help="only this experiment (default: all)")
     p.add_argument("--format", choices=FORMATS, default="rich", help="output format (default: %(default)s)")
-    p.add_argument("--layout", choices=("lambda", "fewshot", "methods"), default=None,
+    p.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="force a table layout (default: chosen from the results)")
-    p.add_argument("--width", type=int, default=160, help="width of rich tables in characters")
+    p.add_argument("--width", type=int, default=None, help="width of rich tables in characters (default: the terminal's)")
     p.add_argument("--plot", metavar="DIR", default=None,
                    help="also write the λ ablation, accuracy-vs-CH and few-shot gain plots (PNG) into DIR "
-                        "(needs matplotlib: pip install cgc-ray[plot])")
+                        "(matplotlib, installed with cgc-ray)")
     p.set_defaults(handler=_report)
 
 
@@ -116,7 +116,7 @@ def _add_explain(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", choices=ARCHS, default=None, help="architecture (default: read off the checkpoint)")
     p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the checkpoint's, else layer4)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="input size S (default: 64 for resnet_small, else 224)")
+                   help="input size S (default: the size the first checkpoint was trained at, else the spec's)")
     p.add_argument("--variant", choices=("clutter", "spurious"), default="clutter",
                    help="synthetic dataset variant (default: %(default)s)")
     p.add_argument("--where", choices=("conflict",), default=None,
@@ -184,7 +184,8 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("fast", "authors"), default="fast",
                    help="CH protocol: 'fast' batched centre crops at --image-size, or 'authors' "
                    "(batch 1, --short-side without crop, heatmap at the original size) (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=224, help="evaluation crop size (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="evaluation crop size (default: the size the checkpoint was trained at, else the spec's)")
     p.add_argument("--short-side", type=int, default=448, help="authors' protocol resize (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--iauc-images", type=int, default=64, help="images scored for IAUC (default: %(default)s)")
@@ -231,8 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ValueError as e:  # SpecError and bad storage URIs: a message, not a traceback
-        print(f"cgc-ray {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # SpecError, bad storage URIs, unreachable storage: one line, no traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"cgc-ray {args.command}: error: {first}", file=sys.stderr)
         return 2
 
 

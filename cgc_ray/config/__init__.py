@@ -19,9 +19,13 @@ from cgc_ray.config.checks import (
     validate_against_data,
 )
 from cgc_ray.config.identity import (
+    CGC_ONLY_FIELDS,
     NON_IDENTITY_FIELDS,
+    REPLICATE_FIELDS,
     apply_overrides,
+    effective_method,
     expand_trials,
+    identity,
     spec_hash,
     trial_id,
 )
@@ -49,7 +53,9 @@ from cgc_ray.config.spec import (
 )
 
 __all__ = [
+    "CGC_ONLY_FIELDS",
     "NON_IDENTITY_FIELDS",
+    "REPLICATE_FIELDS",
     "PRESETS",
     "DataSpec",
     "ExperimentSpec",
@@ -63,7 +69,9 @@ __all__ = [
     "apply_overrides",
     "check_data_root",
     "data_root_missing_here",
+    "effective_method",
     "expand_trials",
+    "identity",
     "is_uri",
     "load_spec",
     "loader_workers",

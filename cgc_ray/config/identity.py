@@ -1,8 +1,18 @@
-"""What a trial is: overrides, the sweep's trials, and the content hash that names each trial.
+"""What a trial is: overrides, the sweep's trials, the content hash that names each trial, and its group.
 
-A trial's id is the hash of the fields that change what it computes; where it
-runs and how fast (:data:`NON_IDENTITY_FIELDS`) are left out, so the same trial
-on a laptop and on a cluster has the same id and its finished row is reused.
+A trial's identity (:func:`identity`) holds exactly the fields that change what
+it computes:
+
+- where it runs and how fast (:data:`NON_IDENTITY_FIELDS`) are left out, so the
+  same trial on a laptop and on a cluster has the same id and its row is reused;
+- a CGC trial at λ = 0 trains cross-entropy only: it *is* a baseline
+  (:func:`effective_method`);
+- a baseline ignores the CGC term's settings (:data:`CGC_ONLY_FIELDS`), so a λ
+  sweep crossed with the baseline trains one baseline per seed or episode.
+
+The same identity groups results (``cgc_ray.results.stats``): a group is every
+identity field but the replicate axes (:data:`REPLICATE_FIELDS`), which pair a
+CGC configuration with its baseline.
 """
 
 from __future__ import annotations
@@ -35,6 +45,30 @@ NON_IDENTITY_FIELDS: frozenset[str] = frozenset(
         "eval_every",
     }
 )
+
+# Settings only the CGC term reads: a baseline computes the same whatever they are.
+CGC_ONLY_FIELDS: frozenset[str] = frozenset(
+    {"method.lam", "method.tau", "method.resolution", "method.anchor", "method.negatives", "method.crop_scale"}
+)
+# Repeats of one configuration (model init / augmentation seed, few-shot episode): they pair across methods.
+REPLICATE_FIELDS: frozenset[str] = frozenset({"seed", "data.episode"})
+
+
+def effective_method(config: ExperimentSpec | Mapping[str, Any]) -> str:
+    """``method.name``, except that a CGC variant at λ = 0 is a baseline (it trains L_CE only)."""
+    tree = config.model_dump(mode="json") if isinstance(config, ExperimentSpec) else config
+    name, lam = tree["method"]["name"], tree["method"]["lam"]
+    return name if name == "baseline" or lam > 0 else "baseline"
+
+
+def identity(spec: ExperimentSpec | Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened fields that define what a trial computes (see the module docstring)."""
+    tree = validate_spec(spec).model_dump(mode="json")
+    flat = {k: v for k, v in flatten(tree).items() if k not in NON_IDENTITY_FIELDS and k != "sweep.grid"}
+    flat["method.name"] = effective_method(tree)
+    if flat["method.name"] == "baseline":
+        flat = {k: v for k, v in flat.items() if k not in CGC_ONLY_FIELDS}
+    return flat
 
 
 
@@ -82,13 +116,8 @@ def expand_trials(spec: ExperimentSpec) -> list[ExperimentSpec]:
 
 
 def trial_id(spec: ExperimentSpec | Mapping[str, Any]) -> str:
-    """Deterministic id of what a trial computes: 12 hex of sha256 of its canonical config.
-
-    Fields in :data:`NON_IDENTITY_FIELDS` (where/how fast it runs) are left out,
-    so the same trial on a laptop and on a cluster has the same id.
-    """
-    flat = flatten(validate_spec(spec).model_dump(mode="json"))
-    return digest({k: v for k, v in flat.items() if k not in NON_IDENTITY_FIELDS})
+    """Deterministic id of what a trial computes: 12 hex of the sha256 of its :func:`identity`."""
+    return digest(identity(spec))
 
 
 def spec_hash(spec: ExperimentSpec | Mapping[str, Any]) -> str:

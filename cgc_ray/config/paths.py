@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel
 
 from cgc_ray.config.base import PathKind, get_path, set_path
-from cgc_ray.config.spec import _TV_WEIGHTS_RE, ExperimentSpec, validate_spec
+from cgc_ray.config.spec import TV_WEIGHTS_RE, ExperimentSpec, validate_spec
 
 
 def _path_kind(annotation: Any) -> str | None:
@@ -64,7 +64,7 @@ def resolve_path_value(value: str | None, kind: str, cwd: str | os.PathLike | No
         if value.startswith("swav:"):
             return "swav:" + resolve_path_value(value[len("swav:"):], "path", cwd)
         if re.match(r"^[A-Za-z]\w*:(?!\\|/)", value) or (
-            _TV_WEIGHTS_RE.match(value) and not Path(cwd or ".", value).exists()
+            TV_WEIGHTS_RE.match(value) and not Path(cwd or ".", value).exists()
         ):
             return value
     path = Path(value).expanduser()

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 
 def _paper_base(**over: Any) -> dict[str, Any]:
-    """REFERENCE.md section 2: SGD lr 0.1, momentum 0.9, wd 1e-4, batch 256, tau 0.5,
+    """docs/PAPER.md §2: SGD lr 0.1, momentum 0.9, wd 1e-4, batch 256, tau 0.5,
     90 epochs with lr x0.1 every 30 epochs."""
     base: dict[str, Any] = {
         "data": {"dataset": "imagenet", "image_size": 224, "batch_size": 256},

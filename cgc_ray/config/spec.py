@@ -44,7 +44,7 @@ ArchName = Literal[ARCHS]
 MetricName = Literal["top1", "top5", "ch", "iauc", "cgc_loss"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_TV_WEIGHTS_RE = re.compile(r"^ResNet(\d+)_Weights\.\w+$")
+TV_WEIGHTS_RE = re.compile(r"^ResNet(\d+)_Weights\.\w+$")
 
 
 class _Strict(BaseModel):
@@ -134,7 +134,7 @@ class ModelSpec(_Strict):
 
     @model_validator(mode="after")
     def _weights_match_arch(self) -> "ModelSpec":
-        m = _TV_WEIGHTS_RE.match(self.weights or "")
+        m = TV_WEIGHTS_RE.match(self.weights or "")
         if m and f"resnet{m.group(1)}" != self.arch:
             raise ValueError(
                 f"model.weights={self.weights!r} are for resnet{m.group(1)} but model.arch={self.arch!r}; "
@@ -280,7 +280,13 @@ class ScalingSpec(_Strict):
 
 
 class FailureSpec(_Strict):
-    """Fault tolerance: retries of a failed trial (from its last checkpoint)."""
+    """Fault tolerance.
+
+    ``max_retries``: retries of a failed trial (a lost node, an error), each
+    from its last checkpoint; a NaN loss is deterministic and never retried.
+    ``checkpoint_every``: epochs between checkpoints (the last epoch is always
+    checkpointed); a retry or re-run resumes from the last one.
+    """
 
     max_retries: int = Field(2, ge=0)
     checkpoint_every: int = Field(1, ge=1)
@@ -422,9 +428,16 @@ def loader_workers(spec: ExperimentSpec) -> int:
     return max(0, int(spec.scaling.cpus_per_worker) - 1) if w == "auto" else w
 
 
-def method_config_kwargs(spec: ExperimentSpec) -> dict[str, Any]:
-    """Keyword arguments for ``cgc_ray.train.engine.MethodConfig`` from a spec."""
-    m = spec.method
+def method_config_kwargs(spec: ExperimentSpec, *, heldout_metric: bool = False) -> dict[str, Any]:
+    """Keyword arguments for ``cgc_ray.method.cgc.MethodConfig`` from a spec.
+
+    ``heldout_metric``: the settings of the held-out CGC-loss metric instead
+    of the trained method's: the paper's CGC term (``MethodSpec``'s defaults:
+    τ 0.5, its T, image resolution, the paper's anchor) on the spec's Grad-CAM
+    layer, the same for every trial so baselines and every λ or τ are scored
+    on one yardstick.
+    """
+    m = MethodSpec(name="cgc") if heldout_metric else spec.method
     return {
         "name": m.name,
         "lam": m.lam,

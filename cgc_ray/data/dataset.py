@@ -51,19 +51,18 @@ def sample_crop(
     height: int,
     scale: tuple[float, float],
     ratio: tuple[float, float],
-    generator: torch.Generator | None,
 ) -> tuple[int, int, int, int]:
-    """RandomResizedCrop region (x0, y0, w, h), torchvision's algorithm drawn from `generator`."""
+    """RandomResizedCrop region (x0, y0, w, h): torchvision's algorithm, drawn from the global RNG."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        target = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            y0 = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            x0 = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            y0 = int(torch.randint(0, height - h + 1, (1,)))
+            x0 = int(torch.randint(0, width - w + 1, (1,)))
             return x0, y0, w, h
     in_ratio = width / height  # fallback: the largest centred crop within the ratio range
     if in_ratio < min(ratio):
@@ -94,10 +93,9 @@ class BoxDataset(Dataset):
     no crop, so the image is S on its short side only (the authors' CH protocol at
     S=448; use batch size 1 or a collate that handles sizes).
 
-    seed: when given, sample i of epoch e draws its augmentation from a
-    generator seeded with (seed, e, i) (call set_epoch each epoch), so it does
-    not depend on worker count; otherwise the torch global RNG is used
-    (seeded per worker by the DataLoader's generator).
+    Training augmentations draw from the torch global RNG (in DataLoader
+    workers, seeded per worker by the loader's generator), which the trial's
+    checkpoints save, so a resumed run sees the same crops.
     cache_in_memory: decode every image once at construction and keep the
     RGB images (for small datasets: memory is the sum of decoded image sizes).
     """
@@ -114,7 +112,6 @@ class BoxDataset(Dataset):
         eval_resize: str = "center_crop",
         resize_ratio: float = 256 / 224,
         cache_in_memory: bool = False,
-        seed: int | None = None,
     ):
         if eval_resize not in EVAL_RESIZES:
             raise ValueError(f"eval_resize must be one of {EVAL_RESIZES}, got {eval_resize!r}")
@@ -127,23 +124,12 @@ class BoxDataset(Dataset):
         self.image_size = image_size
         self.scale, self.ratio, self.flip_p = scale, ratio, flip_p
         self.eval_resize, self.resize_ratio = eval_resize, resize_ratio
-        self.seed = seed
-        self.epoch = 0
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self._cache = [read_image(r.path) for r in self.records] if cache_in_memory else None
 
     def __len__(self) -> int:
         return len(self.records)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation stream of `epoch` (only used when `seed` is set)."""
-        self.epoch = epoch
-
-    def _generator(self, index: int) -> torch.Generator | None:
-        if self.seed is None:
-            return None
-        return torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index) % 2**63)
 
     def _to_tensor(self, img: Image.Image) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255  # 3 x H x W
@@ -156,9 +142,8 @@ class BoxDataset(Dataset):
         boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)  # N x 4, original pixels
         S = self.image_size
         if self.train:
-            g = self._generator(index)
-            x0, y0, cw, ch = sample_crop(W, H, self.scale, self.ratio, g)
-            flip = bool(torch.rand(1, generator=g).item() < self.flip_p)
+            x0, y0, cw, ch = sample_crop(W, H, self.scale, self.ratio)
+            flip = bool(torch.rand(1).item() < self.flip_p)
             out = img.resize((S, S), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
             if flip:
                 out = out.transpose(Image.FLIP_LEFT_RIGHT)

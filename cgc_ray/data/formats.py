@@ -1,8 +1,8 @@
 """Parsers for the on-disk layouts of the datasets used in the CGC paper.
 
-Every parser returns a list of `ImageRecord`s whose boxes are in 0-based
-continuous pixel coordinates of the original image: a box (x1, y1, x2, y2)
-covers the pixels with x1 <= column centre < x2. The conversions (REFERENCE.md §6):
+Every parser returns a list of `ImageRecord`s whose boxes follow the one box
+convention of cgc-ray (docs/PAPER.md §6): (x1, y1, x2, y2) in 0-based continuous
+pixel coordinates of the original image. The conversions:
 
 - CUB-200-2011 `bounding_boxes.txt`: x, y, w, h floats, 0-based top-left
   corner -> (x, y, x + w, y + h).

@@ -12,7 +12,7 @@ Variants
 ``"clutter"`` (default)
     Nothing but the class object's shape predicts the label: colours, sizes,
     positions, distractors and background are drawn independently of it.
-    This is the design on which the pilots (PILOT.md) saw CGC raise CH;
+    This is the design on which CPU pilots saw CGC raise CH (docs/DESIGN.md);
     a label-correlated background invites the contrastive term to settle on
     "background with an object-shaped hole".
 ``"spurious"``

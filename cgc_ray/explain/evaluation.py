@@ -5,7 +5,7 @@ Two CH protocols, recorded with every result as ``ch_protocol``:
 ``"fast"``     the batched variant at training resolution (``engine.evaluate``):
                centre crop at ``image_size``, Grad-CAM of the ground-truth class,
                boxes moved into crop coordinates.
-``"authors"``  exactly the authors' measurement (REFERENCE.md §3): batch 1,
+``"authors"``  exactly the authors' measurement (docs/PAPER.md §3): batch 1,
                eval mode, image resized to ``short_side`` (448) on its short side
                without crop, Grad-CAM of the GROUND-TRUTH class, heatmap resized
                bilinearly to the ORIGINAL image size, l1-normalised (an all-zero
@@ -35,13 +35,13 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cgc_ray.config import ExperimentSpec, method_config_kwargs
+from cgc_ray.config import DataSpec, ExperimentSpec, method_config_kwargs
 from cgc_ray.data import ImageRecord, class_names, records, synthetic_root
 from cgc_ray.data.dataset import BoxDataset, collate
 from cgc_ray.method.cam import gradcam, unwrap
 from cgc_ray.method.cgc import MethodConfig, method_config_from_record
 from cgc_ray.method.metrics import content_heatmap
-from cgc_ray.models.checkpoint import load_classifier
+from cgc_ray.models.checkpoint import load_classifier, read_header
 from cgc_ray.train.engine import evaluate
 
 Protocol = Literal["fast", "authors"]
@@ -149,7 +149,7 @@ def evaluate_checkpoint(
     arch: str | None = None,
     metrics: Sequence[str] = METRICS,
     protocol: Protocol = "fast",
-    image_size: int = 224,
+    image_size: int | None = None,
     short_side: int = 448,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
@@ -163,7 +163,8 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint (or an in-memory model) on ``split`` of ``dataset``.
 
     top1/top5/iauc/cgc_loss and the fast CH come from ``engine.evaluate`` on
-    centre crops at ``image_size``; with ``protocol="authors"`` CH is
+    centre crops at ``image_size`` (None: the size the checkpoint was trained
+    at, else the spec's default); with ``protocol="authors"`` CH is
     :func:`content_heatmap_authors` at ``short_side`` instead. root None is
     allowed for ``synthetic`` (generated under :func:`cgc_ray.data.synthetic_root`).
     layer: None takes the checkpoint's recorded Grad-CAM layer, else layer4.
@@ -187,6 +188,10 @@ def evaluate_checkpoint(
         if dataset != "synthetic":
             raise ValueError(f"dataset {dataset!r} needs a data root (--data-root); only 'synthetic' is embedded")
         root = synthetic_root()
+    if image_size is None:
+        recorded_size = None if isinstance(checkpoint, nn.Module) else read_header(checkpoint).get("extra", {}).get(
+            "image_size")
+        image_size = recorded_size or DataSpec.model_fields["image_size"].default
     options = {"variant": synthetic_variant, "image_size": image_size} if dataset == "synthetic" else {}
     recs = _subsample(records(dataset, root, split, **options), limit)
     if not recs:

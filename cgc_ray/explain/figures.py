@@ -37,13 +37,13 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 
-from cgc_ray.config import ExperimentSpec, is_uri, validate_spec
+from cgc_ray.config import DataSpec, ExperimentSpec, is_uri, validate_spec
 from cgc_ray.data import ImageRecord, class_names, records
 from cgc_ray.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, collate
 from cgc_ray.method import transforms as T
 from cgc_ray.method.cam import gradcam
 from cgc_ray.method.metrics import content_heatmap
-from cgc_ray.models.checkpoint import load_classifier
+from cgc_ray.models.checkpoint import Classifier, load_classifier
 from cgc_ray.results.table import checkpoint_path, figures_dir, read_rows
 from cgc_ray.train.trial import data_root, synthetic_options
 
@@ -77,8 +77,8 @@ class Row:
     label: str
 
 
-def load_row(path: str | Path, *, arch: str | None = None, layer: str | None = None) -> tuple[Row, str]:
-    """A figure row from a checkpoint or state_dict (read by ``models.checkpoint.load_classifier``), and its arch.
+def load_row(path: str | Path, *, arch: str | None = None, layer: str | None = None) -> tuple[Row, Classifier]:
+    """A figure row from a checkpoint or state_dict, and what ``models.checkpoint.load_classifier`` read.
 
     The title is the file name, plus the method and λ a cgc-ray checkpoint records.
     """
@@ -88,7 +88,7 @@ def load_row(path: str | Path, *, arch: str | None = None, layer: str | None = N
     method = clf.method or {}
     if method.get("name"):
         label += f"\n{method['name']}" + (f" λ={method['lam']:g}" if method["name"] != "baseline" else "")
-    return Row(clf.model, clf.layer, label), clf.arch
+    return Row(clf.model, clf.layer, label), clf
 
 
 def pick_indices(n_available: int, n: int, seed: int, indices: Sequence[int] | None = None) -> list[int]:
@@ -342,10 +342,6 @@ def render_consistency(
 # --------------------------------------------------------------------------- end to end
 
 
-def _default_image_size(arch: str) -> int:
-    return 64 if arch == "resnet_small" else 224
-
-
 def write_explain(
     checkpoints: Sequence[str | Path],
     out: str | Path,
@@ -368,19 +364,19 @@ def write_explain(
 ) -> Path:
     """Load checkpoints and images, render the explain grid (or Figure 1 with ``consistency``), write a PNG.
 
-    image_size: None picks 64 for resnet_small and 224 otherwise.
+    image_size: None takes the size the first checkpoint was trained at, else the spec's default.
     dataset_options: passed to ``data.records`` (synthetic generator options).
     Returns the written path.
     """
     if not checkpoints:
         raise ValueError("explain needs at least one checkpoint")
-    classifiers, archs = zip(*(load_row(p, arch=arch, layer=layer) for p in checkpoints))
+    classifiers, loaded = zip(*(load_row(p, arch=arch, layer=layer) for p in checkpoints))
     opts = dataset_options or {}
     recs = records(dataset, root, split, **opts)
     if not recs:
         raise ValueError(f"dataset {dataset!r} split {split!r} under {root} has no images")
     chosen = [recs[i] for i in pick_indices(len(recs), n, seed, indices)]
-    size = image_size or _default_image_size(archs[0])
+    size = image_size or loaded[0].image_size or DataSpec.model_fields["image_size"].default
     images, labels, boxes = load_images(chosen, size)
     names = class_names(dataset, root, **opts)
     if consistency:

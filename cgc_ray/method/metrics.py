@@ -22,7 +22,7 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> 
 def boxes_mask(boxes: Sequence[Tensor], image_size: tuple[int, int], device: torch.device | None = None) -> Tensor:
     """B x H x W bool: pixels whose centre lies inside the union of each image's boxes.
 
-    boxes: B tensors N_i x 4 of (x1, y1, x2, y2), 0-based continuous pixel coordinates.
+    boxes: B tensors N_i x 4 in cgc-ray's box convention (docs/PAPER.md §6).
     """
     H, W = image_size
     device = device or (boxes[0].device if len(boxes) else torch.device("cpu"))

@@ -121,8 +121,3 @@ def apply(x: Tensor, params: CropFlip, out_size: tuple[int, int] | None = None) 
     grid = _grid(params, out_size, src.dtype if src.is_floating_point() else torch.float32)
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out[:, 0] if maps else out
-
-
-def hflip(x: Tensor) -> Tensor:
-    """Mirror the last (width) dimension."""
-    return x.flip(-1)

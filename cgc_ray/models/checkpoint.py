@@ -245,7 +245,8 @@ class Classifier:
 
     ``layer``: the Grad-CAM layer it was trained with (else layer4);
     ``method``: the ``MethodConfig`` fields a cgc-ray checkpoint records (None
-    for other files); ``epochs``: epochs trained (0 when unknown).
+    for other files); ``epochs``: epochs trained (0 when unknown);
+    ``image_size``: the input size it was trained at (None when not recorded).
     """
 
     model: nn.Module
@@ -255,6 +256,7 @@ class Classifier:
     method: dict[str, Any] | None
     epochs: int
     source: str
+    image_size: int | None = None
 
 
 def load_classifier(weights: str | os.PathLike, *, arch: str | None = None, layer: str | None = None) -> Classifier:
@@ -283,4 +285,4 @@ def load_classifier(weights: str | os.PathLike, *, arch: str | None = None, laye
     method = dict(extra["method"]) if isinstance(extra.get("method"), dict) else None
     epoch = header.get("epoch")
     return Classifier(model.eval(), arch, num_classes, layer or (method or {}).get("layer") or "layer4", method,
-                      0 if epoch is None else int(epoch) + 1, source)
+                      0 if epoch is None else int(epoch) + 1, source, extra.get("image_size"))

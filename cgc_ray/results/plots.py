@@ -1,6 +1,6 @@
 """Result plots from the Parquet rows: λ ablation, accuracy-versus-CH trade-off, few-shot gains.
 
-Statistics come from :mod:`cgc_ray.results.report` (groups of repeats with mean ± std,
+Statistics come from :mod:`cgc_ray.results.stats` (groups of repeats with mean ± std,
 paired CGC − baseline differences with 95% Student-t intervals), so a plot
 and the table printed beside it show the same numbers. Each plot is written
 only when its data exist:
@@ -20,7 +20,6 @@ state, no GUI backend).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,17 +27,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
-from cgc_ray.results.report import Group, Paired, paired_differences, summarize
+from cgc_ray.config.base import canonical
+from cgc_ray.results.stats import Group, Paired, paired_differences, summarize
 from cgc_ray.results.table import read_rows
 
 __all__ = ["pareto_front", "plot_accuracy_vs_ch", "plot_fewshot_gains", "plot_lambda_ablation", "plot_results"]
 
 _METRIC_NAMES = {"top1": "top-1 (%)", "ch": "CH (%)"}
 _MARKERS = {"baseline": "s", "cgc": "o", "cgc_no_neg": "^"}
-
-
-def _key(d: dict[str, Any]) -> str:
-    return json.dumps(d, sort_keys=True, default=str)
 
 
 def _lam_text(lam: float) -> str:
@@ -88,41 +84,49 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 # --------------------------------------------------------------------------- λ ablation
 
 
-def _lambda_series(groups: Sequence[Group]) -> list[tuple[str, list[Group]]]:
-    """Configurations that differ only in λ (at least two values), each sorted by λ."""
-    series: dict[tuple[str, str], list[Group]] = {}
+def _lambda_series(groups: Sequence[Group]) -> list[tuple[str, list[tuple[float, Group]]]]:
+    """Configurations that differ only in λ, each as (λ, group) sorted by λ; the matching baseline is λ = 0.
+
+    Kept when they span at least two values of λ > 0 (a baseline against one λ is a methods comparison).
+    """
+    def context(g: Group) -> str:
+        return canonical({k: v for k, v in g.labels.items() if not k.startswith("method.")})
+
+    baselines = {(g.experiment, context(g)): g for g in groups if g.method == "baseline"}
+    series: dict[tuple[str, str, str], list[tuple[float, Group]]] = {}
     for g in groups:
-        if g.labels.get("method.name") == "baseline" or g.labels.get("method.lam") is None:
+        if g.method == "baseline" or g.labels.get("method.lam") is None:
             continue
-        context = {k: v for k, v in g.labels.items() if k != "method.lam"}
-        series.setdefault((g.experiment, _key(context)), []).append(g)
-    kept = [
-        (f"{exp}: {_config_label(gs[0].labels, with_lam=False)}", sorted(gs, key=lambda g: g.labels["method.lam"]))
-        for (exp, _), gs in sorted(series.items())
-        if len({g.labels["method.lam"] for g in gs}) >= 2
-    ]
-    return list(zip(_unique([name for name, _ in kept]), [gs for _, gs in kept]))
+        rest = {k: v for k, v in g.labels.items() if k != "method.lam"}
+        series.setdefault((g.experiment, context(g), canonical(rest)), []).append((g.labels["method.lam"], g))
+    kept = []
+    for (exp, ctx, _), pts in sorted(series.items()):
+        base = baselines.get((exp, ctx))
+        pts = sorted(pts + ([(0.0, base)] if base is not None else []), key=lambda p: p[0])
+        if len({lam for lam, _ in pts if lam > 0}) >= 2:
+            kept.append((f"{exp}: {_config_label(pts[-1][1].labels, with_lam=False)}", pts))
+    return list(zip(_unique([name for name, _ in kept]), [pts for _, pts in kept]))
 
 
 def plot_lambda_ablation(groups: Sequence[Group], *, dpi: int = 120) -> Figure | None:
-    """Top-1 and CH against λ (mean ± std over repeats); None when no configuration varies λ."""
+    """Top-1 and CH against λ (mean ± std over repeats, λ = 0 the baseline); None when nothing varies λ."""
     series = _lambda_series(groups)
-    metrics = [m for m in ("top1", "ch") if any(m in g.stats for _, gs in series for g in gs)]
+    metrics = [m for m in ("top1", "ch") if any(m in g.stats for _, pts in series for _, g in pts)]
     if not series or not metrics:
         return None
     fig = Figure(figsize=(4.2 * len(metrics), 3.4), dpi=dpi, layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    lams = sorted({g.labels["method.lam"] for _, gs in series for g in gs})
+    lams = sorted({lam for _, pts in series for lam, _ in pts})
     positive = [lam for lam in lams if lam > 0]
     for ax, metric in zip(axes, metrics):
-        for name, gs in series:
-            pts = [(g.labels["method.lam"], g.stats[metric]) for g in gs if metric in g.stats]
-            ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[_std(p[1]) for p in pts],
+        for name, pts in series:
+            xy = [(lam, g.stats[metric]) for lam, g in pts if metric in g.stats]
+            ax.errorbar([p[0] for p in xy], [p[1].mean for p in xy], yerr=[_std(p[1]) for p in xy],
                         marker="o", capsize=3, label=name)
         if positive and min(positive) < max(lams) / 20:  # a 0.01 .. 2 grid needs a log-like axis
             ax.set_xscale("symlog", linthresh=min(positive))
         ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
-        ax.set_xlabel("λ")
+        ax.set_xlabel("λ (0: baseline)")
         ax.set_ylabel(_METRIC_NAMES[metric])
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)

@@ -1,31 +1,23 @@
-"""Summaries of finished trials: mean ± std (n) per configuration, paired CGC − baseline.
+"""``cgc-ray report``: the paper's tables from the result rows, as text (rich, markdown), csv, json or Parquet.
 
-Trials are grouped by their resolved config minus ``seed`` and
-``data.episode`` (and minus the fields that do not change what a trial
-computes, ``spec.NON_IDENTITY_FIELDS``); each group gets mean, sample standard
-deviation (ddof = 1) and count per metric.
-
-Paired design: a CGC trial and a baseline trial pair up when everything but
-the ``method.*`` fields agrees, seed and episode included (few-shot: the same
-episode split for both methods). For each pair d = metric(CGC) − metric(baseline);
-the report gives mean(d) with a 95% confidence interval
-``mean(d) ± t_{0.975, n-1} · sd(d) / sqrt(n)`` (Student t). The paper reports
-only per-method mean ± std; the paired interval says whether a small gain is
-more than episode-to-episode noise.
+Every format shows the numbers of :mod:`cgc_ray.results.stats` (its docstring
+states the one grouping and pairing rule): per configuration mean ± std (n),
+with diverged / failed trials counted beside n, and per CGC configuration the
+paired difference to its baseline, mean [95 % t-interval] (pairs).
 
 Layouts (picked from the data, or forced with ``layout=``):
 
-- ``lambda``  (Table 10): one column per λ, one row per metric.
-- ``fewshot`` (Tables 7/8): rows dataset × shots; per metric the baseline, the
-  CGC column and the paired difference.
-- ``methods`` (Tables 1, 2, 5, 6, 9, 11): one row per method (and any other
-  varying setting), one column per metric, then the paired differences.
+- ``lambda``  (Table 10): one column per λ (λ = 0, the baseline, first), a row
+  per metric; then the paired Δ per λ against λ = 0 of the same seed.
+- ``fewshot`` (Tables 7/8): rows dataset × shots (× any other varying setting);
+  per metric the baseline, each CGC configuration (e.g. each λ) and its Δ.
+- ``methods`` (Tables 1, 2, 5, 6, 9, 11): one row per configuration, one column
+  per metric; then the paired differences.
 
-``rich`` and ``markdown`` print those layouts; ``csv`` and ``json`` print the
-same numbers in long (tidy) form for further analysis.
+``csv`` and ``json`` print the summary rows (``results.summary``, long form);
+``parquet`` writes them to ``<storage>/_summary/<experiment>.parquet``.
 
-This module needs pyarrow, rich and ``cgc_ray.results.table``/``cgc_ray.config`` only:
-importing it imports neither torch nor Ray, so ``cgc-ray report`` starts fast.
+pyarrow, scipy and rich only: ``cgc-ray report`` starts without torch or Ray.
 """
 
 from __future__ import annotations
@@ -35,20 +27,19 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
-import pyarrow as pa
-
-from cgc_ray.config import NON_IDENTITY_FIELDS
+from cgc_ray.results.stats import Group, Paired, Stat, paired_differences, summarize
+from cgc_ray.results.summary import records, write_summary
 from cgc_ray.results.table import METRIC_COLUMNS, read_rows
 
-__all__ = ["Group", "Paired", "Stat", "describe", "paired_differences", "report", "summarize", "t_quantile_975"]
+__all__ = ["FORMATS", "LAYOUTS", "report"]
 
-Format = Literal["rich", "markdown", "csv", "json"]
+Format = Literal["rich", "markdown", "csv", "json", "parquet"]
 Layout = Literal["lambda", "fewshot", "methods"]
 FORMATS: tuple[str, ...] = Format.__args__
+LAYOUTS: tuple[str, ...] = Layout.__args__
 
-_REPEAT_FIELDS = frozenset({"seed", "data.episode"})
 _LABEL_ORDER = ("data.dataset", "model.arch", "method.name", "method.lam", "data.shots", "data.percent")
 _LABEL_NAMES = {
     "data.dataset": "dataset",
@@ -61,158 +52,8 @@ _LABEL_NAMES = {
 _METHOD_ORDER = {"baseline": 0, "cgc": 1, "cgc_no_neg": 2}
 _DECIMALS = {"top1": 2, "top5": 2, "ch": 2, "iauc": 4, "cgc_loss": 3, "zero_cam_frac": 3}
 
-# t_{0.975, df} for df = 1..30 (Student t, two-sided 95%), to 6 decimals.
-_T975 = (
-    12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
-    2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
-    2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272,
-)
 
-
-def t_quantile_975(df: int) -> float:
-    """Two-sided 95% Student-t critical value t_{0.975, df}.
-
-    Tabulated for df <= 30; beyond, the Cornish-Fisher expansion around the
-    normal quantile z = 1.959964 (error < 1e-6 for df > 30). Avoids importing
-    scipy.stats, which would slow ``cgc-ray report`` start-up.
-    """
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = 1.959963984540054
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
-
-
-@dataclass(frozen=True)
-class Stat:
-    """mean, sample std (ddof = 1; None for n = 1), n, and for differences the 95% CI."""
-
-    mean: float
-    std: float | None
-    n: int
-    ci: tuple[float, float] | None = None
-
-
-def describe(values: Sequence[float], *, ci: bool = False) -> Stat:
-    """Mean, sample std and n of ``values``; with ``ci`` also the 95% t interval of the mean."""
-    n = len(values)
-    if n == 0:
-        raise ValueError("describe() needs at least one value")
-    mean = math.fsum(values) / n
-    if n == 1:
-        return Stat(mean, None, 1)
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile_975(n - 1) * std / math.sqrt(n)
-    return Stat(mean, std, n, (mean - half, mean + half) if ci else None)
-
-
-@dataclass(frozen=True)
-class Group:
-    """Trials of one configuration (repeats over seed/episode) and their metric statistics."""
-
-    experiment: str
-    labels: dict[str, Any]  # flattened config keys -> value, seed/episode removed
-    stats: dict[str, Stat]  # metric -> Stat
-
-
-@dataclass(frozen=True)
-class Paired:
-    """Paired differences ``method − baseline`` of one context (config minus method, seed, episode)."""
-
-    experiment: str
-    labels: dict[str, Any]
-    method: str
-    stats: dict[str, Stat]  # metric -> Stat of d, with ci
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and k != "grid":
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _identity(row: dict[str, Any]) -> dict[str, Any]:
-    """Flattened config of a row without fields that do not change results.
-
-    A baseline ignores every ``method.*`` setting but its name, so those are
-    dropped too: baselines run under different λ presets are one group.
-    """
-    flat = _flatten(json.loads(row["config_json"]))
-    drop = NON_IDENTITY_FIELDS | {"sweep.grid"}
-    if flat.get("method.name") == "baseline":
-        drop |= {k for k in flat if k.startswith("method.") and k != "method.name"}
-    return {k: v for k, v in flat.items() if k not in drop}
-
-
-def _key(d: dict[str, Any]) -> str:
-    return json.dumps(d, sort_keys=True, default=str)
-
-
-def _metrics_present(rows: Iterable[dict[str, Any]]) -> list[str]:
-    rows = list(rows)
-    return [m for m in METRIC_COLUMNS if any(r.get(m) is not None for r in rows)]
-
-
-def summarize(table: pa.Table) -> list[Group]:
-    """Group rows by config minus seed/episode; mean ± std (n) per metric."""
-    groups: dict[tuple[str, str], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
-    for row in table.to_pylist():
-        labels = {k: v for k, v in _identity(row).items() if k not in _REPEAT_FIELDS}
-        groups.setdefault((row["experiment"], _key(labels)), (labels, []))[1].append(row)
-    out = []
-    for (experiment, _), (labels, rows) in sorted(groups.items()):
-        stats = {m: describe([r[m] for r in rows if r[m] is not None]) for m in _metrics_present(rows)}
-        out.append(Group(experiment, labels, stats))
-    return out
-
-
-def paired_differences(table: pa.Table) -> list[Paired]:
-    """Paired ``method − baseline`` differences with 95% CIs, per context.
-
-    Pairs need identical config apart from ``method.*`` (seed and episode
-    included). Contexts with fewer than two pairs get no interval.
-    """
-    by_pair: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
-    contexts: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in table.to_pylist():
-        ident = _identity(row)
-        pair = {k: v for k, v in ident.items() if not k.startswith("method.")}
-        by_pair.setdefault((row["experiment"], _key(pair)), {}).setdefault(ident["method.name"], []).append(row)
-        contexts[(row["experiment"], _key(pair))] = {k: v for k, v in pair.items() if k not in _REPEAT_FIELDS}
-
-    diffs: dict[tuple[str, str, str], dict[str, list[float]]] = {}
-    for (experiment, pkey), methods in by_pair.items():
-        base = methods.get("baseline")
-        if not base:
-            continue
-        ctx = contexts[(experiment, pkey)]
-        for method, rows in methods.items():
-            if method == "baseline":
-                continue
-            per_metric = diffs.setdefault((experiment, _key(ctx), method), {})
-            for m in _metrics_present(rows + base):
-                a = [r[m] for r in rows if r[m] is not None]
-                b = [r[m] for r in base if r[m] is not None]
-                if a and b:
-                    per_metric.setdefault(m, []).append(math.fsum(a) / len(a) - math.fsum(b) / len(b))
-    out = []
-    for (experiment, ckey, method), per_metric in sorted(diffs.items()):
-        stats = {m: describe(v, ci=True) for m, v in per_metric.items() if v}
-        if stats:
-            out.append(Paired(experiment, json.loads(ckey), method, stats))
-    return out
-
-
-# --------------------------------------------------------------------------- layout
+# --------------------------------------------------------------------------- cells
 
 
 def _fmt_value(metric: str, v: float) -> str:
@@ -233,6 +74,20 @@ def _fmt_diff(metric: str, s: Stat) -> str:
     return f"{text} [{lo}, {hi}] ({s.n})"
 
 
+def _fmt_group_cell(metric: str, g: Group | None) -> str:
+    if g is None:
+        return "–"
+    text = _fmt_stat(metric, g.stats[metric]) if metric in g.stats else "–"
+    lost = [f"{n} {what}" for n, what in ((g.n_diverged, "diverged"), (g.n_failed, "failed")) if n]
+    return text + (f" +{', '.join(lost)}" if lost else "")
+
+
+def _fmt_trials(g: Group) -> str:
+    """Finished trials, and the diverged / failed ones the means leave out."""
+    lost = [f"{n} {what}" for n, what in ((g.n_diverged, "diverged"), (g.n_failed, "failed")) if n]
+    return f"{g.n_finished}" + (f" +{', '.join(lost)}" if lost else "")
+
+
 def _fmt_label(v: Any) -> str:
     if v is None:
         return "–"
@@ -241,31 +96,26 @@ def _fmt_label(v: Any) -> str:
     return str(v)
 
 
+def _method_label(labels: dict[str, Any], *, with_lam: bool = True) -> str:
+    name = labels["method.name"]
+    if name == "baseline":
+        return "baseline"
+    return name + (f" λ={_fmt_label(labels.get('method.lam'))}" if with_lam else "")
+
+
+# --------------------------------------------------------------------------- layout helpers
+
+
+def _canon(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
+
+
 def _varying(label_sets: Sequence[dict[str, Any]]) -> list[str]:
+    """Keys whose value differs among the label sets that have them (a baseline lacks the CGC-only ones)."""
     keys = sorted({k for labels in label_sets for k in labels})
-    # A key absent from some groups (method settings of a baseline) varies only among the others.
-    vary = [k for k in keys if len({_key({"v": labels[k]}) for labels in label_sets if k in labels}) > 1]
+    vary = [k for k in keys if len({_canon(labels[k]) for labels in label_sets if k in labels}) > 1
+            or (any(k not in labels for labels in label_sets) and not k.startswith("method."))]
     return [k for k in _LABEL_ORDER if k in vary] + [k for k in vary if k not in _LABEL_ORDER]
-
-
-def _constant_title(experiment: str, label_sets: Sequence[dict[str, Any]]) -> str:
-    shown = [k for k in ("data.dataset", "model.arch") if k not in _varying(label_sets)]
-    parts = [_fmt_label(label_sets[0].get(k)) for k in shown if label_sets]
-    return f"{experiment}" + (f" — {', '.join(parts)}" if parts else "")
-
-
-@dataclass
-class _Table:
-    title: str
-    header: list[str]
-    rows: list[list[str]]
-
-
-def _detect_layout(groups: Sequence[Group]) -> Layout:
-    if any(g.labels.get("data.shots") is not None for g in groups):
-        return "fewshot"
-    lams = {g.labels.get("method.lam") for g in groups if g.labels.get("method.name") != "baseline"}
-    return "lambda" if len(lams) > 1 else "methods"
 
 
 def _sort_key(labels: dict[str, Any], keys: Sequence[str]) -> tuple:
@@ -279,91 +129,127 @@ def _sort_key(labels: dict[str, Any], keys: Sequence[str]) -> tuple:
     return tuple(out)
 
 
-def _lambda_tables(experiment: str, groups: Sequence[Group]) -> list[_Table]:
-    """Table 10: a column per λ (baseline first), a row per metric; one table per other setting."""
-    ctx_keys = [k for k in _varying([g.labels for g in groups]) if k not in ("method.name", "method.lam")]
-    by_ctx: dict[str, list[Group]] = {}
-    for g in groups:
-        by_ctx.setdefault(_key({k: g.labels.get(k) for k in ctx_keys}), []).append(g)
+def _title(experiment: str, label_sets: Sequence[dict[str, Any]]) -> str:
+    vary = _varying(label_sets)
+    parts = [_fmt_label(label_sets[0].get(k)) for k in ("data.dataset", "model.arch") if k not in vary and label_sets]
+    return experiment + (f" — {', '.join(parts)}" if parts else "")
+
+
+def _context(labels: dict[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{_LABEL_NAMES.get(k, k)}={_fmt_label(labels.get(k))}" for k in keys)
+
+
+@dataclass
+class _Table:
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+def _detect_layout(experiment: str, groups: Sequence[Group]) -> Layout:
+    """few-shot rows -> fewshot; the λ ablation (by name) or several λ of one method -> lambda; else methods."""
+    if any(g.labels.get("data.shots") is not None for g in groups):
+        return "fewshot"
+    lams = {g.labels.get("method.lam") for g in groups if g.method != "baseline"}
+    return "lambda" if len(lams) > 1 or experiment.startswith("lambda") else "methods"
+
+
+def _metrics(items: Sequence[Group | Paired]) -> list[str]:
+    return [m for m in METRIC_COLUMNS if any(m in x.stats for x in items)]
+
+
+def _paired_table(title: str, paired: Sequence[Paired], keys: Sequence[str]) -> _Table:
+    metrics = _metrics(paired)
+    header = ["difference"] + [_LABEL_NAMES.get(k, k) for k in keys] + [f"Δ {m} [95% CI] (pairs)" for m in metrics]
+    rows = []
+    for p in sorted(paired, key=lambda p: _sort_key(p.labels, ["method.name", "method.lam", *keys])):
+        unpaired = f" ({p.unpaired} unpaired)" if p.unpaired else ""
+        rows.append([f"{_method_label(p.labels)} − baseline{unpaired}"] + [_fmt_label(p.labels.get(k)) for k in keys]
+                    + [_fmt_diff(m, p.stats[m]) if m in p.stats else "–" for m in metrics])
+    return _Table(title + ": paired difference CGC − baseline, mean [95% CI] (pairs)", header, rows)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _lambda_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> list[_Table]:
+    """Table 10: a column per λ (the baseline, λ = 0, first), a row per metric; per other setting a table."""
+    ctx_keys = [k for k in _varying([g.labels for g in groups]) if not k.startswith("method.")]
     tables = []
-    for ctx, members in sorted(by_ctx.items()):
+    contexts: dict[str, list[Group]] = {}
+    for g in groups:
+        contexts.setdefault(_canon({k: g.labels.get(k) for k in ctx_keys}), []).append(g)
+    title = _title(experiment, [g.labels for g in groups])
+    for ctx, members in sorted(contexts.items()):
         members = sorted(members, key=lambda g: _sort_key(g.labels, ("method.name", "method.lam")))
-        header = ["metric"] + [
-            "baseline" if g.labels["method.name"] == "baseline"
-            else ("" if g.labels["method.name"] == "cgc" else f"{g.labels['method.name']} ")
-            + f"λ={_fmt_label(g.labels['method.lam'])}"
-            for g in members
-        ]
-        metrics = [m for m in METRIC_COLUMNS if any(m in g.stats for g in members)]
-        rows = [[m] + [_fmt_stat(m, g.stats[m]) if m in g.stats else "–" for g in members] for m in metrics]
-        ctx_text = ", ".join(f"{_LABEL_NAMES.get(k, k)}={_fmt_label(v)}" for k, v in json.loads(ctx).items())
-        title = _constant_title(experiment, [g.labels for g in groups]) + (f" ({ctx_text})" if ctx_text else "")
-        tables.append(_Table(title + ": mean±std (n)", header, rows))
+        header = ["metric"] + ["λ=0 (baseline)" if g.method == "baseline" else
+                               ("" if g.method == "cgc" else f"{g.method} ") + f"λ={_fmt_label(g.labels['method.lam'])}"
+                               for g in members]
+        rows = [[m] + [_fmt_group_cell(m, g) if m in g.stats else "–" for g in members] for m in _metrics(members)]
+        rows.append(["trials"] + [_fmt_trials(g) for g in members])
+        ctx_text = _context(members[0].labels, ctx_keys)
+        tables.append(_Table(f"{title}{f' ({ctx_text})' if ctx_text else ''}: mean±std (n)", header, rows))
+        mine = [p for p in paired if _canon({k: p.labels.get(k) for k in ctx_keys}) == ctx]
+        if mine:
+            tables.append(_paired_table(f"{title}{f' ({ctx_text})' if ctx_text else ''}", mine, []))
     return tables
 
 
 def _fewshot_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> list[_Table]:
-    """Tables 7/8: rows dataset × shots (and other settings); per metric each method and Δ vs baseline."""
-    varying = [k for k in _varying([g.labels for g in groups]) if not k.startswith("method.")]
-    row_keys = ["data.dataset", "data.shots"] + [k for k in varying if k not in ("data.dataset", "data.shots")]
-    methods = sorted({g.labels["method.name"] for g in groups}, key=lambda m: _METHOD_ORDER.get(m, 9))
-    metrics = [m for m in METRIC_COLUMNS if any(m in g.stats for g in groups)]
+    """Tables 7/8: rows dataset × shots (× other settings); per metric each method configuration and Δ."""
+    row_keys = ["data.dataset", "data.shots"] + [k for k in _varying([g.labels for g in groups])
+                                                  if not k.startswith("method.") and k not in ("data.dataset",
+                                                                                                 "data.shots")]
+    configs = sorted({_canon({k: v for k, v in g.labels.items() if k.startswith("method.")}): g.labels
+                      for g in groups}.values(), key=lambda lab: _sort_key(lab, ("method.name", "method.lam")))
+    config_keys = [_canon({k: v for k, v in c.items() if k.startswith("method.")}) for c in configs]
+    # show λ in a column name only where more than one CGC configuration exists
+    several = len([c for c in configs if c["method.name"] != "baseline"]) > 1
+    names = [_method_label(c, with_lam=several) for c in configs]
     cells: dict[str, dict[str, Group]] = {}
     ctx_labels: dict[str, dict[str, Any]] = {}
     for g in groups:
-        ck = _key({k: g.labels.get(k) for k in row_keys})
+        ck = _canon({k: g.labels.get(k) for k in row_keys})
         ctx_labels[ck] = {k: g.labels.get(k) for k in row_keys}
-        cells.setdefault(ck, {})[g.labels["method.name"]] = g
-    pair_by_ctx = {
-        (_key({k: p.labels.get(k) for k in row_keys}), p.method): p for p in paired
-    }
+        cells.setdefault(ck, {})[_canon({k: v for k, v in g.labels.items() if k.startswith("method.")})] = g
+    pairs = {(_canon({k: p.labels.get(k) for k in row_keys}),
+              _canon({k: v for k, v in p.labels.items() if k.startswith("method.")})): p for p in paired}
+    has_base = any(c["method.name"] == "baseline" for c in configs)
+    metrics = _metrics(groups)
     header = [_LABEL_NAMES.get(k, k) for k in row_keys]
     for m in metrics:
-        header += [f"{m} {meth}" for meth in methods]
-        header += [f"{m} Δ {meth}−baseline [95% CI]" for meth in methods if meth != "baseline" and "baseline" in methods]
+        header += [f"{m} {n}" for n in names]
+        header += [f"{m} Δ {n}−baseline [95% CI]" for c, n in zip(configs, names)
+                   if c["method.name"] != "baseline" and has_base]
     rows = []
     for ck in sorted(cells, key=lambda c: _sort_key(ctx_labels[c], row_keys)):
         line = [_fmt_label(ctx_labels[ck][k]) for k in row_keys]
         for m in metrics:
-            for meth in methods:
-                g = cells[ck].get(meth)
-                line.append(_fmt_stat(m, g.stats[m]) if g is not None and m in g.stats else "–")
-            for meth in methods:
-                if meth == "baseline" or "baseline" not in methods:
+            line += [_fmt_group_cell(m, cells[ck].get(key)) if cells[ck].get(key) is not None else "–"
+                     for key in config_keys]
+            for c, key in zip(configs, config_keys):
+                if c["method.name"] == "baseline" or not has_base:
                     continue
-                p = pair_by_ctx.get((ck, meth))
+                p = pairs.get((ck, key))
                 line.append(_fmt_diff(m, p.stats[m]) if p is not None and m in p.stats else "–")
         rows.append(line)
-    title = _constant_title(experiment, [g.labels for g in groups]) + ": mean±std (n); Δ paired by episode"
+    title = _title(experiment, [g.labels for g in groups]) + ": mean±std (n); Δ paired by episode"
     return [_Table(title, header, rows)]
 
 
 def _methods_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> list[_Table]:
-    """Tables 1/2/5/6/9/11: a row per method (and other varying settings), a column per metric."""
-    keys = _varying([g.labels for g in groups]) or ["method.name"]
+    """Tables 1/2/5/6/9/11: a row per configuration, a column per metric; then the paired differences."""
+    keys = _varying([g.labels for g in groups])
     if "method.name" not in keys:
         keys = ["method.name"] + keys
-    metrics = [m for m in METRIC_COLUMNS if any(m in g.stats for g in groups)]
-    header = [_LABEL_NAMES.get(k, k) for k in keys] + metrics
-    rows = [
-        [_fmt_label(g.labels.get(k)) for k in keys] + [_fmt_stat(m, g.stats[m]) if m in g.stats else "–" for m in metrics]
-        for g in sorted(groups, key=lambda g: _sort_key(g.labels, keys))
-    ]
-    title = _constant_title(experiment, [g.labels for g in groups])
+    metrics = _metrics(groups)
+    header = [_LABEL_NAMES.get(k, k) for k in keys] + metrics + ["trials"]
+    rows = [[_fmt_label(g.labels.get(k)) for k in keys] + [_fmt_group_cell(m, g) for m in metrics] + [_fmt_trials(g)]
+            for g in sorted(groups, key=lambda g: _sort_key(g.labels, keys))]
+    title = _title(experiment, [g.labels for g in groups])
     tables = [_Table(title + ": mean±std (n)", header, rows)]
     if paired:
-        pkeys = _varying([p.labels for p in paired])
-        pmetrics = [m for m in METRIC_COLUMNS if any(m in p.stats for p in paired)]
-        prow = [
-            [f"{p.method} − baseline"] + [_fmt_label(p.labels.get(k)) for k in pkeys]
-            + [_fmt_diff(m, p.stats[m]) if m in p.stats else "–" for m in pmetrics]
-            for p in sorted(paired, key=lambda p: (_METHOD_ORDER.get(p.method, 9), _sort_key(p.labels, pkeys)))
-        ]
-        tables.append(_Table(
-            title + ": paired difference, mean [95% CI] (pairs)",
-            ["difference"] + [_LABEL_NAMES.get(k, k) for k in pkeys] + pmetrics,
-            prow,
-        ))
+        tables.append(_paired_table(title, paired, [k for k in keys if not k.startswith("method.")]))
     return tables
 
 
@@ -372,25 +258,21 @@ def _layout_tables(groups: Sequence[Group], paired: Sequence[Paired], layout: La
     for experiment in sorted({g.experiment for g in groups}):
         eg = [g for g in groups if g.experiment == experiment]
         ep = [p for p in paired if p.experiment == experiment]
-        chosen = layout or _detect_layout(eg)
-        if chosen == "lambda":
-            tables += _lambda_tables(experiment, eg)
-        elif chosen == "fewshot":
-            tables += _fewshot_tables(experiment, eg, ep)
-        else:
-            tables += _methods_tables(experiment, eg, ep)
+        chosen = layout or _detect_layout(experiment, eg)
+        build = {"lambda": _lambda_tables, "fewshot": _fewshot_tables, "methods": _methods_tables}[chosen]
+        tables += build(experiment, eg, ep)
     return tables
 
 
 # --------------------------------------------------------------------------- rendering
 
 
-def _render_rich(tables: Sequence[_Table], width: int) -> str:
+def _render_rich(tables: Sequence[_Table], width: int | None) -> str:
     from rich.console import Console
     from rich.table import Table
 
     buf = io.StringIO()
-    console = Console(file=buf, width=width, color_system=None, force_terminal=False)
+    console = Console(file=buf, width=width or Console().width, color_system=None, force_terminal=False)
     for t in tables:
         rt = Table(title=t.title, title_justify="left")
         for i, h in enumerate(t.header):
@@ -412,31 +294,17 @@ def _render_markdown(tables: Sequence[_Table]) -> str:
     return "\n".join(out)
 
 
-def _records(groups: Sequence[Group], paired: Sequence[Paired]) -> list[dict[str, Any]]:
-    """Long form: one record per (group or pair context, metric)."""
-    recs = []
-    for g in groups:
-        for m, s in g.stats.items():
-            recs.append({"kind": "group", "experiment": g.experiment, **g.labels, "metric": m,
-                         "mean": s.mean, "std": s.std, "n": s.n, "ci_low": None, "ci_high": None})
-    for p in paired:
-        for m, s in p.stats.items():
-            recs.append({"kind": f"{p.method}-baseline", "experiment": p.experiment, **p.labels, "metric": m,
-                         "mean": s.mean, "std": s.std, "n": s.n,
-                         "ci_low": s.ci[0] if s.ci else None, "ci_high": s.ci[1] if s.ci else None})
-    return recs
-
-
-def _render_csv(records: Sequence[dict[str, Any]]) -> str:
-    fields: list[str] = []
-    for r in records:
-        fields += [k for k in r if k not in fields]
+def _render_csv(recs: Sequence[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for r in records:
-        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+    if recs:
+        writer = csv.DictWriter(buf, fieldnames=list(recs[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(recs)
     return buf.getvalue()
+
+
+def _json_safe(recs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in recs]
 
 
 def report(
@@ -445,25 +313,31 @@ def report(
     fmt: Format = "rich",
     *,
     layout: Layout | None = None,
-    width: int = 160,
+    width: int | None = None,
 ) -> str:
     """Render the results under ``storage`` (optionally one experiment) as text.
 
-    ``fmt``: ``rich`` / ``markdown`` (paper layouts) or ``csv`` / ``json``
-    (long form with mean, std, n, ci_low, ci_high). ``layout`` forces one of
-    ``lambda``/``fewshot``/``methods``; None picks it per experiment.
+    ``fmt``: ``rich`` / ``markdown`` (paper layouts), ``csv`` / ``json`` (the
+    summary rows), ``parquet`` (writes ``<storage>/_summary/<experiment>.parquet``
+    per experiment and returns the paths written). ``layout`` forces one of
+    ``lambda``/``fewshot``/``methods``; None picks it per experiment. ``width``:
+    of rich tables, None for the terminal's.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
     table = read_rows(storage, experiment)
     if table.num_rows == 0:
         where = f"experiment {experiment!r} under " if experiment else ""
-        message = f"no finished trials in {where}{storage!r}; run an experiment first (e.g. python experiments/lambda_ablation.py)"
+        message = f"no finished trials in {where}{storage!r}; run an experiment first " \
+                  "(e.g. python experiments/lambda_ablation.py)"
         return {"json": "[]\n", "csv": ""}.get(fmt, message + "\n")
     groups, paired = summarize(table), paired_differences(table)
+    if fmt == "parquet":
+        names = sorted({g.experiment for g in groups})
+        return "".join(f"{write_summary(storage, name, groups, paired)}\n" for name in names)
     if fmt == "json":
-        return json.dumps(_records(groups, paired), indent=1, default=str) + "\n"
+        return json.dumps(_json_safe(records(groups, paired)), indent=1) + "\n"
     if fmt == "csv":
-        return _render_csv(_records(groups, paired))
+        return _render_csv(records(groups, paired))
     tables = _layout_tables(groups, paired, layout)
     return _render_markdown(tables) if fmt == "markdown" else _render_rich(tables, width)

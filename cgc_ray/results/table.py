@@ -1,54 +1,72 @@
-"""Trial results as a Parquet dataset: one file (one row) per finished trial.
+"""Trial results as a Parquet dataset: one file (one row) per trial that ended.
 
 Layout under a storage URI (a local path, ``file://``, ``s3://bucket/prefix``
 or any URI ``pyarrow.fs.FileSystem.from_uri`` accepts)::
 
-    <storage>/experiment=<name>/<trial_id>.parquet
+    <storage>/experiment=<name>/<trial_id>.parquet     one row per trial
+    <storage>/_summary/<name>.parquet                   the aggregated table (``results.summary``)
+    <storage>/_checkpoints/<name>/<trial_id>/checkpoint.pt
+    <storage>/_leases/<name>/...                        which driver runs which trial (``runner.leases``)
+    <storage>/_figures/<name>/, <storage>/_ray/<name>/  figures, Ray's own run state
 
-The ``experiment`` column comes from the Hive-style directory name (it is not
-stored inside the files, so pandas/polars/duckdb read the whole tree without a
-type clash), e.g. ``pandas.read_parquet("results")`` or
-``duckdb.sql("select * from 'results/*/*.parquet'")``.
+Folders starting with ``_`` or ``.`` are skipped by Parquet readers, so the
+storage folder reads as one dataset whose ``experiment`` column comes from the
+Hive-style directory name: ``pandas.read_parquet("results")``,
+``duckdb.sql("select * from 'results/*/*.parquet'")``; cgc-ray itself reads it
+with ``pyarrow.dataset`` and Hive partitioning.
 
 Writes are atomic: the row is written to a hidden temporary name in the same
-directory and renamed over ``<trial_id>.parquet``. Readers skip names starting
-with ``.``, so they never see a partial file; two writers of the same trial
-replace each other's file (never duplicate rows). Object stores (S3, GCS)
-publish an object only when its upload completes and have no rename, so there
-the file is written to its final name directly.
+directory and renamed over ``<trial_id>.parquet``; readers never see a partial
+file; two writers of the same trial replace each other's file (never duplicate
+rows). Object stores (S3, GCS) publish an object only when its upload
+completes, so there the file is written to its final name directly. A file that
+is corrupt or truncated anyway (a full disk, a copy gone wrong) does not count
+as done: :func:`trial_status` moves it aside to ``_corrupt/`` with a warning and
+its trial runs again.
 
-Schema version 1 (:data:`SCHEMA`), columns and units:
+Schema version 2 (:data:`SCHEMA`), columns and units:
 
-============== ========= =====================================================
-column         type      meaning
-============== ========= =====================================================
-schema_version int32     version of this layout (1)
-experiment     string    experiment name (from the directory name)
-trial_id       string    content hash of what the trial computes (spec.trial_id)
-spec_hash      string    hash of the full resolved config (spec.spec_hash)
-dataset        string    data.dataset
-arch           string    model.arch
-method         string    method.name: baseline | cgc | cgc_no_neg
-lam            float64   method.lam (lambda)
-tau            float64   method.tau
-shots          int32     data.shots (null: not few-shot)
-episode        int32     data.episode (few-shot split seed)
-seed           int64     training seed
-percent        float64   data.percent labelled share in % (null: fully labelled)
-config_json    string    full resolved trial config, canonical JSON
-top1, top5     float64   accuracy in % [0, 100]
-ch             float64   content heatmap in % [0, 100]
-iauc           float64   insertion AUC in [0, 1]
-cgc_loss       float64   held-out CGC loss (nats)
-zero_cam_frac  float64   share of validation heatmaps that were all zero [0, 1]
-epochs         int32     epochs trained
-wall_time_s    float64   trial wall time in seconds
-node           string    host that ran the trial (rank 0)
-code_version   string    cgc-ray version and git commit
-finished_at    timestamp UTC time the row was written
-============== ========= =====================================================
+=============== ========= ====================================================
+column          type      meaning
+=============== ========= ====================================================
+schema_version  int32     version of this layout (2)
+experiment      string    experiment name (from the directory name)
+trial_id        string    content hash of what the trial computes (config.trial_id)
+spec_hash       string    hash of the full resolved config (config.spec_hash)
+status          string    finished | diverged (NaN loss: metrics null) | failed
+error           string    the error of a failed or diverged trial (else null)
+diverged_epoch  int32     the epoch (1-based) a diverged trial's loss became NaN
+diverged_step   int64     the optimiser step within that epoch
+dataset         string    data.dataset
+arch            string    model.arch
+method          string    effective method: baseline | cgc | cgc_no_neg (λ = 0 is a baseline)
+lam             float64   method.lam (lambda)
+tau             float64   method.tau
+shots           int32     data.shots (null: not few-shot)
+episode         int32     data.episode (few-shot split seed)
+seed            int64     training seed
+percent         float64   data.percent labelled share in % (null: fully labelled)
+labelled_split  string    semi-supervised labelled set: "list:<file>" or "random:<percent>%"
+eval_split      string    the split the metrics were computed on
+weights         string    the initial weights (null: random init)
+config_json     string    full resolved trial config, canonical JSON
+top1, top5      float64   accuracy in % [0, 100]
+ch              float64   content heatmap in % [0, 100]
+iauc            float64   insertion AUC in [0, 1]
+iauc_protocol   string    which IAUC protocol produced ``iauc`` (fast | authors)
+iauc_images     int32     images the IAUC was computed on
+cgc_loss        float64   held-out CGC loss (nats)
+zero_cam_frac   float64   share of validation heatmaps that were all zero [0, 1]
+epochs          int32     epochs trained
+wall_time_s     float64   trial wall time in seconds
+node            string    host that ran the trial (rank 0)
+code_version    string    cgc-ray version and git commit
+finished_at     timestamp UTC time the row was written
+=============== ========= ====================================================
 
-Metric columns are null when the trial did not compute that metric.
+Metric columns are null when the trial did not compute that metric (or did
+not finish). Files of schema version 1 read with nulls in the new columns and
+status null, read as finished.
 """
 
 from __future__ import annotations
@@ -60,10 +78,12 @@ import math
 import os
 import subprocess
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -82,9 +102,13 @@ __all__ = [
     "write_row",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+STATUSES: tuple[str, ...] = ("finished", "diverged", "failed")
+DONE_STATUSES: frozenset[str] = frozenset({"finished", "diverged"})  # a failed trial runs again
 
 METRIC_COLUMNS: tuple[str, ...] = ("top1", "top5", "ch", "iauc", "cgc_loss", "zero_cam_frac")
+# What a trial reports beside its metrics, stored as they are.
+DETAIL_COLUMNS: tuple[str, ...] = ("labelled_split", "eval_split", "iauc_protocol", "iauc_images")
 # Stored in % in the table; the engine computes them as fractions.
 PERCENT_METRICS: tuple[str, ...] = ("top1", "top5", "ch")
 
@@ -94,6 +118,10 @@ SCHEMA = pa.schema(
         pa.field("experiment", pa.string(), nullable=False),
         pa.field("trial_id", pa.string(), nullable=False),
         pa.field("spec_hash", pa.string(), nullable=False),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("diverged_epoch", pa.int32()),
+        pa.field("diverged_step", pa.int64()),
         pa.field("dataset", pa.string(), nullable=False),
         pa.field("arch", pa.string(), nullable=False),
         pa.field("method", pa.string(), nullable=False),
@@ -103,8 +131,13 @@ SCHEMA = pa.schema(
         pa.field("episode", pa.int32(), nullable=False),
         pa.field("seed", pa.int64(), nullable=False),
         pa.field("percent", pa.float64()),
+        pa.field("labelled_split", pa.string()),
+        pa.field("eval_split", pa.string()),
+        pa.field("weights", pa.string()),
         pa.field("config_json", pa.string(), nullable=False),
         *[pa.field(m, pa.float64()) for m in METRIC_COLUMNS],
+        pa.field("iauc_protocol", pa.string()),
+        pa.field("iauc_images", pa.int32()),
         pa.field("epochs", pa.int32(), nullable=False),
         pa.field("wall_time_s", pa.float64(), nullable=False),
         pa.field("node", pa.string(), nullable=False),
@@ -115,6 +148,8 @@ SCHEMA = pa.schema(
 )
 # What a file holds: everything except the partition column.
 FILE_SCHEMA = SCHEMA.remove(SCHEMA.get_field_index("experiment"))
+# Reading: every column nullable (older files lack the newer ones), experiment from the folder name.
+_READ_SCHEMA = pa.schema([f.with_nullable(True) for f in SCHEMA])
 
 _PARTITION = "experiment="
 _ATOMIC_PUT_FILESYSTEMS = {"s3", "gcs"}
@@ -167,29 +202,51 @@ def row_from_config(
     wall_time_s: float,
     node: str,
     code_version: str,
+    status: str = "finished",
+    error: str | None = None,
+    diverged_epoch: int | None = None,
+    diverged_step: int | None = None,
+    details: Mapping[str, Any] | None = None,
     finished_at: _dt.datetime | None = None,
 ) -> dict[str, Any]:
     """Build a row from a resolved trial config (``spec.model_dump(mode="json")``).
 
-    ``metrics`` may hold any subset of :data:`METRIC_COLUMNS` (others are null);
-    unknown metric names raise, so a typo cannot silently drop a number.
+    ``metrics`` may hold any subset of :data:`METRIC_COLUMNS` (others are
+    null); unknown metric names raise, so a typo cannot silently drop a number.
+    ``details``: what the trial reports beside its metrics (``labelled_split``,
+    ``eval_split``, ``iauc_protocol``, ``iauc_images``). The ``method`` column
+    is the effective method (``config.effective_method``: λ = 0 trains a baseline).
     """
+    from cgc_ray.config.identity import effective_method
+
     unknown = set(metrics) - set(METRIC_COLUMNS)
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; result columns are {list(METRIC_COLUMNS)}")
+    if status not in STATUSES:
+        raise ValueError(f"status={status!r}; choose one of {STATUSES}")
+    details = dict(details or {})
+    unknown = set(details) - set(DETAIL_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown detail column(s) {sorted(unknown)}; choose from {list(DETAIL_COLUMNS)}")
     data, method = config["data"], config["method"]
     return {
         "trial_id": trial_id,
         "spec_hash": spec_hash,
+        "status": status,
+        "error": error,
+        "diverged_epoch": diverged_epoch,
+        "diverged_step": diverged_step,
         "dataset": data["dataset"],
         "arch": config["model"]["arch"],
-        "method": method["name"],
+        "method": effective_method(config),
         "lam": method["lam"],
         "tau": method["tau"],
         "shots": data["shots"],
         "episode": data["episode"],
         "seed": config["seed"],
         "percent": data["percent"],
+        "weights": config["model"].get("weights"),
+        **{k: details.get(k) for k in DETAIL_COLUMNS},
         "config_json": json.dumps(config, sort_keys=True, separators=(",", ":")),
         **{m: (None if metrics.get(m) is None else float(metrics[m])) for m in METRIC_COLUMNS},
         "epochs": epochs,
@@ -253,38 +310,83 @@ def _trial_files(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
             and not i.base_name.startswith((".", "_"))]
 
 
-def completed_trial_ids(storage_uri: str, experiment: str) -> set[str]:
-    """Trial ids with a result row in ``experiment`` (from file names; no file is read)."""
+def _validate(fs: pafs.FileSystem, info: pafs.FileInfo) -> str:
+    """The status of a row file whose footer and trial id check out; raises ValueError otherwise."""
+    tid = info.base_name.removesuffix(".parquet")
+    try:
+        table = pq.read_table(info.path, filesystem=fs, columns=None)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"unreadable Parquet ({e})") from None
+    if table.num_rows != 1 or "trial_id" not in table.column_names:
+        raise ValueError(f"{table.num_rows} rows / columns {table.column_names[:5]}, expected one trial row")
+    if table["trial_id"][0].as_py() != tid:
+        raise ValueError(f"holds trial {table['trial_id'][0].as_py()!r}, not {tid!r}")
+    status = table["status"][0].as_py() if "status" in table.column_names else None
+    return status or "finished"  # schema v1 rows are finished trials
+
+
+def trial_status(storage_uri: str, experiment: str) -> dict[str, str]:
+    """trial id -> status of every valid row file of ``experiment``; bad files are moved aside.
+
+    A file that cannot be read, or whose row is not the trial its name says,
+    is moved to ``experiment=<name>/_corrupt/`` with a warning (its trial then
+    runs again). Temporary files of writers that died (``.<id>.<uuid>.tmp``
+    older than an hour) are deleted.
+    """
     fs, base = filesystem(storage_uri)
-    return {i.base_name.removesuffix(".parquet") for i in _trial_files(fs, _experiment_dir(base, experiment))}
+    directory = _experiment_dir(base, experiment)
+    out: dict[str, str] = {}
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    now = _dt.datetime.now(_dt.timezone.utc)
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+            mtime = info.mtime.astimezone(_dt.timezone.utc) if info.mtime is not None else now
+            if now - mtime > _dt.timedelta(hours=1):
+                _delete_quietly(fs, info.path)
+            continue
+        if not info.base_name.endswith(".parquet") or info.base_name.startswith((".", "_")):
+            continue
+        try:
+            out[info.base_name.removesuffix(".parquet")] = _validate(fs, info)
+        except ValueError as e:
+            aside = f"{directory}/_corrupt/{info.base_name}.{now:%Y%m%dT%H%M%S}"
+            fs.create_dir(f"{directory}/_corrupt", recursive=True)
+            fs.move(info.path, aside)
+            warnings.warn(f"result file {info.path} is not a valid trial row ({e}); moved to {aside}, "
+                          "its trial will run again", stacklevel=2)
+    return out
+
+
+def completed_trial_ids(storage_uri: str, experiment: str) -> set[str]:
+    """Trial ids whose row says they are done (finished or diverged); failed trials run again."""
+    return {t for t, status in trial_status(storage_uri, experiment).items() if status in DONE_STATUSES}
 
 
 def read_rows(storage_uri: str, experiment: str | None = None) -> pa.Table:
     """All result rows (of one experiment, or of all) as a table with :data:`SCHEMA`.
 
+    Read with ``pyarrow.dataset`` and Hive partitioning (``experiment=<name>``).
     Files written by an older schema version read with nulls in the columns
-    they lack. A missing storage location reads as an empty table.
+    they lack; unreadable files are left out with a warning. A missing storage
+    location reads as an empty table.
     """
     fs, base = filesystem(storage_uri)
-    if experiment is None:
-        experiments = [
-            i.base_name.removeprefix(_PARTITION)
-            for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-            if i.type == pafs.FileType.Directory and i.base_name.startswith(_PARTITION)
-        ]
-    else:
-        experiments = [experiment]
-    tables = []
-    for name in sorted(experiments):
-        files = sorted(i.path for i in _trial_files(fs, _experiment_dir(base, name)))
-        if not files:
-            continue
-        table = pads.dataset(files, schema=FILE_SCHEMA, format="parquet", filesystem=fs).to_table()
-        column = pa.array([name] * table.num_rows, pa.string())
-        tables.append(table.add_column(SCHEMA.get_field_index("experiment"), SCHEMA.field("experiment"), column))
-    if not tables:
+    if fs.get_file_info(base).type == pafs.FileType.NotFound:
         return SCHEMA.empty_table()
-    return pa.concat_tables(tables).cast(SCHEMA)
+    partitioning = pads.partitioning(pa.schema([SCHEMA.field("experiment")]), flavor="hive")
+    kw = dict(format="parquet", filesystem=fs, partitioning=partitioning, schema=_READ_SCHEMA,
+              ignore_prefixes=[".", "_"])
+    dataset = pads.dataset(base, exclude_invalid_files=True, **kw)
+    if experiment is not None:
+        _experiment_dir(base, experiment)  # validates the name
+    bad = set(pads.dataset(base, **kw).files) - set(dataset.files)
+    if bad:
+        warnings.warn(f"left out {len(bad)} unreadable result file(s), e.g. {sorted(bad)[:3]}; "
+                      "the next run of their experiment moves them aside and runs their trials again", stacklevel=2)
+    table = dataset.to_table(filter=None if experiment is None else pc.field("experiment") == experiment)
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def code_version() -> str:

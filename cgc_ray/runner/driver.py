@@ -15,8 +15,10 @@ attaches to, :mod:`cgc_ray.runner.cluster`.
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
-import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -31,8 +33,16 @@ from cgc_ray.config import (
     trial_id,
     validate_spec,
 )
-from cgc_ray.results.table import code_version, completed_trial_ids
+from cgc_ray.results.table import (
+    DONE_STATUSES,
+    code_version,
+    filesystem,
+    row_from_config,
+    trial_status,
+    write_row,
+)
 from cgc_ray.runner.cluster import cluster_view, connect, find_cluster
+from cgc_ray.runner.leases import Leases
 from cgc_ray.runner.resources import (
     ResourceError,
     _concurrent_room,
@@ -87,10 +97,14 @@ def _check_data_where_we_can(spec: ExperimentSpec, *, on_this_node: bool) -> Non
 class ExperimentResult:
     """What one ``run_experiment`` call did.
 
-    ``metrics``: trial id -> the last result Tune got from that trial in this
-    call (for a finished trial: the result columns plus ``epoch``,
-    ``node_id`` (the Ray node of rank 0) and ``resumed_from_epoch`` (epochs a
-    checkpoint had already done when its last attempt started)).
+    ``skipped``: trials already done (finished or diverged) before this call;
+    ``ran``: trials this call finished; ``diverged``: those whose loss went NaN
+    (their rows say so); ``failed``: trial id -> error (a ``failed`` row was
+    written; a re-run tries them again); ``held``: trial id -> the other live
+    driver running it (host:pid). ``metrics``: trial id -> the last result Tune
+    got from that trial in this call (for a finished trial: the result columns
+    plus ``epoch``, ``node_id`` (the Ray node of rank 0) and
+    ``resumed_from_epoch``).
     """
 
     trial_ids: list[str]
@@ -98,6 +112,37 @@ class ExperimentResult:
     ran: list[str]
     failed: dict[str, str]
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    diverged: list[str] = field(default_factory=list)
+    held: dict[str, str] = field(default_factory=dict)
+
+
+class StorageError(RuntimeError):
+    """The storage location cannot be written (a file in the way, no permission, bad credentials)."""
+
+
+def check_storage(storage: str) -> None:
+    """Fail at once, in one line naming the location and the reason, if ``storage`` cannot be written."""
+    import pyarrow as pa
+
+    try:
+        fs, base = filesystem(storage)
+        fs.create_dir(base, recursive=True)
+        probe = f"{base}/.cgc-ray-probe-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, pa.ArrowException, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StorageError(f"storage {storage!r} cannot be written: {reason}") from None
+
+
+def _quiet_tune() -> None:
+    """No Tune banner or INFO lines: the caller shows its own progress (or none)."""
+    import logging
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_experiment(
@@ -108,15 +153,17 @@ def run_experiment(
     max_concurrent: int | None = None,
     autoscale: bool = False,
 ) -> ExperimentResult:
-    """Run every trial of ``spec`` not yet in the results; returns what ran and what failed.
+    """Run every trial of ``spec`` not yet done; returns what ran, diverged, failed or another driver holds.
 
-    Validates the spec and the data root, and checks that one trial fits the
-    cluster's nodes (unless ``autoscale``: nodes may still be coming) before
-    any trial starts.
+    Before any trial starts: validates the spec, checks that the storage can
+    be written and the data root holds the dataset, claims the pending trials
+    (``runner.leases``: another live driver's trials are left to it), and
+    checks that one trial fits the cluster's nodes or node types.
     """
     spec = resolve_paths(validate_spec(spec))  # idempotent; the CLI resolved against the user's folder already
     if autoscale and _is_local(spec.storage):
         raise ResourceError(_local_storage_message(spec.storage, "--autoscale adds nodes"))
+    check_storage(spec.storage)
     if _ray_initialized():  # a caller's Ray (a notebook, the tests): this process is already attached
         view = cluster_view(own=False)
         on_this_node = not view.multi_node
@@ -125,12 +172,24 @@ def run_experiment(
     _check_data_where_we_can(spec, on_this_node=on_this_node)
     trials = expand_trials(spec)
     ids = [trial_id(t) for t in trials]
-    done = completed_trial_ids(spec.storage, spec.name)
-    pending = [(t, i) for t, i in zip(trials, ids) if i not in done]
+    done = {t for t, status in trial_status(spec.storage, spec.name).items() if status in DONE_STATUSES}
     skipped = [i for i in ids if i in done]
-    if not pending:
-        return ExperimentResult(ids, skipped, [], {})
+    leases = Leases(spec.storage, spec.name).start()
+    try:
+        mine, held = leases.claim([i for i in ids if i not in done])
+        held_by = {t: f"{b.get('host')}:{b.get('pid')}" for t, b in held.items()}
+        pending = [(t, i) for t, i in zip(trials, ids) if i in set(mine)]
+        if not pending:
+            return ExperimentResult(ids, skipped, [], {}, held=held_by)
+        return _run_pending(spec, pending, ids, skipped, held_by, view, address=address, progress=progress,
+                            max_concurrent=max_concurrent, autoscale=autoscale)
+    finally:
+        leases.release()
 
+
+def _run_pending(spec: ExperimentSpec, pending: list, ids: list[str], skipped: list[str], held: dict[str, str],
+                 view, *, address: str | None, progress: bool, max_concurrent: int | None,
+                 autoscale: bool) -> ExperimentResult:
     from ray import tune
 
     if view is None:
@@ -164,6 +223,7 @@ def run_experiment(
         from cgc_ray.runner.progress import RichProgress
 
         callbacks.append(RichProgress(total=len(ids), already_done=len(skipped), experiment=spec.name))
+    _quiet_tune()
     # Tune shows and names trials by id; the full config is looked up on the worker
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial_by_id, table=by_id),
@@ -175,7 +235,7 @@ def run_experiment(
             trial_dirname_creator=lambda tr: tr.config["trial_id"],
         ),
         run_config=tune.RunConfig(
-            name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",  # Ray's run state; results are keyed by trial id
+            name=spec.name,  # Ray's run state, one folder per experiment (results are keyed by trial id)
             storage_path=ray_storage_path(spec.storage),
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries),
             callbacks=callbacks,
@@ -183,14 +243,27 @@ def run_experiment(
         ),
     )
     grid = tuner.fit()
-    now_done = completed_trial_ids(spec.storage, spec.name)
+    status = trial_status(spec.storage, spec.name)
     failed = {}
     for r in grid:
         tid = r.config["trial_id"]
-        if tid not in now_done:
-            failed[tid] = str(r.error) if r.error else "no result row was written"
-    ran = [c for c in by_id if c in now_done]
+        if status.get(tid) not in DONE_STATUSES:
+            failed[tid] = _last_line(r.error) if r.error else "no result row was written"
+            _write_failed_row(spec, by_id[tid], failed[tid])
+    ran = [t for t in by_id if status.get(t) in DONE_STATUSES]
+    diverged = [t for t in ran if status[t] == "diverged"]
     metrics = {r.config["trial_id"]: dict(r.metrics or {}) for r in grid}
-    return ExperimentResult(ids, skipped, ran, failed, metrics)
+    return ExperimentResult(ids, skipped, ran, failed, metrics, diverged, held)
 
 
+def _last_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1] if text else type(error).__name__
+
+
+def _write_failed_row(spec: ExperimentSpec, config: dict[str, Any], error: str) -> None:
+    """A ``failed`` row, so the report shows the trial; the next run tries it again (not a done status)."""
+    row = row_from_config(config["spec"], {}, trial_id=config["trial_id"], spec_hash=config["spec_hash"], epochs=0,
+                          wall_time_s=0.0, node=socket.gethostname(), code_version=config["code_version"],
+                          status="failed", error=error)
+    write_row(spec.storage, spec.name, row)

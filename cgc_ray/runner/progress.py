@@ -35,12 +35,12 @@ class RichProgress(Callback):
         self.live.start()
 
     def _eta(self) -> str:
+        """Trials left over the rate seen so far; that rate already counts the trials running side by side."""
         finished_here = self.done - self.skipped
         if finished_here == 0:
             return "?"
-        per_trial = (time.monotonic() - self.start) / finished_here
-        left = per_trial * (self.total - self.done) / max(1, len(self.running) or 1)
-        return time.strftime("%H:%M:%S", time.gmtime(left))
+        left = (time.monotonic() - self.start) / finished_here * (self.total - self.done - self.failed)
+        return time.strftime("%H:%M:%S", time.gmtime(max(0.0, left)))
 
     def _render(self) -> Table:
         t = Table(title=f"cgc-ray · {self.experiment}", show_header=True, expand=False)

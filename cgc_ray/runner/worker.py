@@ -20,10 +20,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable
 
 from cgc_ray.config import ExperimentSpec, SpecError, unresolved_paths, validate_spec
 from cgc_ray.results.table import (
+    DETAIL_COLUMNS,
     checkpoint_path,
     filesystem,
     result_metrics,
@@ -121,43 +122,55 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _resumed_from(first: Mapping[str, int], final: Mapping[str, Any]) -> int:
-    """Epochs a checkpoint had already finished when this attempt started (0: from scratch)."""
-    return first.get("epoch", int(final.get("epoch", 0)) + 1) - 1
+def _train(spec: ExperimentSpec, tid: str, device: Any, *, distributed: bool, rank: int,
+           send: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Train one trial on this process (one rank under DDP); the final metrics, or what diverged.
+
+    Every rank pulls the same checkpoint, so all resume identically; rank 0
+    pushes a checkpoint to storage whenever one is written. ``send`` gets each
+    epoch's metrics (``tune.report`` or ``ray.train.report``). A NaN loss is
+    deterministic: it ends the trial as diverged instead of failing it, so it
+    is not retried (and every rank sees it at the same step).
+    """
+    from cgc_ray.train.engine import NonFiniteLossError
+    from cgc_ray.train.trial import run_trial
+
+    _worker_threads(spec)
+    store = CheckpointStore(spec.storage, spec.name, tid)
+    store.pull()
+    first: dict[str, int] = {}  # the first epoch this attempt finished
+
+    def report(metrics: dict[str, Any], checkpoint: str | None) -> None:
+        first.setdefault("epoch", int(metrics["epoch"]))
+        if checkpoint is not None and rank == 0:
+            store.push()
+        send(metrics)
+
+    where = {"node": socket.gethostname(), "node_id": _node_id()}
+    try:
+        final = run_trial(spec, trial_dir=store.workdir, device=device, report=report, distributed=distributed)
+    except NonFiniteLossError as e:
+        resumed = first.get("epoch", e.epoch) - 1
+        return {"diverged": True, "error": str(e), "diverged_epoch": e.epoch, "diverged_step": e.step,
+                "epoch": e.epoch - 1, **where, "resumed_from_epoch": resumed}
+    finally:
+        store.cleanup()
+    return {**final, **where, "resumed_from_epoch": first.get("epoch", int(final.get("epoch", 0)) + 1) - 1}
 
 
 def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train worker (DDP): every rank pulls the checkpoint, trains and reports; rank 0 checkpoints.
+    """Ray Train worker (DDP): every rank trains and reports; returns rank 0's result (``Result.return_value``).
 
-    Every rank calls ``ray.train.report`` once per epoch (Train V2 requires
-    the same number of reports on every rank; the controller forwards rank
-    0's to Tune). Returns rank 0's final metrics (``Result.return_value``).
+    Every rank calls ``ray.train.report`` once per epoch (Train V2 requires the
+    same number of reports on every rank; the controller forwards rank 0's to Tune).
     """
     import ray.train
     import ray.train.torch
 
-    from cgc_ray.train.trial import run_trial
-
     spec = validate_spec(config["spec"])
-    _worker_threads(spec)
-    store = CheckpointStore(spec.storage, spec.name, config["trial_id"])
     rank = ray.train.get_context().get_world_rank()
-    store.pull()  # every rank loads the same checkpoint, so all ranks resume identically
-    first: dict[str, int] = {}  # the first epoch this attempt finished
-
-    def report(metrics: dict[str, Any], _checkpoint: str | None) -> None:
-        first.setdefault("epoch", int(metrics["epoch"]))
-        if rank == 0:
-            store.push()
-        ray.train.report({**metrics, "rank": rank})
-
-    try:
-        final = run_trial(spec, trial_dir=store.workdir, device=ray.train.torch.get_device(), report=report,
-                          distributed=True)
-    finally:
-        store.cleanup()
-    return {**final, "node": socket.gethostname(), "node_id": _node_id(),
-            "resumed_from_epoch": _resumed_from(first, final)}
+    return _train(spec, config["trial_id"], ray.train.torch.get_device(), distributed=True, rank=rank,
+                  send=lambda m: ray.train.report({**m, "rank": rank}))
 
 
 def _run_ddp(spec: ExperimentSpec, tid: str, config: dict[str, Any], gpu: bool) -> dict[str, Any]:
@@ -192,25 +205,8 @@ def _run_ddp(spec: ExperimentSpec, tid: str, config: dict[str, Any], gpu: bool) 
 def _run_single(spec: ExperimentSpec, tid: str, gpu: bool) -> dict[str, Any]:
     from ray import tune
 
-    from cgc_ray.train.trial import run_trial
-
-    _worker_threads(spec)
-    store = CheckpointStore(spec.storage, spec.name, tid)
-    store.pull()
-    first: dict[str, int] = {}  # the first epoch this attempt finished
-
-    def report(metrics: dict[str, Any], _checkpoint: str | None) -> None:
-        first.setdefault("epoch", int(metrics["epoch"]))
-        store.push()
-        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
-    device = _trial_device(gpu)
-    try:
-        final = run_trial(spec, trial_dir=store.workdir, device=device, report=report)
-    finally:
-        store.cleanup()
-    return {**final, "node": socket.gethostname(), "node_id": _node_id(),
-            "resumed_from_epoch": _resumed_from(first, final)}
+    return _train(spec, tid, _trial_device(gpu), distributed=False, rank=0,
+                  send=lambda m: tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))}))
 
 
 def _trial_fn(config: dict[str, Any]) -> None:
@@ -225,19 +221,25 @@ def _trial_fn(config: dict[str, Any]) -> None:
     gpu = bool(config["use_gpu"])
     start = time.time()
     final = _run_ddp(spec, tid, config, gpu) if spec.scaling.num_workers > 1 else _run_single(spec, tid, gpu)
+    diverged = bool(final.get("diverged"))
     row = row_from_config(
         config["spec"],
-        result_metrics(final),
+        {} if diverged else result_metrics(final),
         trial_id=tid,
         spec_hash=config["spec_hash"],
         epochs=int(final.get("epoch", spec.optim.epochs)),
         wall_time_s=float(final.get("wall_time_s", time.time() - start)),
         node=str(final.get("node", socket.gethostname())),
         code_version=config["code_version"],
+        status="diverged" if diverged else "finished",
+        error=final.get("error"),
+        diverged_epoch=final.get("diverged_epoch"),
+        diverged_step=final.get("diverged_step"),
+        details={k: final[k] for k in DETAIL_COLUMNS if final.get(k) is not None},
     )
     write_row(spec.storage, spec.name, row)
-    tune.report({"row_written": 1, **result_metrics(final), "epoch": row["epochs"], "node_id": final["node_id"],
-                 "resumed_from_epoch": final["resumed_from_epoch"]})
+    tune.report({"row_written": 1, "status": row["status"], **({} if diverged else result_metrics(final)),
+                 "epoch": row["epochs"], "node_id": final["node_id"], "resumed_from_epoch": final["resumed_from_epoch"]})
 
 
 def _trial_by_id(config: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:

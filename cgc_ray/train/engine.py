@@ -25,7 +25,15 @@ from cgc_ray.models.checkpoint import load_checkpoint, save_checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite: deterministic, so the trial is not retried.
+
+    ``step``: the optimiser step of the epoch by which it was seen; ``epoch``:
+    that epoch, 1-based (set by :func:`fit`).
+    """
+
+    def __init__(self, message: str, *, step: int, epoch: int | None = None):
+        super().__init__(message)
+        self.step, self.epoch = step, epoch
 
 
 def _cycle(loader: Iterable) -> Iterator:
@@ -53,7 +61,6 @@ def train_one_epoch(
     channels_last: bool = False,
     generator: torch.Generator | None = None,
     check_every: int = 50,
-    max_steps: int | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (batches of (images, labels, ...)).
 
@@ -108,8 +115,6 @@ def train_one_epoch(
         steps += 1
         if steps % check_every == 0:
             _check_finite(sums["loss"], steps)
-        if max_steps is not None and steps >= max_steps:
-            break
     if n_img == 0:
         raise ValueError("the training loader yielded no batches; check the dataset split and batch size")
     _check_finite(sums["loss"], steps)
@@ -127,11 +132,15 @@ def train_one_epoch(
 
 
 def _check_finite(loss_sum: Tensor, step: int) -> None:
-    if not torch.isfinite(loss_sum):
+    """Raise NonFiniteLossError when the running loss is not finite; under DDP every rank agrees on it."""
+    finite = torch.isfinite(loss_sum).to(torch.int32)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # all ranks stop at the same step, or the ones still training would wait in a collective for ever
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not finite:
         raise NonFiniteLossError(
             f"training loss is {loss_sum.item()} by step {step}; lower the learning rate or lambda, "
-            "or enable gradient clipping; the run stops instead of training on garbage"
-        )
+            "or enable gradient clipping; the run stops instead of training on garbage", step=step)
 
 
 def _heldout_cgc(model: nn.Module, images: Tensor, method: MethodConfig, generator: torch.Generator) -> Tensor:
@@ -256,17 +265,22 @@ def fit(
     channels_last: bool = False,
     eval_metrics: Iterable[str] = ("top1", "top5", "ch", "cgc_loss"),
     eval_every: int = 1,
+    checkpoint_every: int = 1,
     is_main: bool = True,
     checkpoint_extra: dict[str, Any] | None = None,
+    heldout: MethodConfig | None = None,
 ) -> dict[str, float]:
-    """Train for ``epochs`` epochs, evaluating and checkpointing after each.
+    """Train for ``epochs`` epochs, evaluating every ``eval_every`` and checkpointing every ``checkpoint_every``.
 
-    If ``checkpoint_path`` exists the run resumes after its last finished
-    epoch with every RNG state restored, so resume-then-continue equals an
-    uninterrupted run. Only ``is_main`` writes the checkpoint (with the method
-    and ``checkpoint_extra``, e.g. the arch, in its "extra"); every caller
-    gets ``callback(metrics, checkpoint_path)`` after each epoch. Returns the
-    last epoch's metrics.
+    The last epoch is always evaluated and checkpointed. If ``checkpoint_path``
+    exists the run resumes after its last checkpointed epoch with every RNG
+    state restored, so resume-then-continue equals an uninterrupted run. Only
+    ``is_main`` writes the checkpoint (with the method and
+    ``checkpoint_extra``, e.g. the arch, in its "extra"); every caller gets
+    ``callback(metrics, checkpoint_path or None)`` after each epoch (None when
+    no checkpoint was written that epoch). ``heldout``: the CGC settings of the
+    held-out CGC-loss metric (default: ``method``'s). A NaN loss raises
+    :class:`NonFiniteLossError` with its epoch. Returns the last epoch's metrics.
     """
     device = torch.device(device)
     model.to(device)
@@ -288,23 +302,28 @@ def fit(
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        metrics = train_one_epoch(
-            model, train_loader, optimizer, method, device,
-            scheduler=scheduler if scheduler_interval == "step" else None,
-            unlabeled=unlabeled_loader, amp=amp, scaler=scaler, channels_last=channels_last, generator=gen,
-        )
+        try:
+            metrics = train_one_epoch(
+                model, train_loader, optimizer, method, device,
+                scheduler=scheduler if scheduler_interval == "step" else None,
+                unlabeled=unlabeled_loader, amp=amp, scaler=scaler, channels_last=channels_last, generator=gen,
+            )
+        except NonFiniteLossError as e:
+            e.epoch = epoch + 1
+            raise
         if scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
         metrics["epoch"] = epoch + 1
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             # the bare module: a DDP forward syncs buffers with ranks that are not evaluating
-            metrics.update(evaluate(unwrap(model), val_loader, device, method=method, metrics=eval_metrics,
-                                    seed=seed))
-        if checkpoint_path is not None and is_main:
+            metrics.update(evaluate(unwrap(model), val_loader, device, method=heldout or method,
+                                    metrics=eval_metrics, seed=seed))
+        saved = checkpoint_path is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs)
+        if saved and is_main:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, generators=generators,
                             scaler=scaler, metrics=metrics,
                             extra={"method": asdict(method), **(checkpoint_extra or {})})
         if callback is not None:
-            callback(dict(metrics), str(checkpoint_path) if checkpoint_path is not None else None)
+            callback(dict(metrics), str(checkpoint_path) if saved else None)
     return metrics

@@ -204,7 +204,8 @@ def run_trial(
         checkpoint_path=Path(trial_dir) / CHECKPOINT_NAME, callback=report, seed=spec.seed,
         amp=spec.scaling.amp and device.type == "cuda",
         channels_last=spec.scaling.channels_last and device.type == "cuda",
-        eval_metrics=spec.metrics, eval_every=spec.eval_every, is_main=is_main,
+        eval_metrics=spec.metrics, eval_every=spec.eval_every, checkpoint_every=spec.failure.checkpoint_every,
+        is_main=is_main, heldout=MethodConfig(**method_config_kwargs(spec, heldout_metric=True)),
         checkpoint_extra={"arch": spec.model.arch, "num_classes": td.num_classes, "dataset": spec.data.dataset,
                           "image_size": spec.data.image_size},
     )

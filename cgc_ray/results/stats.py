@@ -1,0 +1,195 @@
+"""Statistics of result rows: groups of repeats (mean ± std, n) and paired CGC − baseline differences.
+
+One grouping rule for every table, plot and format:
+
+- A row's identity is ``config.identity`` of its trial config: the fields that
+  change what it computes (a λ = 0 CGC trial is a baseline; a baseline ignores
+  the CGC term's settings).
+- A **group** is every identity field but the replicate axes
+  (``config.REPLICATE_FIELDS``: seed, few-shot episode). Its statistics are over
+  its finished rows; diverged and failed rows are counted beside n.
+- A **pair** is a CGC group and the baseline group with the same identity
+  apart from ``method.*`` (same dataset, architecture, shots, schedule, ...),
+  matched replicate by replicate (the same seed, or the same episode split).
+  The paired difference d = metric(CGC) − metric(baseline) is computed per CGC
+  configuration (each λ on its own), with mean, sample std (ddof 1), n and the
+  95 % Student-t interval ``mean ± t_{0.975, n−1} · std / √n``.
+
+pyarrow + scipy only: importing this module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+
+from cgc_ray.config.base import canonical, flatten
+from cgc_ray.config.identity import NON_IDENTITY_FIELDS, REPLICATE_FIELDS, identity
+from cgc_ray.results.table import METRIC_COLUMNS
+
+__all__ = ["CI_LEVEL", "Group", "Paired", "Stat", "describe", "paired_differences", "row_identity", "summarize",
+           "t_quantile"]
+
+CI_LEVEL = 0.95
+
+
+def t_quantile(df: int, level: float = CI_LEVEL) -> float:
+    """Two-sided Student-t critical value ``t_{(1 + level)/2, df}`` (scipy.stats.t)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    from scipy.stats import (
+        t,  # imported here: scipy.stats costs a few hundred ms to import
+    )
+
+    return float(t.ppf((1 + level) / 2, df))
+
+
+@dataclass(frozen=True)
+class Stat:
+    """mean, sample std (ddof = 1; None for n = 1), n, and the 95 % t interval of the mean (None for n = 1)."""
+
+    mean: float
+    std: float | None
+    n: int
+    ci: tuple[float, float] | None = None
+
+
+def describe(values: Sequence[float]) -> Stat:
+    """Mean, sample std, n and the 95 % Student-t interval of the mean of ``values``."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("describe() needs at least one value")
+    mean = math.fsum(values) / n
+    if n == 1:
+        return Stat(mean, None, 1)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(n - 1) * std / math.sqrt(n)
+    return Stat(mean, std, n, (mean - half, mean + half))
+
+
+@dataclass(frozen=True)
+class Group:
+    """The rows of one configuration (repeats over seed / episode) and their statistics.
+
+    ``labels``: the group's identity fields (flattened, replicate axes removed).
+    ``stats``: metric -> Stat over finished rows. ``n_finished``,
+    ``n_diverged``, ``n_failed``: rows by status.
+    """
+
+    experiment: str
+    labels: dict[str, Any]
+    stats: dict[str, Stat]
+    n_finished: int
+    n_diverged: int = 0
+    n_failed: int = 0
+
+    @property
+    def method(self) -> str:
+        return self.labels["method.name"]
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Paired differences ``CGC − baseline`` of one CGC group against its matching baseline group.
+
+    ``labels``: the CGC group's labels; ``baseline_labels``: its baseline's.
+    ``stats``: metric -> Stat of the per-replicate differences (with the 95 % interval).
+    ``unpaired``: replicates present in only one of the two groups (or not finished in both).
+    """
+
+    experiment: str
+    labels: dict[str, Any]
+    baseline_labels: dict[str, Any]
+    stats: dict[str, Stat]
+    unpaired: int = 0
+    replicates: list[tuple[Any, ...]] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        return self.labels["method.name"]
+
+
+def row_identity(config_json: str) -> dict[str, Any]:
+    """The identity of a row's trial config; a config this version cannot validate falls back to its raw fields."""
+    config = json.loads(config_json)
+    try:
+        return identity(config)
+    except ValueError:  # a row written by another version of the spec
+        return {k: v for k, v in flatten(config).items() if k not in NON_IDENTITY_FIELDS and k != "sweep.grid"}
+
+
+def _split(ident: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    labels = {k: v for k, v in ident.items() if k not in REPLICATE_FIELDS}
+    return labels, tuple(ident.get(k) for k in sorted(REPLICATE_FIELDS))
+
+
+def _without_method(labels: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in labels.items() if not k.startswith("method.")}
+
+
+def _bucket(table: pa.Table) -> dict[tuple[str, str], tuple[dict[str, Any], list[tuple[tuple[Any, ...], dict]]]]:
+    """(experiment, group key) -> (labels, [(replicate key, row)])."""
+    out: dict[tuple[str, str], tuple[dict[str, Any], list]] = {}
+    for row in table.to_pylist():
+        labels, rep = _split(row_identity(row["config_json"]))
+        out.setdefault((row["experiment"], canonical(labels)), (labels, []))[1].append((rep, row))
+    return out
+
+
+def _is_finished(row: dict) -> bool:
+    return (row.get("status") or "finished") == "finished"  # schema v1 rows have no status: finished
+
+
+def _finished(rows: Iterable[dict]) -> list[dict]:
+    return [r for r in rows if _is_finished(r)]
+
+
+def _metrics_present(rows: Iterable[dict]) -> list[str]:
+    rows = list(rows)
+    return [m for m in METRIC_COLUMNS if any(r.get(m) is not None for r in rows)]
+
+
+def summarize(table: pa.Table) -> list[Group]:
+    """One :class:`Group` per configuration, sorted by experiment and labels."""
+    out = []
+    for (experiment, _), (labels, items) in sorted(_bucket(table).items()):
+        rows = [r for _, r in items]
+        done = _finished(rows)
+        stats = {m: describe([r[m] for r in done if r[m] is not None]) for m in _metrics_present(done)}
+        status = [r.get("status") or "finished" for r in rows]
+        out.append(Group(experiment, labels, stats, status.count("finished"), status.count("diverged"),
+                         status.count("failed")))
+    return out
+
+
+def paired_differences(table: pa.Table) -> list[Paired]:
+    """One :class:`Paired` per CGC group that has a matching baseline group (see the module docstring)."""
+    buckets = _bucket(table)
+    baselines = {
+        (experiment, canonical(_without_method(labels))): (labels, items)
+        for (experiment, _), (labels, items) in buckets.items() if labels["method.name"] == "baseline"
+    }
+    out = []
+    for (experiment, _), (labels, items) in sorted(buckets.items()):
+        if labels["method.name"] == "baseline":
+            continue
+        match = baselines.get((experiment, canonical(_without_method(labels))))
+        if match is None:
+            continue
+        base_labels, base_items = match
+        mine = {rep: r for rep, r in items if _is_finished(r)}
+        theirs = {rep: r for rep, r in base_items if _is_finished(r)}
+        common = sorted(set(mine) & set(theirs), key=canonical)
+        unpaired = len({rep for rep, _ in items} ^ {rep for rep, _ in base_items}) + \
+            len(({rep for rep, _ in items} & {rep for rep, _ in base_items}) - set(common))
+        stats = {}
+        for m in _metrics_present([mine[c] for c in common] + [theirs[c] for c in common]):
+            d = [mine[c][m] - theirs[c][m] for c in common if mine[c][m] is not None and theirs[c][m] is not None]
+            if d:
+                stats[m] = describe(d)
+        out.append(Paired(experiment, labels, base_labels, stats, unpaired, common))
+    return out
