@@ -8,8 +8,11 @@ The kinds are timed round-robin (rep 1 of each, rep 2 of each, ...) so machine
 noise hits them alike; the ratios to the baseline step are the numbers to quote.
 "baseline_2b" is a CE step on a batch of 2B (the floor for any step that runs
 two views: on a CPU a batch of 2B often costs more than twice a batch of B).
+"cgc" forwards [x; T(x)] as one batch (``method.forward=joint``); "cgc_separate"
+forwards x and T(x) one after the other (``separate``, the authors' BatchNorm
+treatment).
 "authors" re-creates the structure of UCDvision/CGC's step for comparison
-(REFERENCE.md section 5): three train-mode forwards (standard view, centre
+(docs/PAPER.md §5): three train-mode forwards (standard view, centre
 view, CGC view) with the cross-entropy of all three, Grad-CAM by two
 ``autograd.grad(create_graph=True)`` calls, heatmaps upsampled to 224 and
 transformed in a Python loop over the batch, one backward.
@@ -29,13 +32,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cgc_ray.config import ExperimentSpec, method_config_kwargs
 from cgc_ray.method import transforms as T
 from cgc_ray.method.cam import capture
 from cgc_ray.method.cgc import MethodConfig, cgc_term
 from cgc_ray.method.loss import cgc_loss
 from cgc_ray.models.resnet import build_model
 
-KINDS = ("baseline", "baseline_2b", "cgc", "cgc_autograd", "authors")
+KINDS = ("baseline", "baseline_2b", "cgc", "cgc_separate", "cgc_autograd", "authors")
 
 
 def _authors_step(model, x, y, gen):
@@ -80,7 +84,8 @@ def make_step(kind: str, model, opt, gen):
         elif kind == "authors":
             loss = _authors_step(model, x, y, gen)
         else:
-            method = MethodConfig(name="cgc", lam=1.0)
+            method = MethodConfig(**{**method_config_kwargs(ExperimentSpec()), "name": "cgc", "lam": 1.0,
+                                     "forward": "separate" if kind == "cgc_separate" else "joint"})
             closed = False if kind == "cgc_autograd" else None
             logits, l_cgc, _ = cgc_term(model, x, method, generator=gen, closed_form=closed)
             loss = F.cross_entropy(logits, y) + l_cgc

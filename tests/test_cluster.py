@@ -21,7 +21,13 @@ from conftest import TINY
 from cgc_ray.config import PRESETS, SpecError, apply_overrides, load_spec
 from cgc_ray.runner.cluster import ClusterView, find_cluster, types_from_config
 from cgc_ray.runner.driver import run_experiment
-from cgc_ray.runner.resources import ResourceError, _concurrent_room, check_fits, trial_bundles, use_gpu
+from cgc_ray.runner.resources import (
+    ResourceError,
+    _concurrent_room,
+    check_fits,
+    trial_bundles,
+    use_gpu,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 GPU_YAML = REPO / "cluster" / "gpu.yaml"

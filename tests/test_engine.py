@@ -66,12 +66,26 @@ def test_each_method_trains_and_reports(resolution):
             assert m["train_loss"] == pytest.approx(m["train_ce"] + 0.5 * m["train_cgc"], rel=1e-5)
 
 
-def test_semi_supervised_unlabelled_batches_feed_only_the_cgc_term():
-    model, opt, _ = _setup()
+def test_semi_supervised_unlabelled_batches_feed_only_the_cgc_term(monkeypatch):
+    import cgc_ray.train.engine as engine
+
+    model, _, _ = _setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # no update: the forwards below see the same weights
     train, _ = _loaders()
-    unl = DataLoader(_data(40, 7), batch_size=8)
+    unl_data = _data(40, 7)
+    unl = DataLoader(unl_data, batch_size=8)
+    seen = []
+    real = engine.cgc_term
+    monkeypatch.setattr(engine, "cgc_term", lambda model, x, *a, **k: seen.append(x.clone()) or real(model, x, *a, **k))
     m = train_one_epoch(model, train, opt, make_method(name="cgc", lam=0.25), "cpu", unlabeled=unl)
     assert m["train_cgc"] > 0 and m["train_steps"] == 6
+    # the CGC term saw the unlabelled images, in order, and nothing else
+    assert torch.equal(torch.cat(seen), torch.cat([unl_data.tensors[0], unl_data.tensors[0][:8]]))
+    # cross-entropy saw the labelled batches alone (BatchNorm statistics of those batches only)
+    model.train()
+    same_order, _ = _loaders()  # the same shuffle seed: the batches train_one_epoch saw
+    ce = [torch.nn.functional.cross_entropy(model(x), y).item() * len(y) for x, y in same_order]
+    assert m["train_ce"] == pytest.approx(sum(ce) / 48, rel=1e-5)
 
 
 def test_resume_then_continue_equals_an_uninterrupted_run(tmp_path):
@@ -136,13 +150,14 @@ def test_evaluate_reports_every_metric_and_leaves_batchnorm_alone():
     model.train()
     _, val = _loaders()
     before = copy.deepcopy(model.state_dict())
+    first4 = DataLoader(torch.utils.data.Subset(val.dataset, range(4)), batch_size=4, collate_fn=_boxed)
     m = evaluate(model, val, "cpu", method=make_method(), metrics=("top1", "top5", "ch", "cgc_loss", "iauc"),
-                 iauc_images=4)
+                 iauc_loader=first4, iauc_protocol="fast")
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert 0 <= m["top1"] <= m["top5"] <= 1 and 0 <= m["ch"] <= 1 and 0 <= m["iauc"] <= 1
-    assert m["cgc_loss"] > 0 and m["n_eval"] == 32
+    assert m["cgc_loss"] > 0 and m["n_eval"] == 32 and m["n_iauc"] == 4
     with pytest.raises(ValueError, match="unknown metrics"):
         evaluate(model, val, "cpu", method=make_method(), metrics=("top1", "fid"))
 
@@ -157,8 +172,16 @@ def test_method_config_validates():
 
 
 def test_bf16_autocast_and_channels_last_step_on_cpu():
-    model, opt, _ = _setup()
-    model = model.to(memory_format=torch.channels_last)
-    train, _ = _loaders()
-    m = train_one_epoch(model, train, opt, make_method(name="cgc"), "cpu", amp=True, channels_last=True)
-    assert math.isfinite(m["train_loss"]) and m["train_cgc"] > 0
+    """The mixed-precision step computes the fp32 step's losses (to bf16 precision) in channels_last."""
+    losses = {}
+    for amp in (False, True):
+        model, opt, _ = _setup()
+        model = model.to(memory_format=torch.channels_last)
+        train, _ = _loaders()
+        torch.manual_seed(0)
+        losses[amp] = train_one_epoch(model, train, opt, make_method(name="cgc"), "cpu", amp=amp,
+                                      channels_last=True, generator=torch.Generator().manual_seed(0))
+        assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for k in ("train_ce", "train_cgc"):
+        assert losses[True][k] == pytest.approx(losses[False][k], rel=0.05), k
+    assert losses[True]["train_ce"] != losses[False]["train_ce"]  # bf16 really ran

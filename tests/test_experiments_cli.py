@@ -89,7 +89,9 @@ def test_fewshot_sweep_pairs_episodes(ray_session, tmp_path):
         [r["top1"] for r in sorted(rows, key=lambda r: r["episode"]) if r["method"] == "baseline"])]
     mean_b = sum(top1["baseline"]) / 2
     assert cells[2].startswith(f"{mean_b:.2f}±")
-    assert f"{sum(diffs) / 2:+.2f}" in md or f"{sum(diffs) / 2:.2f}" in md
+    header = next(line for line in md.splitlines() if line.startswith("| dataset"))
+    delta = [c.strip() for c in header.strip("|").split("|")].index("top1 Δ cgc−baseline [95% CI]")
+    assert cells[delta].startswith(f"{sum(diffs) / 2:+.2f} [") and cells[delta].endswith("(2)")
 
 
 def test_semisup_finegrained_imagenet_method_rows(ray_session, tmp_path):

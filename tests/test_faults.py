@@ -7,14 +7,21 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from cgc_ray.cli.main import main as cli_main
-from cgc_ray.config import PRESETS, apply_overrides, expand_trials, load_spec, spec_hash, trial_id
+from cgc_ray.config import (
+    PRESETS,
+    apply_overrides,
+    expand_trials,
+    load_spec,
+    spec_hash,
+    trial_id,
+)
 from cgc_ray.results.report import report
 from cgc_ray.results.table import read_rows, row_from_config, trial_status, write_row
 from cgc_ray.runner import leases as L
 from cgc_ray.runner.driver import StorageError, check_storage, run_experiment
-from conftest import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 UNREACHABLE_S3 = "s3://bucket/prefix?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"

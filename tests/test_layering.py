@@ -18,8 +18,8 @@ STDLIB = set(sys.stdlib_module_names) | {"__future__"}
 # subpackage -> (third-party top-level modules it may import, cgc_ray modules it may import)
 ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "config": ({"pydantic", "yaml"}, {"config", "data.registry", "models.archs"}),
-    "data": ({"numpy", "PIL", "scipy", "pyarrow", "torch", "torchvision"}, {"data"}),
-    "method": ({"torch", "torchvision"}, {"method"}),
+    "data": ({"numpy", "PIL", "scipy", "pyarrow", "torch", "torchvision", "matplotlib"}, {"data"}),
+    "method": ({"torch", "torchvision", "numpy", "scipy"}, {"method"}),
     "models": ({"torch", "torchvision", "numpy"}, {"models", "method.cam"}),
     "train": ({"torch", "numpy"}, {"train", "method", "models", "data", "config"}),
     "explain": ({"torch", "torchvision", "numpy", "PIL", "matplotlib"},

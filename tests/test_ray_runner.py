@@ -24,7 +24,12 @@ from cgc_ray.config import (
 )
 from cgc_ray.results.table import completed_trial_ids, read_rows
 from cgc_ray.runner.driver import run_experiment
-from cgc_ray.runner.resources import WAITER_BUNDLE, ResourceError, check_fits, trial_bundles
+from cgc_ray.runner.resources import (
+    WAITER_BUNDLE,
+    ResourceError,
+    check_fits,
+    trial_bundles,
+)
 from cgc_ray.runner.worker import CheckpointStore
 
 

@@ -1,6 +1,7 @@
 """ExperimentSpec: validation messages, overrides, grid expansion, trial ids, presets, data checks."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -104,7 +105,8 @@ def test_override_does_not_mutate_input():
 def test_unknown_override_path_lists_valid_keys():
     msg = _err(["method.lamda=1"])
     assert "'method.lamda'" in msg
-    assert "valid keys there: anchor, crop_scale, lam, name, negatives, resolution, tau" in msg
+    assert ("valid keys there: anchor, cam_class, crop_scale, forward, lam, lam_normalization, name, negatives, "
+            "no_neg_scale, resolution, tau, view") in msg
     msg = _err(["optimizer.lr=1"])
     assert "<top level>" in msg and "optim" in msg
 
@@ -161,14 +163,19 @@ CHANGES = {
     "data.dataset": ["data.dataset=cub200"], "data.root": ["data.root=/x"], "data.image_size": ["data.image_size=64"],
     "data.batch_size": ["data.batch_size=32"], "data.num_workers": ["data.num_workers=0"],
     "data.shots": ["data.shots=5"], "data.episode": ["data.episode=3"], "data.percent": ["data.percent=1"],
-    "data.split_file": ["data.percent=1", "data.split_file=/x/1percent.txt"],
+    "data.split_file": ["data.percent=1", "data.labelled=list", "data.split_file=/x/1percent.txt"],
+    "data.labelled": ["data.percent=1", "data.labelled=list"],
     "data.train_crop_scale": ["data.train_crop_scale=[0.5, 1.0]"], "data.synthetic.variant": ["data.synthetic.variant=spurious"],
-    "data.synthetic.seed": ["data.synthetic.seed=1"], "data.synthetic.n_train_per_class": ["data.synthetic.n_train_per_class=9"],
+    "data.synthetic.seed": ["data.synthetic.seed=1"], "data.synthetic.n_val_per_class": ["data.synthetic.n_val_per_class=5"],
+    "data.eval_split": ["data.eval_split=val"], "data.synthetic.classes": ["data.synthetic.classes=base"], "data.synthetic.n_train_per_class": ["data.synthetic.n_train_per_class=9"],
     "data.synthetic.n_test_per_class": ["data.synthetic.n_test_per_class=9"], "data.synthetic.p_cue": ["data.synthetic.p_cue=0.5"],
     "model.arch": ["model.arch=resnet50"], "model.weights": ["model.weights=/w.pt"], "model.layer": ["model.layer=layer3"],
     "method.name": ["method.name=cgc_no_neg"], "method.lam": ["method.lam=0.5"], "method.tau": ["method.tau=0.1"],
     "method.resolution": ["method.resolution=feature"], "method.anchor": ["method.anchor=authors"],
     "method.negatives": ["method.negatives=global"], "method.crop_scale": ["method.crop_scale=[0.3, 1.0]"],
+    "method.forward": ["method.forward=separate"], "method.view": ["method.view=center"],
+    "method.no_neg_scale": ["method.no_neg_scale=sum"], "method.cam_class": ["method.cam_class=label"],
+    "method.lam_normalization": ["method.lam_normalization=imagenet"],
     "optim.lr": ["optim.lr=0.01"], "optim.head_lr": ["optim.head_lr=1.0"], "optim.momentum": ["optim.momentum=0.5"],
     "optim.weight_decay": ["optim.weight_decay=0"], "optim.nesterov": ["optim.nesterov=true"],
     "optim.epochs": ["optim.epochs=10"], "optim.warmup_epochs": ["optim.warmup_epochs=5"],
@@ -178,7 +185,10 @@ CHANGES = {
     "scaling.use_gpu": ["scaling.use_gpu=false"], "scaling.amp": ["scaling.amp=false"],
     "scaling.channels_last": ["scaling.channels_last=false"], "failure.max_retries": ["failure.max_retries=0"],
     "failure.checkpoint_every": ["failure.checkpoint_every=5"], "sweep.grid": ["sweep.grid.seed=[0]"],
+    "sweep.variants": ["sweep.variants=[{}]"],
     "metrics": ["metrics=[top1]"], "eval_every": ["eval_every=5"],
+    "evaluation.iauc_images": ["evaluation.iauc_images=100"], "evaluation.iauc_protocol": ["evaluation.iauc_protocol=fast"],
+    "evaluation.cgc_batch": ["evaluation.cgc_batch=16"],
 }
 
 
@@ -192,14 +202,16 @@ def test_trial_id_changes_exactly_with_what_a_trial_computes(path):
     baseline = apply_overrides(cgc, ["method.name=baseline"])
     for spec in (cgc, baseline):
         changed = apply_overrides(spec, CHANGES[path])
-        if path == "sweep.grid":  # a sweep's trials have an empty grid: its one trial is the spec itself
+        if path.startswith("sweep."):  # a sweep's trials have an empty sweep: its one trial is the spec itself
             changed = expand_trials(changed)[0]
-        kept = path in NON_IDENTITY_FIELDS or path == "sweep.grid" or (
+        kept = path in NON_IDENTITY_FIELDS or path.startswith("sweep.") or (
             spec.method.name == "baseline" and path in CGC_ONLY_FIELDS)
         if spec.method.name == "baseline" and path == "method.name":
             kept = False  # baseline -> cgc_no_neg
+        if path == "data.split_file":  # the change also sets data.percent and data.labelled
+            kept = False
         assert (trial_id(changed) == trial_id(spec)) == kept, (path, spec.method.name)
-        assert spec_hash(changed) != spec_hash(spec) or path == "sweep.grid"
+        assert spec_hash(changed) != spec_hash(spec) or path.startswith("sweep.")
     assert len(trial_id(cgc)) == 12 and trial_id(cgc) == trial_id(ExperimentSpec())
 
 
@@ -219,7 +231,20 @@ def test_method_config_kwargs():
     spec = apply_overrides(ExperimentSpec(), ["method.negatives=global", "method.lam=0.3"])
     kw = method_config_kwargs(spec)
     assert kw == {"name": "cgc", "lam": 0.3, "tau": 0.5, "resolution": "image", "anchor": "paper",
-                  "global_negatives": True, "layer": "layer4", "crop_scale": (0.08, 1.0)}
+                  "global_negatives": True, "layer": "layer4", "crop_scale": (0.08, 1.0), "forward": "joint",
+                  "view": "train", "no_neg_scale": "mean", "cam_class": "pred"}
+    # the held-out CGC-loss metric: the paper's term whatever is trained, on the spec's layer
+    held = method_config_kwargs(apply_overrides(spec, ["method.tau=0.1", "model.layer=layer3"]), heldout_metric=True)
+    assert (held["tau"], held["layer"], held["crop_scale"], held["name"]) == (0.5, "layer3", (0.08, 1.0), "cgc")
+    # λ normalised to ImageNet's CE / CGC ratio: K = 5 classes, B = 64 per batch
+    norm = apply_overrides(spec, ["method.lam=1", "method.lam_normalization=imagenet", "data.batch_size=64",
+                                  "method.negatives=local"])
+    expected = (math.log(5) / math.log(64)) / (math.log(1000) / math.log(256))
+    assert method_config_kwargs(norm, num_classes=5)["lam"] == pytest.approx(expected)
+    assert method_config_kwargs(norm, num_classes=1000)["lam"] == pytest.approx(
+        (math.log(1000) / math.log(64)) / (math.log(1000) / math.log(256)))
+    with pytest.raises(ValueError, match="num_classes"):
+        method_config_kwargs(norm)
 
 
 # --------------------------------------------------------------------------- presets (REFERENCE.md section 2)
@@ -282,7 +307,9 @@ def test_semisup_preset():
 def test_demo_presets_are_cpu_scale(name):
     s = load_spec(PRESETS[name])
     assert (s.data.dataset, s.model.arch, s.data.image_size, s.model.weights) == ("synthetic", "resnet_small", 64, None)
-    assert s.optim.epochs <= 20 and len(expand_trials(s)) <= 6
+    trials = expand_trials(s)
+    assert max(t.optim.epochs for t in trials) <= (40 if name.startswith("ablation") else 20)
+    assert len(trials) <= (50 if name.startswith("ablation") else 6)  # the ablation is the one long demo
     check_data_root(s)  # embedded data needs no root
 
 

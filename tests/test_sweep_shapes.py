@@ -12,7 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 from scipy import stats as st
 
-from cgc_ray.config import PRESETS, apply_overrides, effective_method, expand_trials, load_spec, spec_hash, trial_id
+from cgc_ray.config import (
+    PRESETS,
+    apply_overrides,
+    effective_method,
+    expand_trials,
+    load_spec,
+    spec_hash,
+    trial_id,
+)
 from cgc_ray.results import report as rp
 from cgc_ray.results.stats import paired_differences, summarize
 from cgc_ray.results.summary import SUMMARY_SCHEMA, summary_path

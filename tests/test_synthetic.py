@@ -1,6 +1,7 @@
 """The embedded synthetic dataset: determinism, exact boxes, CUB layout, spurious cue, atomic cache."""
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def test_second_call_reuses_the_cache_and_racing_calls_agree(tmp_path):
     cub = results[0]
     assert [p.name for p in tmp_path.iterdir()] == [cub.parent.name]  # no temporary folder left behind
     assert cub.name == "CUB_200_2011"
-    assert cub.parent.name == f"synthetic-clutter-seed0-train6-test4-64px-v{synthetic.GENERATOR_VERSION}"
+    assert cub.parent.name == f"synthetic-novel-clutter-seed0-train6-test4-64px-v{synthetic.GENERATOR_VERSION}"
     stamp = {p: p.stat().st_mtime_ns for p in cub.rglob("*")}
     assert synthetic.ensure(tmp_path, **SMALL) == cub
     assert {p: p.stat().st_mtime_ns for p in cub.rglob("*")} == stamp
@@ -157,6 +158,7 @@ def test_second_call_reuses_the_cache_and_racing_calls_agree(tmp_path):
     "options, field",
     [
         (dict(variant="stripes"), "variant"),
+        (dict(classes="imagenet"), "classes"),
         (dict(n_train_per_class=0), "n_train_per_class"),
         (dict(image_size=8), "image_size"),
         (dict(variant="spurious", p_cue=1.5), "p_cue"),
@@ -166,3 +168,27 @@ def test_bad_options_name_the_field(tmp_path, options, field):
     with pytest.raises(ValueError, match=field):
         synthetic.ensure(tmp_path, **options)
     assert not any(tmp_path.iterdir())
+
+
+def test_base_and_novel_classes_share_no_shape_and_the_clutter_design(tmp_path):
+    base = synthetic.ensure(tmp_path, classes="base", **SMALL)
+    novel = synthetic.ensure(tmp_path, classes="novel", **SMALL)
+    names = lambda cub: [line.split()[1].split(".", 1)[1] for line in (cub / "classes.txt").read_text().splitlines()]
+    assert len(names(base)) >= 10 and names(novel) == list(synthetic.CLASS_SETS["novel"])
+    assert not set(names(base)) & set(names(novel))
+    assert not (set(names(base)) | set(names(novel))) & set(synthetic.DISTRACTOR_SHAPES)
+    params = [json.loads((c / "synthetic.json").read_text()) for c in (base, novel)]
+    assert params[0]["distractor_shapes"] == params[1]["distractor_shapes"]
+    # every class object, in every image, lies inside its box and inside the image
+    for cub in (base, novel):
+        boxes = {int(i): list(map(float, r)) for i, *r in (l.split() for l in (cub / "bounding_boxes.txt").read_text().splitlines())}
+        assert all(w > 2 and h > 2 and x >= 0 and y >= 0 and x + w <= 64 and y + h <= 64 for x, y, w, h in boxes.values())
+
+
+@pytest.mark.parametrize("shape", sorted(synthetic._SHAPES))
+def test_every_shape_fits_the_unit_circle(shape):
+    """Objects are placed by their circumradius: a shape outside the unit circle would leave the image."""
+    y, x = np.mgrid[-1.2:1.2:241j, -1.2:1.2:241j]
+    inside = synthetic._SHAPES[shape](x, y)
+    assert inside.mean() * 2.4**2 > 0.5  # a real area, not a sliver
+    assert np.hypot(x[inside], y[inside]).max() <= 1.0 + 1e-9

@@ -140,7 +140,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.checkpoint, args.dataset, args.data_root, args.split, arch=args.arch,
         metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], protocol=args.protocol,
         image_size=args.image_size, short_side=args.short_side, batch_size=args.batch_size, device=device,
-        iauc_images=args.iauc_images, num_workers=args.num_workers, layer=args.layer, limit=args.limit,
+        iauc_images=args.iauc_images, iauc_protocol=args.iauc_protocol, num_workers=args.num_workers,
+        layer=args.layer, limit=args.limit,
         synthetic_variant=args.synthetic_variant,
     )
     row = result_row(result)
@@ -188,7 +189,11 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
                    help="evaluation crop size (default: the size the checkpoint was trained at, else the spec's)")
     p.add_argument("--short-side", type=int, default=448, help="authors' protocol resize (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--iauc-images", type=int, default=64, help="images scored for IAUC (default: %(default)s)")
+    p.add_argument("--iauc-images", type=int, default=None,
+                   help="images scored for IAUC, a seeded sample spread over every class (default: all, as Table 2)")
+    p.add_argument("--iauc-protocol", choices=("authors", "fast"), default="authors",
+                   help="IAUC protocol: 'authors' (their script: GT-class saliency, their blur kernel, their pixel "
+                        "order) or 'fast' (batched, predicted class) (default: %(default)s)")
     p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the checkpoint's, else layer4)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only N images spread over the split")
     p.add_argument("--num-workers", type=int, default=2)

@@ -15,12 +15,14 @@ from cgc_ray.config.spec import ExperimentSpec
 from cgc_ray.data import registry
 
 
-def splits_read(dataset: str, shots: int | None) -> tuple[str, ...]:
+def splits_read(dataset: str, shots: int | None, eval_split: str | None = None) -> tuple[str, ...]:
     """The splits a trial reads: the few-shot pool, or the training and evaluation splits."""
     d = registry.info(dataset)
     if shots is not None:
         return d.fewshot_pool
-    return tuple(s for s in (d.train_split, d.eval_split) if s is not None)
+    if eval_split is not None and eval_split not in d.splits:
+        raise SpecError(f"data.eval_split={eval_split!r} is not a split of {dataset}; choose one of {d.splits}")
+    return tuple(s for s in (d.train_split, eval_split or d.eval_split) if s is not None)
 
 
 def check_data_root(spec: ExperimentSpec) -> None:
@@ -32,6 +34,7 @@ def check_data_root(spec: ExperimentSpec) -> None:
     """
     for dataset in _swept_values(spec, "data.dataset", spec.data.dataset):
         layout = registry.info(dataset).layout
+        splits_read(dataset, None, spec.data.eval_split)  # a split the dataset has
         for root in _swept_values(spec, "data.root", spec.data.root):
             if dataset == "synthetic":
                 continue
@@ -43,7 +46,8 @@ def check_data_root(spec: ExperimentSpec) -> None:
             if not Path(root).expanduser().is_dir():
                 raise SpecError(f"data.root={root!r} does not exist; expected layout for {dataset}:\n{layout}")
             for shots in _swept_values(spec, "data.shots", spec.data.shots):
-                folder, missing = registry.missing_entries(dataset, root, splits_read(dataset, shots))
+                folder, missing = registry.missing_entries(dataset, root,
+                                                           splits_read(dataset, shots, spec.data.eval_split))
                 if missing:
                     raise SpecError(
                         f"data.root={root!r} lacks {', '.join(missing)} for data.dataset={dataset!r} "

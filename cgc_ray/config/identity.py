@@ -48,7 +48,8 @@ NON_IDENTITY_FIELDS: frozenset[str] = frozenset(
 
 # Settings only the CGC term reads: a baseline computes the same whatever they are.
 CGC_ONLY_FIELDS: frozenset[str] = frozenset(
-    {"method.lam", "method.tau", "method.resolution", "method.anchor", "method.negatives", "method.crop_scale"}
+    {"method.lam", "method.tau", "method.resolution", "method.anchor", "method.negatives", "method.crop_scale",
+     "method.forward", "method.view", "method.no_neg_scale", "method.cam_class", "method.lam_normalization"}
 )
 # Repeats of one configuration (model init / augmentation seed, few-shot episode): they pair across methods.
 REPLICATE_FIELDS: frozenset[str] = frozenset({"seed", "data.episode"})
@@ -58,13 +59,13 @@ def effective_method(config: ExperimentSpec | Mapping[str, Any]) -> str:
     """``method.name``, except that a CGC variant at λ = 0 is a baseline (it trains L_CE only)."""
     tree = config.model_dump(mode="json") if isinstance(config, ExperimentSpec) else config
     name, lam = tree["method"]["name"], tree["method"]["lam"]
-    return name if name == "baseline" or lam > 0 else "baseline"
+    return "baseline" if name in ("cgc", "cgc_no_neg") and lam == 0 else name
 
 
 def identity(spec: ExperimentSpec | Mapping[str, Any]) -> dict[str, Any]:
     """The flattened fields that define what a trial computes (see the module docstring)."""
     tree = validate_spec(spec).model_dump(mode="json")
-    flat = {k: v for k, v in flatten(tree).items() if k not in NON_IDENTITY_FIELDS and k != "sweep.grid"}
+    flat = {k: v for k, v in flatten(tree).items() if k not in NON_IDENTITY_FIELDS and not k.startswith("sweep.")}
     flat["method.name"] = effective_method(tree)
     if flat["method.name"] == "baseline":
         flat = {k: v for k, v in flat.items() if k not in CGC_ONLY_FIELDS}
@@ -94,24 +95,26 @@ def apply_overrides(spec: ExperimentSpec | Mapping[str, Any], overrides: list[st
 
 
 def expand_trials(spec: ExperimentSpec) -> list[ExperimentSpec]:
-    """The grid product of ``spec.sweep`` as trial specs (each with an empty sweep).
+    """The trials of ``spec.sweep``: each variant crossed with the grid, as specs with an empty sweep.
 
-    Order is deterministic (axes in insertion order, values in given order);
-    trials with the same :func:`trial_id` appear once.
+    Order is deterministic (variants in order, then axes in insertion order,
+    values in given order); trials with the same :func:`trial_id` appear once
+    (e.g. the baseline of several λ variants).
     """
     grid = spec.sweep.grid
     base = spec.model_dump(mode="json")
-    base["sweep"] = {"grid": {}}
+    base["sweep"] = {"grid": {}, "variants": []}
     trials, seen = [], set()
-    for combo in itertools.product(*grid.values()):
-        tree = copy.deepcopy(base)
-        for path, value in zip(grid, combo):
-            set_path(tree, path, value)
-        trial = validate_spec(tree)
-        tid = trial_id(trial)
-        if tid not in seen:
-            seen.add(tid)
-            trials.append(trial)
+    for variant in spec.sweep.variants or [{}]:
+        for combo in itertools.product(*grid.values()):
+            tree = copy.deepcopy(base)
+            for path, value in [*variant.items(), *zip(grid, combo)]:
+                set_path(tree, path, value)
+            trial = validate_spec(tree)
+            tid = trial_id(trial)
+            if tid not in seen:
+                seen.add(tid)
+                trials.append(trial)
     return trials
 
 

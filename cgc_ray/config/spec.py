@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union
@@ -54,6 +55,8 @@ class _Strict(BaseModel):
 class SyntheticSpec(_Strict):
     """Options of the embedded synthetic dataset (``data.dataset == "synthetic"``).
 
+    ``classes``: ``novel`` (5 shapes, the demos' classes) or ``base`` (10 other
+    shapes, the disjoint set the demos pretrain on).
     ``clutter``: the object sits among distractor shapes; ``spurious``: a
     background cue correlates with the label, so a classifier can be right for
     the wrong reason (a good case for heatmap metrics). The fields are the
@@ -62,10 +65,12 @@ class SyntheticSpec(_Strict):
     ``spurious`` training images whose cue names their own class.
     """
 
+    classes: Literal["novel", "base"] = "novel"
     variant: Literal["clutter", "spurious"] = "clutter"
     seed: int = Field(0, ge=0)
     n_train_per_class: int = Field(300, ge=2)
     n_test_per_class: int = Field(150, ge=1)
+    n_val_per_class: int = Field(0, ge=0)
     p_cue: float = Field(0.8, ge=0, le=1)
 
 
@@ -77,8 +82,12 @@ class DataSpec(_Strict):
     (None: the data module's default cache). ``shots`` selects few-shot
     episodes (n training images per class, the rest of the class for
     validation), ``episode`` the seeded split, ``percent`` the labelled share
-    (in %) for semi-supervised runs, ``split_file`` an optional fixed list of
-    labelled images (e.g. the standard ImageNet ``1percent.txt``), ``train_crop_scale``
+    (in %) for semi-supervised runs, ``eval_split`` the split the metrics are
+    computed on (None: the dataset's test split; ``val`` to choose settings
+    without looking at the reported split), ``labelled`` how the labelled images are
+    chosen: ``random`` (``percent`` of each class, seeded) or ``list`` (a fixed
+    list: ``split_file``, for ImageNet by default the standard ``1percent.txt``
+    in the dataset folder), ``train_crop_scale``
     the area range of the standard random-resized-crop augmentation of training images.
     """
 
@@ -90,6 +99,8 @@ class DataSpec(_Strict):
     shots: int | None = Field(None, ge=1)
     episode: int = Field(0, ge=0)
     percent: float | None = Field(None, gt=0, le=100)
+    eval_split: str | None = None
+    labelled: Literal["random", "list"] = "random"
     split_file: LocalPath | None = None
     train_crop_scale: tuple[float, float] = (0.08, 1.0)
     synthetic: SyntheticSpec = SyntheticSpec()
@@ -115,8 +126,11 @@ class DataSpec(_Strict):
                 f"data.shots={self.shots} and data.percent={self.percent} are both set; "
                 "a trial is either few-shot (shots) or semi-supervised (percent): unset one"
             )
-        if self.split_file is not None and self.percent is None:
-            raise ValueError("data.split_file is only used with data.percent (semi-supervised); set both or neither")
+        if (self.split_file is not None or self.labelled == "list") and self.percent is None:
+            raise ValueError("data.split_file / data.labelled=list are only used with data.percent "
+                             "(semi-supervised); set data.percent too")
+        if self.split_file is not None and self.labelled != "list":
+            raise ValueError(f"data.split_file={self.split_file!r} is a list of labelled images: set data.labelled=list")
         return self
 
 
@@ -154,6 +168,26 @@ class MethodSpec(_Strict):
     released code (augmented vs augmented negatives). ``negatives``: from this
     worker's batch (``local``) or gathered across DDP workers (``global``).
     ``crop_scale``: area range of the random resized crop T.
+
+    How the term is computed, where the paper and the authors' code differ
+    (docs/PAPER.md §5; docs/DESIGN.md has the measurements behind the defaults):
+
+    ``forward``: ``joint`` runs the views through the network as one batch
+    (BatchNorm normalises them together); ``separate`` runs each view on its
+    own, as the authors do (BatchNorm statistics per view).
+    ``view``: the image T is applied to: ``train`` the random-crop training
+    view (the paper's reading: x is the training image); ``center`` a centre
+    view of it (Resize + CenterCrop, the authors' code). Cross-entropy is on
+    the training view either way.
+    ``no_neg_scale``: the ``cgc_no_neg`` l2 term summed over pixels (``sum``)
+    or averaged (``mean``, the authors' ``F.mse_loss``: ``sum`` / pixels).
+    ``cam_class``: the class both heatmaps explain: ``pred`` the top-1
+    prediction on x (the paper), ``label`` the ground truth (a diagnostic).
+    ``lam_normalization``: ``none`` uses ``lam`` as given; ``imagenet``
+    rescales it by the ratio of the two terms' starting values here to their
+    ratio on ImageNet, ``(ln K / ln B) / (ln 1000 / ln 256)`` (K classes, B
+    images a batch), so one λ means the same weight of CGC against CE on
+    datasets of any size.
     """
 
     name: Literal["baseline", "cgc", "cgc_no_neg"] = "cgc"
@@ -163,6 +197,11 @@ class MethodSpec(_Strict):
     anchor: Literal["paper", "authors"] = "paper"
     negatives: Literal["local", "global"] = "local"
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    forward: Literal["joint", "separate"] = "joint"
+    view: Literal["train", "center"] = "train"
+    no_neg_scale: Literal["sum", "mean"] = "mean"
+    cam_class: Literal["pred", "label"] = "pred"
+    lam_normalization: Literal["none", "imagenet"] = "none"
 
     @field_validator("crop_scale")
     @classmethod
@@ -171,6 +210,24 @@ class MethodSpec(_Strict):
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"method.crop_scale must satisfy 0 < low <= high <= 1, got ({lo}, {hi})")
         return v
+
+
+class EvaluationSpec(_Strict):
+    """How the metrics are computed (docs/PAPER.md §3).
+
+    ``iauc_images``: how many evaluation images IAUC scores (None: all, as the
+    paper's Table 2); fewer are a seeded sample spread over every class.
+    ``iauc_protocol``: ``authors`` reproduces the authors' script (Grad-CAM of
+    the ground-truth class, their Gaussian kernel with zero padding, pixels in
+    ``np.flip(argsort)`` order); ``fast`` is batched (Grad-CAM of the predicted
+    class, torchvision's blur, a stable order). ``cgc_batch``: images per
+    held-out CGC-loss group (the paper's 32), drawn from a seeded permutation
+    of the evaluation images, so the value does not depend on file order.
+    """
+
+    iauc_images: int | None = Field(None, ge=1)
+    iauc_protocol: Literal["authors", "fast"] = "authors"
+    cgc_batch: int = Field(32, ge=2)
 
 
 class StepSchedule(_Strict):
@@ -296,11 +353,27 @@ class SweepSpec(_Strict):
     """Grid axes: dotted field path -> values; trials are the Cartesian product.
 
     Example: ``{"method.lam": [0, 0.1], "seed": [0, 1, 2]}`` gives 6 trials.
-    Every path must exist in :class:`ExperimentSpec` and every value must
-    validate there (checked when the spec is built).
+    ``variants``: settings changed one set at a time (an ablation, one factor
+    at a time), each crossed with the grid; ``{}`` is the unchanged spec.
+    ``grid: {seed: [0, 1]}, variants: [{}, {method.forward: separate}]`` gives
+    4 trials. Every path must exist in :class:`ExperimentSpec` and every value
+    must validate there (checked when the spec is built).
     """
 
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    variants: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("variants")
+    @classmethod
+    def _variants_well_formed(cls, variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        canon = [json.dumps(v, sort_keys=True) for v in variants]
+        if len(set(canon)) != len(canon):
+            raise ValueError("sweep.variants has repeated entries: each trial would run twice")
+        for v in variants:
+            bad = [p for p in v if p == "sweep" or p.startswith("sweep.")]
+            if bad:
+                raise ValueError(f"sweep.variants: {bad} cannot be swept")
+        return variants
 
     @field_validator("grid")
     @classmethod
@@ -337,6 +410,7 @@ class ExperimentSpec(_Strict):
     sweep: SweepSpec = SweepSpec()
     metrics: tuple[MetricName, ...] = ("top1", "top5", "ch", "cgc_loss")
     eval_every: int = Field(1, ge=1)
+    evaluation: EvaluationSpec = EvaluationSpec()
 
     @field_validator("name")
     @classmethod
@@ -356,6 +430,13 @@ class ExperimentSpec(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _label_needs_labels(self) -> "ExperimentSpec":
+        if self.method.cam_class == "label" and self.data.percent is not None and self.method.name != "baseline":
+            raise ValueError("method.cam_class=label explains the ground-truth class, which unlabelled images "
+                             "(data.percent) do not have; use method.cam_class=pred")
+        return self
+
+    @model_validator(mode="after")
     def _loader_fits_cpus(self) -> "ExperimentSpec":
         w, cpus = self.data.num_workers, self.scaling.cpus_per_worker
         if isinstance(w, int) and w > max(0, int(cpus) - 1):
@@ -368,16 +449,24 @@ class ExperimentSpec(_Strict):
 
     @model_validator(mode="after")
     def _sweep_values_valid(self) -> "ExperimentSpec":
-        if not self.sweep.grid:
+        if not self.sweep.grid and not self.sweep.variants:
             return self
         base = self.model_dump(mode="json")
-        base["sweep"] = {"grid": {}}
+        base["sweep"] = {"grid": {}, "variants": []}
         for path, values in self.sweep.grid.items():
             for i, value in enumerate(values):
                 try:
                     ExperimentSpec.model_validate(set_path(copy.deepcopy(base), path, value))
                 except (ValidationError, SpecError) as e:
                     raise ValueError(f"sweep.grid[{path!r}][{i}] = {value!r}: {_describe(e)}") from None
+        for i, variant in enumerate(self.sweep.variants):
+            tree = copy.deepcopy(base)
+            try:
+                for path, value in variant.items():
+                    set_path(tree, path, value)
+                ExperimentSpec.model_validate(tree)
+            except (ValidationError, SpecError) as e:
+                raise ValueError(f"sweep.variants[{i}] = {variant!r}: {_describe(e)}") from None
         return self
 
 
@@ -428,19 +517,44 @@ def loader_workers(spec: ExperimentSpec) -> int:
     return max(0, int(spec.scaling.cpus_per_worker) - 1) if w == "auto" else w
 
 
-def method_config_kwargs(spec: ExperimentSpec, *, heldout_metric: bool = False) -> dict[str, Any]:
+IMAGENET_LOSS_RATIO = math.log(1000) / math.log(256)  # CE / L_CGC at the start, ImageNet at batch 256
+
+
+def effective_lam(spec: ExperimentSpec, num_classes: int) -> float:
+    """``method.lam``, rescaled per ``method.lam_normalization`` for a dataset of ``num_classes`` classes.
+
+    ``imagenet``: λ · (ln K / ln B) / (ln 1000 / ln 256), B the images a query
+    is contrasted with (this worker's batch, or every worker's with global
+    negatives): the two loss terms start near ln K and ln B.
+    """
+    m = spec.method
+    if m.lam_normalization == "none":
+        return m.lam
+    batch = spec.data.batch_size if m.negatives == "global" else spec.data.batch_size // spec.scaling.num_workers
+    return m.lam * (math.log(num_classes) / math.log(batch)) / IMAGENET_LOSS_RATIO
+
+
+def method_config_kwargs(spec: ExperimentSpec, *, heldout_metric: bool = False,
+                         num_classes: int | None = None) -> dict[str, Any]:
     """Keyword arguments for ``cgc_ray.method.cgc.MethodConfig`` from a spec.
 
     ``heldout_metric``: the settings of the held-out CGC-loss metric instead
     of the trained method's: the paper's CGC term (``MethodSpec``'s defaults:
     τ 0.5, its T, image resolution, the paper's anchor) on the spec's Grad-CAM
     layer, the same for every trial so baselines and every λ or τ are scored
-    on one yardstick.
+    on one yardstick. ``num_classes``: needed when ``method.lam_normalization``
+    rescales λ (:func:`effective_lam`).
     """
     m = MethodSpec(name="cgc") if heldout_metric else spec.method
+    if m.lam_normalization != "none" and num_classes is None:
+        raise ValueError("method.lam_normalization rescales λ by the number of classes: pass num_classes")
     return {
         "name": m.name,
-        "lam": m.lam,
+        "lam": m.lam if heldout_metric or m.lam_normalization == "none" else effective_lam(spec, num_classes),
+        "forward": m.forward,
+        "view": m.view,
+        "no_neg_scale": m.no_neg_scale,
+        "cam_class": m.cam_class,
         "tau": m.tau,
         "resolution": m.resolution,
         "anchor": m.anchor,

@@ -98,6 +98,9 @@ class BoxDataset(Dataset):
     checkpoints save, so a resumed run sees the same crops.
     cache_in_memory: decode every image once at construction and keep the
     RGB images (for small datasets: memory is the sum of decoded image sizes).
+    center_view: training samples also return the evaluation view of the same
+    image (resize + centre crop), the image the authors apply CGC's T to
+    (``method.view="center"``): (image, label, boxes, centre view).
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class BoxDataset(Dataset):
         eval_resize: str = "center_crop",
         resize_ratio: float = 256 / 224,
         cache_in_memory: bool = False,
+        center_view: bool = False,
     ):
         if eval_resize not in EVAL_RESIZES:
             raise ValueError(f"eval_resize must be one of {EVAL_RESIZES}, got {eval_resize!r}")
@@ -124,6 +128,7 @@ class BoxDataset(Dataset):
         self.image_size = image_size
         self.scale, self.ratio, self.flip_p = scale, ratio, flip_p
         self.eval_resize, self.resize_ratio = eval_resize, resize_ratio
+        self.center_view = center_view and train
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self._cache = [read_image(r.path) for r in self.records] if cache_in_memory else None
@@ -147,29 +152,36 @@ class BoxDataset(Dataset):
             out = img.resize((S, S), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
             if flip:
                 out = out.transpose(Image.FLIP_LEFT_RIGHT)
-            return self._to_tensor(out), rec.label, transform_boxes(boxes, (x0, y0, cw, ch), (S, S), flip)
+            sample = (self._to_tensor(out), rec.label, transform_boxes(boxes, (x0, y0, cw, ch), (S, S), flip))
+            return sample + (self._center(img, boxes)[0],) if self.center_view else sample
         if self.eval_resize == "short_side":
             nw, nh = _short_side_size(W, H, S)
             out = img.resize((nw, nh), Image.BILINEAR)
             return self._to_tensor(out), rec.label, transform_boxes(boxes, (0, 0, W, H), (nw, nh), False)
+        x, b = self._center(img, boxes)
+        return x, rec.label, b
+
+    def _center(self, img: Image.Image, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Short side to S * resize_ratio (256 for S = 224), centre crop S: (image, boxes in its pixels)."""
+        W, H = img.size
+        S = self.image_size
         nw, nh = _short_side_size(W, H, int(S * self.resize_ratio))
         left, top = int(round((nw - S) / 2.0)), int(round((nh - S) / 2.0))
         out = img.resize((nw, nh), Image.BILINEAR).crop((left, top, left + S, top + S))
         # the crop in source pixels that maps onto the S x S output
         crop = (left * W / nw, top * H / nh, S * W / nw, S * H / nh)
-        return self._to_tensor(out), rec.label, transform_boxes(boxes, crop, (S, S), False)
+        return self._to_tensor(out), transform_boxes(boxes, crop, (S, S), False)
 
 
-def collate(
-    batch: Sequence[tuple[torch.Tensor, int, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """-> (images B x 3 x S x S, labels LongTensor B, list of B boxes tensors N_i x 4)."""
-    sizes = {tuple(x.shape) for x, _, _ in batch}
+def collate(batch: Sequence[tuple]) -> tuple:
+    """-> (images B x 3 x S x S, labels LongTensor B, list of B boxes tensors N_i x 4[, centre views B x 3 x S x S])."""
+    sizes = {tuple(s[0].shape) for s in batch}
     if len(sizes) > 1:
         raise ValueError(
             f"images in one batch have different sizes {sorted(sizes)}; with eval_resize='short_side' "
             "use batch_size=1"
         )
-    images = torch.stack([x for x, _, _ in batch])
-    labels = torch.tensor([y for _, y, _ in batch], dtype=torch.long)
-    return images, labels, [b for _, _, b in batch]
+    images = torch.stack([s[0] for s in batch])
+    labels = torch.tensor([s[1] for s in batch], dtype=torch.long)
+    out = (images, labels, [s[2] for s in batch])
+    return out + (torch.stack([s[3] for s in batch]),) if len(batch[0]) > 3 else out

@@ -113,13 +113,14 @@ def cub200_class_names(root, *, name: str = "cub200") -> list[str]:
 def cub200_records(root, split: str, *, name: str = "cub200") -> list[ImageRecord]:
     """CUB-200-2011 split "train" or "test" (from `train_test_split.txt`).
 
-    When the folder holds `conflict.txt` (image ids, one a line; written by the
-    synthetic spurious variant), split "conflict" is those ids and "test"
-    excludes them.
+    When the folder holds `conflict.txt` or `val.txt` (image ids, one a line;
+    written by the synthetic generator), split "conflict" / "val" is those ids
+    and "test" excludes them.
     """
     d = _cub_dir(root, name)
-    conflict_file = d / "conflict.txt"
-    _check_split(name, split, ("train", "test", "conflict") if conflict_file.exists() else ("train", "test"))
+    conflict_file, val_file = d / "conflict.txt", d / "val.txt"
+    _check_split(name, split, ("train", "test") + (("val",) if val_file.exists() else ())
+                 + (("conflict",) if conflict_file.exists() else ()))
     paths = {i: " ".join(rest) for i, *rest in _read_lines(name, d / "images.txt", 2)}
     labels = {i: int(c) - 1 for i, c, *_ in _read_lines(name, d / "image_class_labels.txt", 2)}
     is_train = {i: t == "1" for i, t, *_ in _read_lines(name, d / "train_test_split.txt", 2)}
@@ -128,18 +129,20 @@ def cub200_records(root, split: str, *, name: str = "cub200") -> list[ImageRecor
         for i, x, y, w, h, *_ in _read_lines(name, d / "bounding_boxes.txt", 5):
             x, y, w, h = float(x), float(y), float(w), float(h)
             boxes.setdefault(i, []).append((x, y, x + w, y + h))
-    conflict = set()
-    if conflict_file.exists():
-        conflict = {row[0] for row in _read_lines(name, conflict_file, 1)}
+    listed = {
+        which: {row[0] for row in _read_lines(name, f, 1)} if f.exists() else set()
+        for which, f in (("conflict", conflict_file), ("val", val_file))
+    }
+    held_out = listed["conflict"] | listed["val"]
     for table, fname in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
         missing = [i for i in paths if i not in table]
         if missing:
             raise _fail(name, f"{d / fname} has no entry for image ids {missing[:5]} (of {len(missing)})")
 
     def wanted(i: str) -> bool:
-        if split == "conflict":
-            return i in conflict
-        return is_train[i] == (split == "train") and i not in conflict
+        if split in listed:
+            return i in listed[split]
+        return is_train[i] == (split == "train") and i not in held_out
 
     return [
         ImageRecord(str(d / "images" / p), labels[i], tuple(boxes.get(i, ())))

@@ -187,11 +187,20 @@ def imagenet_class_names(root, *, name: str = "imagenet") -> list[str]:
     return [desc.get(w, w) for w in wnids]
 
 
-def _one_percent_file(d: Path) -> Path:
+ONE_PERCENT_SOURCE = (
+    "the standard 12,811-image ImageNet 1% list of SimCLR and SwAV "
+    "(https://github.com/google-research/simclr/blob/master/imagenet_subsets/1percent.txt)"
+)
+
+
+def one_percent_file(root) -> Path:
+    """The ``1percent.txt`` of an ImageNet folder: in it, in its ``splits/`` or beside it."""
+    d = _imagenet_dir(root)
     for c in (d / "1percent.txt", d / "splits" / "1percent.txt", d.parent / "1percent.txt"):
         if c.is_file():
             return c
-    raise _fail("imagenet", f"split 'train_1pct' needs 1percent.txt in {d}, {d / 'splits'} or {d.parent}")
+    raise _fail("imagenet", f"the 1% split needs 1percent.txt in {d}, {d / 'splits'} or {d.parent}: "
+                            f"{ONE_PERCENT_SOURCE}; or give its path as data.split_file")
 
 
 def imagenet_records(root, split: str, *, name: str = "imagenet", cache_dir=None) -> list[ImageRecord]:
@@ -210,7 +219,7 @@ def imagenet_records(root, split: str, *, name: str = "imagenet", cache_dir=None
     if split == "train_1pct":
         from .splits import select_listed
 
-        list_file = _one_percent_file(d)
+        list_file = one_percent_file(d)
         return select_listed(imagenet_records(d, "train", name=name, cache_dir=cache_dir), list_file)
     image_dir = d / split
     if not image_dir.is_dir():

@@ -38,6 +38,9 @@ class DatasetInfo:
     evaluated on; ``fewshot_pool``: the splits few-shot episodes draw their
     n shots and validation images from (the paper: n per class for training,
     "the rest of the samples" for validation). ``layout``: shown in errors.
+    ``label_space``: when labels index another dataset's classes (UnRel's are
+    ImageNet class indices), the number of classes of that space, i.e. the
+    head a model needs to be scored on it; None: its own class list.
     """
 
     name: str
@@ -49,6 +52,7 @@ class DatasetInfo:
     fewshot_pool: tuple[str, ...]
     has_boxes: bool
     layout: str
+    label_space: int | None = None
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -77,7 +81,7 @@ _IMAGENET_LAYOUT = (
 REGISTRY: dict[str, DatasetInfo] = {
     "synthetic": DatasetInfo(
         "synthetic", ("CUB_200_2011",), "images.txt",
-        {"train": _CUB_FILES, "test": _CUB_FILES, "conflict": _CUB_FILES},
+        {"train": _CUB_FILES, "val": _CUB_FILES, "test": _CUB_FILES, "conflict": _CUB_FILES},
         "train", "test", ("train",), True,
         "generated on first use under data.root (default: the cache, $CGC_RAY_CACHE_DIR/synthetic) in the "
         "CUB_200_2011 layout; nothing to download",
@@ -136,6 +140,7 @@ REGISTRY: dict[str, DatasetInfo] = {
         "unrel/\n"
         "  images/<file>\n"
         "  annotations.csv   image,category,imagenet_index,xmin,ymin,xmax,ymax (1-based inclusive)",
+        label_space=1000,  # labels are ImageNet-1k class indices: an ImageNet classifier is scored with its own head
     ),
 }
 DATASETS: tuple[str, ...] = tuple(REGISTRY)

@@ -7,6 +7,15 @@ the uniform-map Content Heatmap (CH) equals box area / image area. Distractors
 never cover a pixel inside the class box (their bounding squares are kept out
 of it), so CH counts only evidence from the class object.
 
+Class sets
+----------
+``"novel"`` (default): disk, square, triangle, plus, star: the demos' classes.
+``"base"``: ten other shapes (semicircle, ell, tee, arrow, bowtie, chevron,
+trapezoid, heart, pentagon, U), with the same clutter, distractors and
+backgrounds: the disjoint, larger set the demos pretrain on, as a user without
+ImageNet would pretrain on other classes before fine-tuning on theirs. No
+shape is in both sets, nor among the distractors.
+
 Variants
 --------
 ``"clutter"`` (default)
@@ -37,10 +46,11 @@ On disk the dataset is a CUB-200-2011 folder, so the real loader path reads it::
         cues.txt                 (spurious only: "<id> <cue class, 1-based>")
         synthetic.json           (the generation parameters)
 
-The cache name encodes variant, seed, sizes and ``GENERATOR_VERSION``; bump
-the version whenever the pixels a given seed produces change. Generation uses
-numpy and PIL only (no torch) and writes into a temporary folder that is
-renamed into place, so concurrent callers never see a partial dataset.
+The cache name encodes class set, variant, seed, sizes and ``GENERATOR_VERSION``;
+bump the version whenever the pixels a given seed produces change. Generation
+uses numpy, PIL (the background's resize) and matplotlib's colour conversion
+(no torch) and writes into a temporary folder that is renamed into place, so
+concurrent callers never see a partial dataset.
 """
 
 from __future__ import annotations
@@ -54,9 +64,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
-CLASS_SHAPES = ("disk", "square", "triangle", "plus", "star")
+CLASS_SETS = {
+    "novel": ("disk", "square", "triangle", "plus", "star"),
+    "base": ("semicircle", "ell", "tee", "arrow", "bowtie", "chevron", "trapezoid", "heart", "pentagon", "ushape"),
+}
+CLASS_SHAPES = CLASS_SETS["novel"]
 DISTRACTOR_SHAPES = ("ring", "bar", "crescent")
 VARIANTS = ("clutter", "spurious")
 
@@ -78,16 +92,18 @@ _BACKGROUND_SATURATION = (0.1, 0.6)
 _BACKGROUND_VALUE = (0.2, 0.65)
 _CHUNK = 256  # images rendered at once (bounds memory; fixed for determinism)
 
-_SPLIT_CODES = {"train": 0, "test": 1, "conflict": 2}
+_SPLIT_CODES = {"train": 0, "test": 1, "conflict": 2, "val": 3}
 
 
 def ensure(
     root: str | os.PathLike,
     *,
+    classes: str = "novel",
     variant: str = "clutter",
     seed: int = 0,
     n_train_per_class: int = 300,
     n_test_per_class: int = 150,
+    n_val_per_class: int = 0,
     image_size: int = 64,
     p_cue: float = 0.8,
 ) -> Path:
@@ -95,11 +111,14 @@ def ensure(
 
     Args:
         root: cache directory; created if missing.
+        classes: ``"novel"`` (default) or ``"base"`` (see the module docstring).
         variant: ``"clutter"`` (default) or ``"spurious"``.
         seed: every pixel, label order and box follows from it.
         n_train_per_class: training images per class.
         n_test_per_class: test images per class (for ``"spurious"``: aligned
             test images per class, plus as many conflict images per class).
+        n_val_per_class: validation images per class (``val.txt``): model
+            selection on them keeps the test split for the reported numbers.
         image_size: side S of the square S x S RGB images.
         p_cue: ``"spurious"`` only: probability that a training image's
             background cue names its own class.
@@ -108,11 +127,15 @@ def ensure(
         Path to ``<root>/<cache name>/CUB_200_2011``. A second call with the
         same arguments returns the cached folder without rewriting it.
     """
+    if classes not in CLASS_SETS:
+        raise ValueError(f"synthetic dataset: classes={classes!r} is unknown; use one of {tuple(CLASS_SETS)}")
     if variant not in VARIANTS:
         raise ValueError(f"synthetic dataset: variant={variant!r} is unknown; use one of {VARIANTS}")
     for field, value in (("n_train_per_class", n_train_per_class), ("n_test_per_class", n_test_per_class)):
         if int(value) != value or value < 1:
             raise ValueError(f"synthetic dataset: {field}={value!r} must be a positive integer")
+    if int(n_val_per_class) != n_val_per_class or n_val_per_class < 0:
+        raise ValueError(f"synthetic dataset: n_val_per_class={n_val_per_class!r} must be an integer >= 0")
     if int(image_size) != image_size or image_size < 16:
         raise ValueError(f"synthetic dataset: image_size={image_size!r} must be an integer >= 16")
     if variant == "spurious" and not 0.0 <= p_cue <= 1.0:
@@ -120,8 +143,9 @@ def ensure(
 
     root = Path(root)
     name = (
-        f"synthetic-{variant}-seed{seed}-train{n_train_per_class}-test{n_test_per_class}"
-        f"-{image_size}px" + (f"-pcue{p_cue:g}" if variant == "spurious" else "") + f"-v{GENERATOR_VERSION}"
+        f"synthetic-{classes}-{variant}-seed{seed}-train{n_train_per_class}-test{n_test_per_class}"
+        + (f"-val{n_val_per_class}" if n_val_per_class else "")
+        + f"-{image_size}px" + (f"-pcue{p_cue:g}" if variant == "spurious" else "") + f"-v{GENERATOR_VERSION}"
     )
     final = root / name
     cub = final / "CUB_200_2011"
@@ -133,10 +157,12 @@ def ensure(
     try:
         _write_dataset(
             tmp / "CUB_200_2011",
+            shapes=CLASS_SETS[classes],
             variant=variant,
             seed=seed,
             n_train=n_train_per_class,
             n_test=n_test_per_class,
+            n_val=n_val_per_class,
             size=image_size,
             p_cue=p_cue,
         )
@@ -159,15 +185,17 @@ def mask_path(cub_folder: str | os.PathLike, image_relpath: str) -> Path:
     return Path(cub_folder) / "masks" / image_relpath
 
 
-def _write_dataset(cub: Path, *, variant, seed, n_train, n_test, size, p_cue) -> None:
+def _write_dataset(cub: Path, *, shapes, variant, seed, n_train, n_test, n_val, size, p_cue) -> None:
     """Render every image and write the CUB-200-2011 files into ``cub``."""
-    K = len(CLASS_SHAPES)
-    class_dirs = [f"{k + 1:03d}.{shape}" for k, shape in enumerate(CLASS_SHAPES)]
+    K = len(shapes)
+    class_dirs = [f"{k + 1:03d}.{shape}" for k, shape in enumerate(shapes)]
     splits = [("train", n_train), ("test", n_test)]
     if variant == "spurious":
         splits.append(("conflict", n_test))
+    if n_val:
+        splits.append(("val", n_val))
 
-    images, labels, is_train, boxes, conflict, cues, distractors = [], [], [], [], [], [], []
+    images, labels, is_train, boxes, conflict, val, cues, distractors = [], [], [], [], [], [], [], []
     for k in range(K):
         (cub / "images" / class_dirs[k]).mkdir(parents=True)
         (cub / "masks" / class_dirs[k]).mkdir(parents=True)
@@ -177,10 +205,10 @@ def _write_dataset(cub: Path, *, variant, seed, n_train, n_test, size, p_cue) ->
             for start in range(0, n, _CHUNK):
                 m = min(_CHUNK, n - start)
                 cue = _sample_cue(rng, k, m, K, split, variant, p_cue)
-                rgb, mask, box, d_boxes = _render(rng, np.full(m, k), cue, size)
+                rgb, mask, box, d_boxes = _render(rng, np.full(m, k), cue, size, shapes)
                 for i in range(m):
                     index += 1
-                    relpath = f"{class_dirs[k]}/{CLASS_SHAPES[k]}_{index:05d}.png"
+                    relpath = f"{class_dirs[k]}/{shapes[k]}_{index:05d}.png"
                     Image.fromarray(rgb[i]).save(cub / "images" / relpath)
                     Image.fromarray(mask[i].astype(np.uint8) * 255).save(cub / "masks" / relpath)
                     images.append(relpath)
@@ -192,6 +220,8 @@ def _write_dataset(cub: Path, *, variant, seed, n_train, n_test, size, p_cue) ->
                         cues.append(int(cue[i]) + 1)
                     if split == "conflict":
                         conflict.append(len(images))
+                    if split == "val":
+                        val.append(len(images))
 
     ids = range(1, len(images) + 1)
     _write_lines(cub / "images.txt", (f"{i} {p}" for i, p in zip(ids, images)))
@@ -200,6 +230,8 @@ def _write_dataset(cub: Path, *, variant, seed, n_train, n_test, size, p_cue) ->
     _write_lines(cub / "bounding_boxes.txt", (f"{i} {_xywh(b)}" for i, b in zip(ids, boxes)))
     _write_lines(cub / "classes.txt", (f"{k + 1} {d}" for k, d in enumerate(class_dirs)))
     _write_lines(cub / "distractor_boxes.txt", (f"{i} {_xywh(b)}" for i, b in distractors))
+    if n_val:
+        _write_lines(cub / "val.txt", (str(i) for i in val))
     if variant == "spurious":
         _write_lines(cub / "conflict.txt", (str(i) for i in conflict))
         _write_lines(cub / "cues.txt", (f"{i} {c}" for i, c in zip(ids, cues)))
@@ -209,9 +241,10 @@ def _write_dataset(cub: Path, *, variant, seed, n_train, n_test, size, p_cue) ->
         seed=seed,
         n_train_per_class=n_train,
         n_test_per_class=n_test,
+        n_val_per_class=n_val,
         image_size=size,
         p_cue=p_cue if variant == "spurious" else None,
-        class_shapes=list(CLASS_SHAPES),
+        class_shapes=list(shapes),
         distractor_shapes=list(DISTRACTOR_SHAPES),
     )
     (cub / "synthetic.json").write_text(json.dumps(params, indent=2) + "\n")
@@ -258,11 +291,11 @@ def _sample_cue(rng, k: int, m: int, K: int, split: str, variant: str, p_cue: fl
     return np.where(rng.random(m) < p_cue, k, wrong)
 
 
-def _render(rng, labels: np.ndarray, cue: np.ndarray | None, S: int):
+def _render(rng, labels: np.ndarray, cue: np.ndarray | None, S: int, shapes=CLASS_SHAPES):
     """Render n scenes.
 
     Args:
-        labels: n class indices into CLASS_SHAPES.
+        labels: n class indices into ``shapes``.
         cue: n cue classes (spurious backgrounds) or None.
         S: image side.
 
@@ -277,14 +310,14 @@ def _render(rng, labels: np.ndarray, cue: np.ndarray | None, S: int):
     n = len(labels)
     scale = S / 64.0
     y, x = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5  # pixel centres, S x S
-    img = _background(rng, n, S, cue)  # n x S x S x 3, float in [0, 1]
+    img = _background(rng, n, S, cue, len(shapes))  # n x S x S x 3, float in [0, 1]
 
     # Class object: fully inside the image, with its mask's exact bounding box.
     r_c = rng.uniform(*_CLASS_RADIUS, size=n) * scale  # n
     c_c = rng.uniform(r_c[:, None], S - r_c[:, None], size=(n, 2))  # n x 2, (cx, cy)
     th_c = rng.uniform(0, 2 * np.pi, size=n)
     col_c = _object_colours(rng, n)  # n x 3
-    mask_c = _shape_masks(labels, CLASS_SHAPES, x, y, c_c, r_c, th_c)  # n x S x S
+    mask_c = _shape_masks(labels, shapes, x, y, c_c, r_c, th_c)  # n x S x S
     box, _ = _mask_boxes(mask_c)  # n x 4; the class object is never empty (radius >= 1.75 px)
 
     # Distractors: their bounding squares stay outside the class box, so none
@@ -323,8 +356,8 @@ def _object_colours(rng, n: int) -> np.ndarray:
     return _hsv_to_rgb(rng.uniform(0, 1, n), rng.uniform(*_OBJECT_SATURATION, n), rng.uniform(*_OBJECT_VALUE, n))
 
 
-def _background(rng, n: int, S: int, cue: np.ndarray | None) -> np.ndarray:
-    """n x S x S x 3 smooth colour field: a coarse random grid, bilinearly upsampled.
+def _background(rng, n: int, S: int, cue: np.ndarray | None, K: int) -> np.ndarray:
+    """n x S x S x 3 smooth colour field: a coarse random grid, bilinearly upsampled (PIL).
 
     Less saturated and darker on average than the objects, with overlap. With a
     cue (n cue classes), the field is tinted with the cue class's hue and
@@ -334,16 +367,14 @@ def _background(rng, n: int, S: int, cue: np.ndarray | None) -> np.ndarray:
     hue = rng.uniform(0, 1, (n, g, g))
     sat = rng.uniform(*_BACKGROUND_SATURATION, (n, g, g))
     grid = _hsv_to_rgb(hue, sat, rng.uniform(*_BACKGROUND_VALUE, (n, g, g)))  # n x g x g x 3
-    t = (np.arange(S) + 0.5) / S * (g - 1)  # S, grid coordinate of each pixel centre
-    i0 = np.minimum(t.astype(int), g - 2)
-    A = np.zeros((S, g), dtype=np.float32)  # S x g bilinear interpolation weights
-    A[np.arange(S), i0] = 1 - (t - i0)
-    A[np.arange(S), i0 + 1] = t - i0
-    field = (A @ grid.transpose(0, 3, 1, 2) @ A.T).transpose(0, 2, 3, 1)  # n x S x S x 3
+    field = np.stack([
+        np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(grid[i, ..., c]), mode="F")
+                             .resize((S, S), Image.BILINEAR)) for c in range(3)], axis=-1)
+        for i in range(n)
+    ])  # n x S x S x 3
     if cue is None:
         return field.astype(np.float32)
 
-    K = len(CLASS_SHAPES)
     y, x = np.mgrid[0:S, 0:S].astype(np.float32) + 0.5
     # Frequency and tint encode the cue; orientation does not, because a
     # horizontal flip (a standard augmentation) mirrors it.
@@ -398,12 +429,43 @@ def _triangle(u, v):
     return inside
 
 
+def _polygon(sides: int):
+    """Regular polygon inscribed in the unit circle, a vertex on +v."""
+    def inside(u, v):
+        out = np.ones(u.shape, dtype=bool)
+        for k in range(sides):
+            a = np.pi / 2 + (2 * k + 1) * np.pi / sides  # edge normals between vertices
+            out &= np.cos(a) * u + np.sin(a) * v <= np.cos(np.pi / sides)
+        return out
+    return inside
+
+
+def _heart(u, v):
+    """The heart curve (x² + y² − 1)³ ≤ x² y³, scaled into the unit circle."""
+    x, y = u / 0.7, -v / 0.7 + 0.1
+    return (x * x + y * y - 1) ** 3 - x * x * y**3 <= 0
+
+
 _SHAPES = {
     "disk": lambda u, v: u * u + v * v <= 1.0,
     "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.7071,
     "triangle": _triangle,
     "plus": lambda u, v: ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95)),
     "star": _star,
+    # base classes (pretraining), each inside the unit circle
+    "semicircle": lambda u, v: (u * u + (v + 0.3) ** 2 <= 0.81) & (v >= -0.3),
+    "ell": lambda u, v: (((u >= -0.6) & (u <= -0.2)) & (np.abs(v) <= 0.7))
+    | (((v >= 0.3) & (v <= 0.7)) & (np.abs(u) <= 0.6)),
+    "tee": lambda u, v: ((np.abs(u) <= 0.7) & (v >= -0.7) & (v <= -0.35)) | ((np.abs(u) <= 0.18) & (np.abs(v) <= 0.7)),
+    "arrow": lambda u, v: ((u >= -0.8) & (u <= 0.2) & (np.abs(v) <= 0.18))
+    | ((u >= 0.2) & (np.abs(v) <= 0.55 * (0.85 - u) / 0.65)),
+    "bowtie": lambda u, v: (np.abs(u) <= 0.75) & (np.abs(v) <= 0.8 * np.abs(u)),
+    "chevron": lambda u, v: (np.abs(u) <= 0.7) & (v >= 0.9 * np.abs(u) - 0.5) & (v <= 0.9 * np.abs(u) - 0.05),
+    "trapezoid": lambda u, v: (np.abs(v) <= 0.45) & (np.abs(u) <= 0.45 + 0.4 * (v + 0.45) / 0.9),
+    "heart": _heart,
+    "pentagon": _polygon(5),
+    "ushape": lambda u, v: (np.abs(u) <= 0.7) & (np.abs(v) <= 0.6) & ~((np.abs(u) < 0.3) & (v < 0.25)),
+    # distractors
     "ring": lambda u, v: (u * u + v * v <= 1.0) & (u * u + v * v >= 0.55**2),
     "bar": lambda u, v: (np.abs(u) <= 0.97) & (np.abs(v) <= 0.22),  # corners inside the unit circle
     "crescent": lambda u, v: (u * u + v * v <= 1.0) & ((u - 0.5) ** 2 + v * v >= 0.8**2),
@@ -411,7 +473,7 @@ _SHAPES = {
 
 
 def _hsv_to_rgb(h, s, v) -> np.ndarray:
-    """Vectorised HSV -> RGB for arrays of any (equal) shape; returns shape + (3,) in [0, 1]."""
-    h6 = np.mod(h, 1.0) * 6.0
-    k = np.stack([np.mod(5 + h6, 6), np.mod(3 + h6, 6), np.mod(1 + h6, 6)], axis=-1)
-    return (v[..., None] - v[..., None] * s[..., None] * np.clip(np.minimum(k, 4 - k), 0, 1)).astype(np.float32)
+    """HSV -> RGB (matplotlib) for arrays of any (equal) shape; returns shape + (3,) in [0, 1]."""
+    from matplotlib.colors import hsv_to_rgb
+
+    return hsv_to_rgb(np.stack([np.mod(h, 1.0), s, v], axis=-1)).astype(np.float32)

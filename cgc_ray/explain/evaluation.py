@@ -20,7 +20,6 @@ No Ray here.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -36,13 +35,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cgc_ray.config import DataSpec, ExperimentSpec, method_config_kwargs
+from cgc_ray.config.base import digest
 from cgc_ray.data import ImageRecord, class_names, records, synthetic_root
-from cgc_ray.data.dataset import BoxDataset, collate
+from cgc_ray.data import info as info_of
+from cgc_ray.data.dataset import BoxDataset
 from cgc_ray.method.cam import gradcam, unwrap
 from cgc_ray.method.cgc import MethodConfig, method_config_from_record
 from cgc_ray.method.metrics import content_heatmap
 from cgc_ray.models.checkpoint import load_classifier, read_header
 from cgc_ray.train.engine import evaluate
+from cgc_ray.train.trial import evaluation_loaders
 
 Protocol = Literal["fast", "authors"]
 PROTOCOLS: tuple[str, ...] = ("fast", "authors")
@@ -153,11 +155,13 @@ def evaluate_checkpoint(
     short_side: int = 448,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
-    iauc_images: int = 64,
+    iauc_images: int | None = None,
+    iauc_protocol: str = "authors",
     num_workers: int = 0,
     layer: str | None = None,
     limit: int | None = None,
     seed: int = 0,
+    cgc_batch: int = 32,
     synthetic_variant: str = "clutter",
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or an in-memory model) on ``split`` of ``dataset``.
@@ -202,24 +206,25 @@ def evaluate_checkpoint(
         model, method = unwrap(checkpoint), None
         info = {"arch": arch or type(model).__name__, "weights": "<in-memory model>", "epochs": 0}
     else:
-        num_classes = len(class_names(dataset, root, **options))
+        num_classes = info_of(dataset).label_space or len(class_names(dataset, root, **options))
         model, method, info = load_model(checkpoint, num_classes, arch=arch, layer=layer)
     recorded = method is not None
-    # a file that records no method is scored as a baseline with the spec's CGC settings (tau, T, resolution)
-    method = method or MethodConfig(**{**method_config_kwargs(ExperimentSpec()), "name": "baseline", "lam": 0.0,
-                                       "layer": layer or "layer4"})
+    grad_cam_layer = method.layer if recorded else layer or "layer4"
+    # the held-out CGC loss is scored with the spec's metric settings, the same yardstick as in training runs
+    heldout = MethodConfig(**{**method_config_kwargs(ExperimentSpec(), heldout_metric=True), "layer": grad_cam_layer})
     model.to(device)
 
     out: dict[str, Any] = {"ch_protocol": protocol}
     fast = [m for m in wanted if not (m == "ch" and protocol == "authors")]
     if fast:
-        data = BoxDataset(recs, train=False, image_size=image_size)
-        loader = DataLoader(data, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-        out.update(evaluate(model, loader, device, method=method, metrics=fast, iauc_images=iauc_images, seed=seed))
+        loader, options = evaluation_loaders(recs, image_size=image_size, batch=batch_size, workers=num_workers,
+                                             seed=seed, metrics=fast, cgc_batch=cgc_batch, iauc_images=iauc_images,
+                                             iauc_protocol=iauc_protocol)
+        out.update(evaluate(model, loader, device, method=heldout, metrics=fast, seed=seed, **options))
     else:
         out["n_eval"] = float(len(recs))
     if protocol == "authors" and "ch" in wanted:
-        ch = content_heatmap_authors(model, recs, layer=method.layer, short_side=short_side, device=device,
+        ch = content_heatmap_authors(model, recs, layer=grad_cam_layer, short_side=short_side, device=device,
                                      num_workers=num_workers)
         ok = ~torch.isnan(ch)
         out["ch"] = ch[ok].mean().item() if ok.any() else math.nan
@@ -230,12 +235,16 @@ def evaluate_checkpoint(
         "data": {"dataset": dataset, "root": str(root), "split": split, "image_size": image_size,
                  "limit": limit, "shots": None, "episode": 0, "percent": None,
                  **({"synthetic": {"variant": synthetic_variant}} if dataset == "synthetic" else {})},
-        "model": {"arch": info["arch"], "weights": _absolute(info["weights"]), "layer": method.layer},
-        "method": {"name": method.name if recorded else "unknown", "lam": method.lam, "tau": method.tau},
+        "model": {"arch": info["arch"], "weights": _absolute(info["weights"]), "layer": grad_cam_layer},
+        "method": {"name": method.name if recorded else "unknown", "lam": method.lam if recorded else 0.0,
+                   "tau": method.tau if recorded else heldout.tau},
         "seed": seed,
         "evaluate": {"protocol": protocol, "metrics": sorted(wanted), "short_side": short_side,
-                     "iauc_images": iauc_images},
+                     "iauc_images": iauc_images, "iauc_protocol": iauc_protocol, "cgc_batch": cgc_batch},
     }
+    if "iauc" in out:
+        out.update(iauc_protocol=iauc_protocol, iauc_images=int(out["n_iauc"]))
+    out["eval_split"] = split
     return out
 
 
@@ -247,15 +256,11 @@ def _absolute(source: str) -> str:
 # --------------------------------------------------------------------------- results row
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
-
-
 def evaluation_trial_id(config: Mapping[str, Any]) -> str:
     """``eval-<12 hex>``: what was evaluated (weights, dataset, split, protocol, settings), not where the data sits."""
     ident = json.loads(json.dumps(config))
     ident["data"].pop("root", None)
-    return f"eval-{_digest(ident)}"
+    return f"eval-{digest(ident)}"
 
 
 def result_row(result: Mapping[str, Any], *, node: str | None = None) -> dict[str, Any]:
@@ -264,16 +269,17 @@ def result_row(result: Mapping[str, Any], *, node: str | None = None) -> dict[st
     top1/top5/ch are converted to % (the table's unit); NaN metrics (e.g. CH
     on a dataset without boxes) become null.
     """
-    from cgc_ray.results.table import code_version, result_metrics, row_from_config
+    from cgc_ray.results.table import DETAIL_COLUMNS, code_version, result_metrics, row_from_config
 
     config = result["config"]
     return row_from_config(
         config,
         result_metrics(result),
         trial_id=evaluation_trial_id(config),
-        spec_hash=_digest(config),
+        spec_hash=digest(config),
         epochs=int(result["epochs"]),
         wall_time_s=float(result["wall_time_s"]),
         node=node or platform.node(),
         code_version=code_version(),
+        details={k: result[k] for k in DETAIL_COLUMNS if result.get(k) is not None},
     )

@@ -80,13 +80,17 @@ def cgc_loss(
     negatives: bool = True,
     anchor: Anchor = "paper",
     global_negatives: bool = False,
+    l2_reduction: Literal["sum", "mean"] = "sum",
 ) -> Tensor:
     """Scalar CGC loss.
 
     cam_aug:              B x h x w, k_j = g(T_j(x_j)), heatmaps of the transformed images.
     cam_orig_transformed: B x h x w, q_i = T_i(g(x_i)), transformed heatmaps of the originals.
-    negatives=False:      the paper's ablation, mean squared l2 distance between the
-                          l2-normalised positive maps (= 2 - 2 cos).
+    negatives=False:      the paper's ablation: the squared l2 distance between the
+                          l2-normalised positive maps, summed over pixels (= 2 - 2 cos,
+                          ``l2_reduction="sum"``) or averaged over them (``"mean"``: the
+                          authors' ``F.mse_loss``, smaller by the number of pixels);
+                          mean over the batch.
     global_negatives:     with torch.distributed initialised, the keys of every rank
                           are negatives too (the authors use each GPU's chunk only).
     An all-zero map has similarity 0 with everything (it contributes log(n)).
@@ -97,7 +101,10 @@ def cgc_loss(
     q = F.normalize(cam_orig_transformed.flatten(1).float(), dim=1)  # B x D
     k = F.normalize(cam_aug.flatten(1).float(), dim=1)  # B x D
     if not negatives:
-        return (q - k).pow(2).sum(dim=1).mean()
+        if l2_reduction not in ("sum", "mean"):
+            raise ValueError(f"l2_reduction must be 'sum' or 'mean', got {l2_reduction!r}")
+        sq = (q - k).pow(2)  # B x D
+        return (sq.sum(dim=1) if l2_reduction == "sum" else sq.mean(dim=1)).mean()
     B = q.shape[0]
     keys, offset = _gather_with_grad(k) if global_negatives else (k, 0)  # N x D
     if anchor == "paper":

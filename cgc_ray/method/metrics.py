@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,12 +68,29 @@ def content_heatmap(cams: Tensor, boxes: Sequence[Tensor], image_size: tuple[int
     return torch.where(has_box, ch, torch.full_like(ch, math.nan))
 
 
+def authors_blur_kernel(klen: int = 11, sigma: float = 5.0) -> Tensor:
+    """The authors' ``gkern``: scipy's Gaussian filter (σ, reflect mode) of a klen x klen delta; klen x klen."""
+    from scipy.ndimage import gaussian_filter
+
+    delta = np.zeros((klen, klen))
+    delta[klen // 2, klen // 2] = 1
+    return torch.from_numpy(gaussian_filter(delta, sigma).astype(np.float32))
+
+
+def _authors_blur(images: Tensor, klen: int, sigma: float) -> Tensor:
+    """Each channel convolved with :func:`authors_blur_kernel`, zero padding (their ``conv2d(..., padding=klen//2)``)."""
+    C = images.shape[1]
+    k = authors_blur_kernel(klen, sigma).to(images)
+    return F.conv2d(images, k.expand(C, 1, klen, klen), padding=klen // 2, groups=C)
+
+
 @torch.no_grad()
 def insertion_auc(
     model: nn.Module,
     images: Tensor,
     saliency: Tensor,
     *,
+    protocol: str = "fast",
     pixels_per_step: int | None = None,
     blur_kernel: int = 11,
     blur_sigma: float = 5.0,
@@ -86,8 +104,14 @@ def insertion_auc(
     class predicted on the clean image. AUC by the trapezoid rule over [0, 1].
     The model runs in eval mode throughout and its mode is restored afterwards.
 
+    protocol: ``fast`` blurs with torchvision's Gaussian (reflect padding) and
+    orders pixels by a stable descending sort; ``authors`` reproduces the
+    authors' script (docs/PAPER.md §5): their ``gkern`` with zero padding and
+    ``np.flip(np.argsort(saliency))`` (NumPy's order of ties).
     images: B x 3 x H x W; saliency: B x h x w (any resolution, upsampled bilinearly).
     """
+    if protocol not in ("fast", "authors"):
+        raise ValueError(f"protocol={protocol!r}; choose 'fast' or 'authors'")
     was_training = model.training
     model.eval()
     try:
@@ -96,10 +120,15 @@ def insertion_auc(
         step = pixels_per_step or 8 * W
         n_steps = math.ceil(n_pix / step)
         sal = F.interpolate(saliency[:, None].float(), size=(H, W), mode="bilinear", align_corners=False)
-        order = sal.flatten(1).argsort(dim=1, descending=True, stable=True)  # B x HW
+        if protocol == "fast":
+            order = sal.flatten(1).argsort(dim=1, descending=True, stable=True)  # B x HW
+            blurred = gaussian_blur(images, [blur_kernel, blur_kernel], [blur_sigma, blur_sigma])
+        else:
+            flat = sal.flatten(1).cpu().numpy()
+            order = torch.from_numpy(np.stack([np.flip(np.argsort(f)).copy() for f in flat])).to(images.device)
+            blurred = _authors_blur(images, blur_kernel, blur_sigma)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(n_pix, device=images.device).expand(B, -1))
-        blurred = gaussian_blur(images, [blur_kernel, blur_kernel], [blur_sigma, blur_sigma])
         target = model(images).argmax(dim=1)  # B
         counts = torch.clamp(torch.arange(n_steps + 1, device=images.device) * step, max=n_pix)  # S
         scores = torch.empty(B, n_steps + 1, device=images.device)

@@ -48,6 +48,17 @@ _LABEL_NAMES = {
     "method.lam": "λ",
     "data.shots": "shots",
     "data.percent": "% labelled",
+    "data.synthetic.classes": "classes",
+    "method.forward": "forward",
+    "method.view": "view",
+    "method.crop_scale": "T crop",
+    "method.resolution": "CAM res",
+    "method.tau": "τ",
+    "method.cam_class": "CAM class",
+    "method.lam_normalization": "λ norm",
+    "method.anchor": "anchor",
+    "method.no_neg_scale": "l2 scale",
+    "optim.epochs": "epochs",
 }
 _METHOD_ORDER = {"baseline": 0, "cgc": 1, "cgc_no_neg": 2}
 _DECIMALS = {"top1": 2, "top5": 2, "ch": 2, "iauc": 4, "cgc_loss": 3, "zero_cam_frac": 3}
@@ -147,11 +158,15 @@ class _Table:
 
 
 def _detect_layout(experiment: str, groups: Sequence[Group]) -> Layout:
-    """few-shot rows -> fewshot; the λ ablation (by name) or several λ of one method -> lambda; else methods."""
+    """few-shot rows -> fewshot; the λ ablation (by name), or λ the only method setting that varies -> lambda;
+    else methods (one row per configuration, every varying setting a column)."""
     if any(g.labels.get("data.shots") is not None for g in groups):
         return "fewshot"
-    lams = {g.labels.get("method.lam") for g in groups if g.method != "baseline"}
-    return "lambda" if len(lams) > 1 or experiment.startswith("lambda") else "methods"
+    if experiment.startswith("lambda"):
+        return "lambda"
+    cgc = [g.labels for g in groups if g.method != "baseline"]
+    varying = [k for k in _varying(cgc) if k.startswith("method.")] if len(cgc) > 1 else []
+    return "lambda" if varying == ["method.lam"] else "methods"
 
 
 def _metrics(items: Sequence[Group | Paired]) -> list[str]:
@@ -249,7 +264,7 @@ def _methods_tables(experiment: str, groups: Sequence[Group], paired: Sequence[P
     title = _title(experiment, [g.labels for g in groups])
     tables = [_Table(title + ": mean±std (n)", header, rows)]
     if paired:
-        tables.append(_paired_table(title, paired, [k for k in keys if not k.startswith("method.")]))
+        tables.append(_paired_table(title, paired, [k for k in keys if k not in ("method.name", "method.lam")]))
     return tables
 
 

@@ -119,7 +119,7 @@ def row_identity(config_json: str) -> dict[str, Any]:
     try:
         return identity(config)
     except ValueError:  # a row written by another version of the spec
-        return {k: v for k, v in flatten(config).items() if k not in NON_IDENTITY_FIELDS and k != "sweep.grid"}
+        return {k: v for k, v in flatten(config).items() if k not in NON_IDENTITY_FIELDS and not k.startswith("sweep.")}
 
 
 def _split(ident: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...]]:

@@ -41,6 +41,13 @@ def _cycle(loader: Iterable) -> Iterator:
         yield from loader
 
 
+def _center_view(batch, device: torch.device, mem: torch.memory_format) -> Tensor | None:
+    """The centre views of a batch (images, labels, boxes, centres), when the loader provides them."""
+    if len(batch) < 4:
+        return None
+    return batch[3].to(device, non_blocking=True).contiguous(memory_format=mem)
+
+
 def _amp_dtype(amp: bool, device: torch.device) -> torch.dtype | None:
     if not amp:
         return None
@@ -62,7 +69,7 @@ def train_one_epoch(
     generator: torch.Generator | None = None,
     check_every: int = 50,
 ) -> dict[str, float]:
-    """One pass over ``loader`` (batches of (images, labels, ...)).
+    """One pass over ``loader`` (batches of (images, labels[, boxes, centre views])).
 
     scheduler: stepped after every optimiser step when given (per-iteration schedules).
     unlabeled: batches whose images feed only the CGC term (semi-supervised mode);
@@ -83,15 +90,18 @@ def train_one_epoch(
         y = batch[1].to(device, non_blocking=True)
         B = x.shape[0]
         if method.uses_cgc and u_iter is None:
-            logits, l_cgc, zeros = cgc_term(model, x, method, generator=generator, amp_dtype=amp_dtype)
+            logits, l_cgc, zeros = cgc_term(model, x, method, y=y, x_center=_center_view(batch, device, mem),
+                                            generator=generator, amp_dtype=amp_dtype)
             n_cam += B
         else:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(x).float()
             l_cgc, zeros = z, z
             if method.uses_cgc:
-                xu = next(u_iter)[0].to(device, non_blocking=True).contiguous(memory_format=mem)
-                _, l_cgc, zeros = cgc_term(model, xu, method, generator=generator, amp_dtype=amp_dtype)
+                ub = next(u_iter)
+                xu = ub[0].to(device, non_blocking=True).contiguous(memory_format=mem)
+                _, l_cgc, zeros = cgc_term(model, xu, method, x_center=_center_view(ub, device, mem),
+                                           generator=generator, amp_dtype=amp_dtype)
                 n_cam += xu.shape[0]
         l_ce = F.cross_entropy(logits, y)
         loss = l_ce + method.lam * l_cgc if method.uses_cgc else l_ce
@@ -157,18 +167,25 @@ def evaluate(
     *,
     method: MethodConfig,
     metrics: Iterable[str] = ("top1", "top5", "ch", "cgc_loss"),
-    cgc_batch: int = 32,
-    iauc_images: int = 64,
+    heldout_loader: Iterable | None = None,
+    iauc_loader: Iterable | None = None,
+    iauc_protocol: str = "authors",
     seed: int = 0,
 ) -> dict[str, float]:
-    """Eval-mode metrics over batches (images, labels, boxes).
+    """Eval-mode metrics (the model's mode is restored afterwards).
 
-    top1/top5:  accuracy. ch: Content Heatmap of the Grad-CAM for the
-    ground-truth class at the input resolution (the fast batched variant),
-    mean over images with boxes. cgc_loss: the CGC loss on held-out groups of
-    ``cgc_batch`` images (the paper uses 32), T drawn from ``seed``. iauc:
-    insertion AUC of the Grad-CAM for the predicted class on the first
-    ``iauc_images`` images. zero_cam_frac: share of all-zero ground-truth CAMs.
+    ``loader`` (batches of images, labels, boxes): top1/top5 accuracy; ch, the
+    Content Heatmap of the Grad-CAM of the ground-truth class at the input
+    resolution, mean over images with boxes; zero_cam_frac, the share of
+    all-zero ground-truth heatmaps.
+    ``heldout_loader``: cgc_loss, the CGC loss (``method``'s settings, the
+    paper's contrastive loss) of each of its batches as one group, averaged
+    over groups; T drawn from ``seed``. Build its batches from a seeded
+    permutation (``train.trial.evaluation_loaders``), so the value does not
+    depend on file order. Default: ``loader`` (its batches as the groups).
+    ``iauc_loader``: iauc, insertion AUC by ``iauc_protocol``
+    (``method.metrics.insertion_auc``) on every image it yields.
+    Default: ``loader``. n_eval and n_iauc count the images.
     """
     device = torch.device(device)
     wanted = set(metrics)
@@ -179,13 +196,11 @@ def evaluate(
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     # the held-out loss is the paper's contrastive CGC loss whatever was trained (a baseline too), on local negatives
-    heldout_method = replace(method, name="cgc", global_negatives=False)
-    n = 0
+    heldout_method = replace(method, name="cgc", global_negatives=False, view="train", cam_class="pred")
+    n, zeros = 0, 0
     correct = {"top1": 0.0, "top5": 0.0}
-    ch_sum, ch_n, zeros = 0.0, 0, 0
-    cgc_sum, cgc_n = 0.0, 0
-    iauc_sum, iauc_n = 0.0, 0
-    pending: list[Tensor] = []
+    ch_sum, ch_n = 0.0, 0
+    out: dict[str, float] = {}
     try:
         for batch in loader:
             x = batch[0].to(device, non_blocking=True)
@@ -201,41 +216,43 @@ def evaluate(
                 ok = ~torch.isnan(ch)
                 ch_sum += ch[ok].sum().item()
                 ch_n += int(ok.sum())
-            if "iauc" in wanted and iauc_n < iauc_images:
-                take = min(iauc_images - iauc_n, x.shape[0])
-                with torch.no_grad():
-                    sal, _, _ = cam_and_logits(model, x[:take], layer=method.layer)
-                iauc_sum += insertion_auc(model, x[:take], sal).sum().item()
-                iauc_n += take
-            if "cgc_loss" in wanted:
-                pending.append(x)
-                buf = torch.cat(pending)
-                while buf.shape[0] >= cgc_batch:
-                    cgc_sum += _heldout_cgc(model, buf[:cgc_batch], heldout_method, gen).item() * cgc_batch
-                    cgc_n += cgc_batch
-                    buf = buf[cgc_batch:]
-                pending = [buf]
             n += x.shape[0]
-        if "cgc_loss" in wanted and pending and pending[0].shape[0] >= 2 and cgc_n == 0:
-            rest = pending[0]
-            cgc_sum += _heldout_cgc(model, rest, heldout_method, gen).item() * rest.shape[0]
-            cgc_n += rest.shape[0]
+        if "cgc_loss" in wanted:
+            sums = [(_heldout_cgc(model, b[0].to(device), heldout_method, gen).item(), b[0].shape[0])
+                    for b in (heldout_loader if heldout_loader is not None else loader) if b[0].shape[0] >= 2]
+            out["cgc_loss"] = sum(v * k for v, k in sums) / sum(k for _, k in sums) if sums else math.nan
+        if "iauc" in wanted:
+            scores = []
+            for b in iauc_loader if iauc_loader is not None else loader:
+                x, y = b[0].to(device), b[1].to(device)
+                scores.append(iauc_batch(model, x, y, layer=method.layer, protocol=iauc_protocol))
+            out["iauc"] = torch.cat(scores).mean().item() if scores else math.nan
+            out["n_iauc"] = float(sum(s.numel() for s in scores))
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("the evaluation loader yielded no images")
-    out: dict[str, float] = {"n_eval": float(n), "zero_cam_frac": zeros / n}
+    out.update(n_eval=float(n), zero_cam_frac=zeros / n)
     if "top1" in wanted:
         out["top1"] = correct["top1"] / n
     if "top5" in wanted:
         out["top5"] = correct["top5"] / n
     if "ch" in wanted:
         out["ch"] = ch_sum / ch_n if ch_n else math.nan
-    if "cgc_loss" in wanted:
-        out["cgc_loss"] = cgc_sum / cgc_n if cgc_n else math.nan
-    if "iauc" in wanted:
-        out["iauc"] = iauc_sum / iauc_n if iauc_n else math.nan
     return out
+
+
+def iauc_batch(model: nn.Module, x: Tensor, y: Tensor, *, layer: str, protocol: str) -> Tensor:
+    """Insertion AUC of each image of a batch, by ``protocol`` (see ``method.metrics.insertion_auc``).
+
+    The saliency is the Grad-CAM of the ground-truth class ``y`` (``authors``,
+    as their script) or of the predicted class (``fast``, as RISE).
+    """
+    if protocol not in ("authors", "fast"):
+        raise ValueError(f"iauc protocol {protocol!r}; choose 'authors' or 'fast'")
+    with torch.no_grad():
+        sal, _, _ = cam_and_logits(model, x, targets=y if protocol == "authors" else None, layer=layer)
+    return insertion_auc(model, x, sal, protocol=protocol)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -269,6 +286,7 @@ def fit(
     is_main: bool = True,
     checkpoint_extra: dict[str, Any] | None = None,
     heldout: MethodConfig | None = None,
+    eval_options: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train for ``epochs`` epochs, evaluating every ``eval_every`` and checkpointing every ``checkpoint_every``.
 
@@ -279,7 +297,9 @@ def fit(
     ``checkpoint_extra``, e.g. the arch, in its "extra"); every caller gets
     ``callback(metrics, checkpoint_path or None)`` after each epoch (None when
     no checkpoint was written that epoch). ``heldout``: the CGC settings of the
-    held-out CGC-loss metric (default: ``method``'s). A NaN loss raises
+    held-out CGC-loss metric (default: ``method``'s); ``eval_options``: more
+    keyword arguments of :func:`evaluate` (its held-out and IAUC loaders, the
+    IAUC protocol). A NaN loss raises
     :class:`NonFiniteLossError` with its epoch. Returns the last epoch's metrics.
     """
     device = torch.device(device)
@@ -318,7 +338,7 @@ def fit(
         if val_loader is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
             # the bare module: a DDP forward syncs buffers with ranks that are not evaluating
             metrics.update(evaluate(unwrap(model), val_loader, device, method=heldout or method,
-                                    metrics=eval_metrics, seed=seed))
+                                    metrics=eval_metrics, seed=seed, **(eval_options or {})))
         saved = checkpoint_path is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs)
         if saved and is_main:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, generators=generators,

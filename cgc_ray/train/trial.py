@@ -56,13 +56,19 @@ def synthetic_options(spec: ExperimentSpec) -> dict[str, Any]:
 
 @dataclass
 class TrialData:
-    """Record lists of one trial; ``episode_seed`` reproduces a few-shot split."""
+    """Record lists of one trial; ``episode_seed`` reproduces a few-shot split.
+
+    ``eval_split``: what the metrics are computed on; ``labelled_split``: how
+    a semi-supervised trial chose its labelled images (both go into its row).
+    """
 
     train: list[D.ImageRecord]
     val: list[D.ImageRecord]
     unlabeled: list[D.ImageRecord] | None
     num_classes: int
     episode_seed: int | None
+    eval_split: str
+    labelled_split: str | None = None
 
 
 def episode_seed(spec: ExperimentSpec) -> int:
@@ -92,6 +98,8 @@ def check_trials_against_data(trials: Sequence[ExperimentSpec]) -> None:
     """
     seen: set[str] = set()
     for t in trials:
+        if t.data.percent is not None and t.data.labelled == "list":
+            labelled_list(t)  # the labelled-image list must exist before any trial starts
         if t.data.shots is None:
             continue
         key = json.dumps([t.data.dataset, data_root(t), synthetic_options(t), t.data.shots], sort_keys=True)
@@ -119,15 +127,36 @@ def trial_data(spec: ExperimentSpec) -> TrialData:
         validate_against_data(spec, class_counts(pool))
         seed = episode_seed(spec)
         train, val = D.episode(pool, spec.data.shots, seed)
-        return TrialData(train, val, None, num_classes, seed)
+        rest = f"{'+'.join(D.info(name).fewshot_pool)} minus the {spec.data.shots} shots"
+        return TrialData(train, val, None, num_classes, seed, rest)
     facts = D.info(name)
+    eval_split = spec.data.eval_split or facts.eval_split
     train = D.records(name, root, facts.train_split, **opts)
-    val = D.records(name, root, facts.eval_split, **opts)
+    val = D.records(name, root, eval_split, **opts)
     if spec.data.percent is not None:
-        labelled, _ = D.percent_split(train, spec.data.percent, spec.seed, list_file=spec.data.split_file)
+        list_file = labelled_list(spec) if spec.data.labelled == "list" else None
+        labelled, _ = D.percent_split(train, spec.data.percent, spec.seed, list_file=list_file)
+        how = f"list:{list_file}" if list_file else f"random:{spec.data.percent:g}%"
         # the paper feeds all of the training set, unlabelled, to the CGC term
-        return TrialData(labelled, val, train, num_classes, None)
-    return TrialData(train, val, None, num_classes, None)
+        return TrialData(labelled, val, train, num_classes, None, eval_split, how)
+    return TrialData(train, val, None, num_classes, None, eval_split)
+
+
+def labelled_list(spec: ExperimentSpec) -> str:
+    """The labelled-image list of ``data.labelled=list``: ``data.split_file``, else ImageNet's ``1percent.txt``."""
+    if spec.data.split_file is not None:
+        if not Path(spec.data.split_file).is_file():
+            raise SpecError(f"data.split_file={spec.data.split_file!r} does not exist: give the list of labelled "
+                            "images (one relative path or file name a line)")
+        return spec.data.split_file
+    if spec.data.dataset == "imagenet":
+        from cgc_ray.data.imagenet import one_percent_file
+
+        try:
+            return str(one_percent_file(data_root(spec)))
+        except D.DatasetFormatError as e:
+            raise SpecError(f"data.labelled=list: {e}") from None
+    raise SpecError(f"data.labelled=list needs data.split_file for data.dataset={spec.data.dataset!r}")
 
 
 def _loader(ds, batch: int, *, train: bool, seed: int, workers: int, distributed: bool, drop_last: bool):
@@ -149,23 +178,66 @@ def _loader(ds, batch: int, *, train: bool, seed: int, workers: int, distributed
     )
 
 
+def heldout_order(records: Sequence[D.ImageRecord], seed: int) -> list[D.ImageRecord]:
+    """The records sorted by path, then in a seeded random order: groups of consecutive ones mix classes,
+    and the order (hence the held-out CGC loss) does not depend on how the files were listed."""
+    by_path = sorted(records, key=lambda r: r.path)
+    perm = torch.randperm(len(by_path), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [by_path[i] for i in perm]
+
+
+def class_spread_sample(records: Sequence[D.ImageRecord], n: int | None, seed: int) -> list[D.ImageRecord]:
+    """``n`` records (None: all) drawn with ``seed`` and spread over every class: round-robin over the
+    classes, each in a seeded random order, so every class is represented before any gets a second image."""
+    if n is None or n >= len(records):
+        return sorted(records, key=lambda r: r.path)
+    by_class: dict[int, list[D.ImageRecord]] = {}
+    for r in heldout_order(records, seed):
+        by_class.setdefault(r.label, []).append(r)
+    out, depth = [], 0
+    while len(out) < n:
+        out += [rs[depth] for _, rs in sorted(by_class.items()) if depth < len(rs)][: n - len(out)]
+        depth += 1
+    return out
+
+
+def evaluation_loaders(records: Sequence[D.ImageRecord], *, image_size: int, batch: int, workers: int, seed: int,
+                       metrics: Sequence[str], cgc_batch: int, iauc_images: int | None,
+                       iauc_protocol: str) -> tuple[DataLoader, dict[str, Any]]:
+    """(the evaluation loader, ``engine.evaluate`` options): held-out CGC-loss groups of ``cgc_batch`` from
+    :func:`heldout_order` (whole groups; one group of all when fewer images), IAUC on
+    :func:`class_spread_sample` of ``iauc_images``."""
+    make = lambda recs, b, drop: _loader(BoxDataset(recs, train=False, image_size=image_size), b, train=False,
+                                         seed=seed, workers=workers, distributed=False, drop_last=drop)
+    options: dict[str, Any] = {"iauc_protocol": iauc_protocol}
+    if "cgc_loss" in metrics:
+        options["heldout_loader"] = make(heldout_order(records, seed), min(cgc_batch, len(records)),
+                                         len(records) >= cgc_batch)
+    if "iauc" in metrics:
+        options["iauc_loader"] = make(class_spread_sample(records, iauc_images, seed), batch, False)
+    return make(records, batch, False), options
+
+
 def build_loaders(spec: ExperimentSpec, td: TrialData, *, distributed: bool = False):
-    """(train, val, unlabeled) DataLoaders; the per-worker batch is data.batch_size / world size."""
+    """(train, val, unlabeled, evaluate options); the per-worker batch is data.batch_size / world size."""
     world = torch.distributed.get_world_size() if distributed else 1
     batch = max(2, spec.data.batch_size // world)
     small = spec.data.dataset == "synthetic"
+    center = spec.method.view == "center" and spec.method.name != "baseline"
     mk = lambda recs, train: BoxDataset(recs, train=train, image_size=spec.data.image_size,
-                                          scale=spec.data.train_crop_scale, cache_in_memory=small)
+                                          scale=spec.data.train_crop_scale, cache_in_memory=small, center_view=center)
     # drop_last: a last batch of one image breaks the contrastive loss (an authors' defect)
     train = _loader(mk(td.train, True), batch, train=True, seed=spec.seed, workers=loader_workers(spec),
                     distributed=distributed, drop_last=len(td.train) > batch)
-    val = _loader(mk(td.val, False), batch, train=False, seed=spec.seed, workers=loader_workers(spec),
-                  distributed=False, drop_last=False)
+    ev = spec.evaluation
+    val, options = evaluation_loaders(td.val, image_size=spec.data.image_size, batch=batch, seed=spec.seed,
+                                      workers=loader_workers(spec), metrics=spec.metrics, cgc_batch=ev.cgc_batch,
+                                      iauc_images=ev.iauc_images, iauc_protocol=ev.iauc_protocol)
     unl = None
     if td.unlabeled is not None:
         unl = _loader(mk(td.unlabeled, True), batch, train=True, seed=spec.seed + 1,
                       workers=loader_workers(spec), distributed=distributed, drop_last=True)
-    return train, val, unl
+    return train, val, unl, options
 
 
 def run_trial(
@@ -187,7 +259,7 @@ def run_trial(
     start = time.perf_counter()
     device = torch.device(device)
     td = trial_data(spec)
-    train, val, unl = build_loaders(spec, td, distributed=distributed)
+    train, val, unl, eval_options = build_loaders(spec, td, distributed=distributed)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model.arch, td.num_classes, weights=spec.model.weights).to(device)
     if distributed:
@@ -195,7 +267,7 @@ def run_trial(
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = build_optimizer(spec, model.module if distributed else model)
     sched = build_scheduler(spec, opt, len(train))
-    method = MethodConfig(**method_config_kwargs(spec))
+    method = MethodConfig(**method_config_kwargs(spec, num_classes=td.num_classes))
     is_main = not distributed or torch.distributed.get_rank() == 0
     # rank 0 evaluates the whole validation set (on the bare module, see engine.fit)
     metrics = fit(
@@ -206,9 +278,13 @@ def run_trial(
         channels_last=spec.scaling.channels_last and device.type == "cuda",
         eval_metrics=spec.metrics, eval_every=spec.eval_every, checkpoint_every=spec.failure.checkpoint_every,
         is_main=is_main, heldout=MethodConfig(**method_config_kwargs(spec, heldout_metric=True)),
+        eval_options=eval_options,
         checkpoint_extra={"arch": spec.model.arch, "num_classes": td.num_classes, "dataset": spec.data.dataset,
                           "image_size": spec.data.image_size},
     )
     metrics.update(wall_time_s=time.perf_counter() - start, episode_seed=td.episode_seed,
-                   n_train=len(td.train), n_val=len(td.val))
+                   n_train=len(td.train), n_val=len(td.val), eval_split=td.eval_split,
+                   labelled_split=td.labelled_split)
+    if "iauc" in spec.metrics and "n_iauc" in metrics:
+        metrics.update(iauc_protocol=spec.evaluation.iauc_protocol, iauc_images=int(metrics["n_iauc"]))
     return metrics
