@@ -6,7 +6,7 @@
     cgc-ray report --experiment fewshot
 
 Flags shared by every experiment script: --data-root --dataset --arch --preset --spec --set --storage --address
-(see cgc_ray/experiment_cli.py). Re-running the same command skips finished trials and resumes interrupted ones.
+(see cgc_ray/cli/experiment.py). Re-running the same command skips finished trials and resumes interrupted ones.
 """
 
 import sys

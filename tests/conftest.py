@@ -17,6 +17,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # Every --set a test passes to shrink a demo preset to seconds on 2 CPU cores.
 TINY = [
+    "model.weights=null",  # the fine-tuning demos' pretraining (experiment:pretrain_demo) is not tiny
     "optim.epochs=1",
     "data.synthetic.n_train_per_class=8",
     "data.synthetic.n_test_per_class=4",

@@ -185,3 +185,35 @@ def test_bf16_autocast_and_channels_last_step_on_cpu():
     for k in ("train_ce", "train_cgc"):
         assert losses[True][k] == pytest.approx(losses[False][k], rel=0.05), k
     assert losses[True]["train_ce"] != losses[False]["train_ce"]  # bf16 really ran
+
+
+def test_a_reused_worker_process_gives_the_same_results(tmp_path):
+    """Tune reuses trial processes (runner.driver: reuse_actors): a trial must not depend on what ran before it."""
+    from cgc_ray.config import PRESETS, apply_overrides, expand_trials, load_spec
+    from cgc_ray.train.trial import run_trial
+
+    from conftest import TINY
+
+    spec = apply_overrides(load_spec(PRESETS["lambda_ablation_demo"]), [*TINY, "sweep.grid.method.lam=[0.5]"])
+    first, second = expand_trials(spec)[:2]  # seeds 0 and 1
+    alone = run_trial(second, trial_dir=tmp_path / "alone")
+    run_trial(first, trial_dir=tmp_path / "before")
+    after = run_trial(second, trial_dir=tmp_path / "after")
+    for k in ("train_loss", "top1", "ch", "cgc_loss"):
+        assert after[k] == alone[k], k
+
+
+def test_small_datasets_are_decoded_once_per_process(tmp_path, monkeypatch):
+    from cgc_ray.data import dataset as ds_module
+    from cgc_ray.data import records
+    from cgc_ray.data.synthetic import ensure
+
+    root = ensure(tmp_path, n_train_per_class=3, n_test_per_class=2)
+    recs = records("synthetic", root.parent.parent, "train", n_train_per_class=3, n_test_per_class=2)
+    calls = []
+    real = ds_module.read_image
+    monkeypatch.setattr(ds_module, "read_image", lambda p: calls.append(p) or real(p))
+    a = ds_module.BoxDataset(recs, train=False, image_size=32, cache_in_memory=True)
+    b = ds_module.BoxDataset(recs, train=False, image_size=32, cache_in_memory=True)
+    assert len(calls) == len(recs)  # the second dataset (the next trial) decoded nothing
+    assert torch.equal(a[0][0], b[0][0])

@@ -21,7 +21,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "data": ({"numpy", "PIL", "scipy", "pyarrow", "torch", "torchvision", "matplotlib"}, {"data"}),
     "method": ({"torch", "torchvision", "numpy", "scipy"}, {"method"}),
     "models": ({"torch", "torchvision", "numpy"}, {"models", "method.cam"}),
-    "train": ({"torch", "numpy"}, {"train", "method", "models", "data", "config"}),
+    "train": ({"torch", "numpy", "pyarrow"}, {"train", "method", "models", "data", "config", "results.table"}),
     "explain": ({"torch", "torchvision", "numpy", "PIL", "matplotlib"},
                 {"explain", "method", "models", "data", "train", "config", "results.table"}),
     "results": ({"pyarrow", "rich", "scipy", "matplotlib", "numpy"}, {"results", "config"}),

@@ -41,7 +41,8 @@ def _fewshot_rows(storage):
     """5-shot, episodes 0..2: baseline top1 50, 52, 57; CGC 53, 52, 61 (paired d = 3, 0, 4)."""
     values = {("baseline", 0): 50.0, ("baseline", 1): 52.0, ("baseline", 2): 57.0,
               ("cgc", 0): 53.0, ("cgc", 1): 52.0, ("cgc", 2): 61.0}
-    _write(storage, load_spec(PRESETS["fewshot_demo"]),
+    spec = apply_overrides(load_spec(PRESETS["fewshot_demo"]), ["sweep.grid.data.shots=[5]", "sweep.grid.data.episode=[0, 1, 2]"])
+    _write(storage, spec,
            lambda t: {"top1": values[(t.method.name, t.data.episode)], "ch": 40.0 + t.data.episode})
 
 

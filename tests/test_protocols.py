@@ -19,7 +19,6 @@ from cgc_ray.explain.evaluation import evaluate_checkpoint
 from cgc_ray.method.cgc import cgc_term
 from cgc_ray.method.loss import cgc_loss
 from cgc_ray.method.metrics import insertion_auc
-from cgc_ray.models.checkpoint import save_checkpoint
 from cgc_ray.models.resnet import build_model
 from cgc_ray.train.engine import evaluate
 from cgc_ray.train.trial import class_spread_sample, evaluation_loaders, heldout_order, trial_data
@@ -216,4 +215,4 @@ def test_semisup_paper_preset_requires_the_1percent_list(tmp_path):
         trial_data(spec)
     demo = load_spec(PRESETS["semisup_demo"])
     assert demo.data.labelled == "random"
-    assert math.isclose(demo.data.percent, 10.0)
+    assert math.isclose(demo.data.percent, 5.0)

@@ -153,7 +153,7 @@ def test_describe_hand_values():
 
 def _fewshot_results(tmp_path):
     """Baseline top1 per episode 50, 52, 57; CGC 53, 52, 61 -> paired d = 3, 0, 4."""
-    base = load_spec(PRESETS["fewshot_demo"])
+    base = apply_overrides(load_spec(PRESETS["fewshot_demo"]), ["sweep.grid.data.shots=[5]", "sweep.grid.data.episode=[0, 1, 2]"])
     trials = expand_trials(base)
     assert len(trials) == 6
     values = {("baseline", 0): 50.0, ("baseline", 1): 52.0, ("baseline", 2): 57.0,

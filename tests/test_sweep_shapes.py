@@ -93,7 +93,8 @@ FS_TOP1 = {("baseline", None): [50.0, 52.0, 57.0], ("cgc", 0.4): [52.0, 54.0, 58
 
 
 def _fewshot(tmp_path):
-    spec = apply_overrides(load_spec(PRESETS["fewshot_demo"]), ["sweep.grid.method.lam=[0.4, 0.8]"])
+    spec = apply_overrides(load_spec(PRESETS["fewshot_demo"]), ["sweep.grid.method.lam=[0.4, 0.8]", "sweep.grid.data.shots=[5]",
+                                                                "sweep.grid.data.episode=[0, 1, 2]"])
 
     def top1(t):
         key = ("baseline", None) if t.method.name == "baseline" else ("cgc", t.method.lam)

@@ -192,3 +192,15 @@ def test_every_shape_fits_the_unit_circle(shape):
     inside = synthetic._SHAPES[shape](x, y)
     assert inside.mean() * 2.4**2 > 0.5  # a real area, not a sliver
     assert np.hypot(x[inside], y[inside]).max() <= 1.0 + 1e-9
+
+
+def test_validation_split_is_its_own_images(tmp_path):
+    from cgc_ray.data import records
+
+    opts = dict(SMALL, n_val_per_class=3)
+    root = tmp_path
+    train, val, test = (records("synthetic", root, s, **opts) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (5 * SMALL["n_train_per_class"], 15, 5 * SMALL["n_test_per_class"])
+    assert not {r.path for r in val} & ({r.path for r in test} | {r.path for r in train})
+    without = records("synthetic", root, "test", **SMALL)  # no val split: the same test images
+    assert [r.path.split("/")[-1] for r in without] == [r.path.split("/")[-1] for r in test]

@@ -47,6 +47,7 @@ EXPERIMENTS: dict[str, tuple[str, Chooser]] = {
     "fewshot": ("fewshot_demo", lambda ds, arch: f"fewshot_{ds or 'cub200'}"),
     "finegrained": ("finegrained_demo", lambda ds, arch: f"finegrained_{ds or 'cub200'}"),
     "semisup": ("semisup_demo", lambda ds, arch: "semisup"),
+    "pretrain": ("pretrain_demo", lambda ds, arch: "pretrain_imagenet100"),
     "imagenet": (
         "imagenet_demo",
         lambda ds, arch: "imagenet100_r50" if ds == "imagenet100" else f"imagenet_{'r50' if arch == 'resnet50' else 'r18'}",

@@ -54,8 +54,8 @@ def is_uri(value: str) -> bool:
 def resolve_path_value(value: str | None, kind: str, cwd: str | os.PathLike | None = None) -> str | None:
     """``value`` made absolute against ``cwd`` (default: the current directory), ``~`` expanded.
 
-    URIs pass unchanged. For ``kind="weights"``: ``swav:PATH`` resolves its
-    PATH; a torchvision enum name (``ResNet50_Weights.IMAGENET1K_V1``) or a
+    URIs pass unchanged. For ``kind="weights"``: ``swav:PATH`` and
+    ``experiment:SPEC.yaml`` resolve their path; a torchvision enum name (``ResNet50_Weights.IMAGENET1K_V1``) or a
     ``scheme:reference`` that is not a path stays as it is.
     """
     if value is None or is_uri(value):
@@ -63,6 +63,8 @@ def resolve_path_value(value: str | None, kind: str, cwd: str | os.PathLike | No
     if kind == "weights":
         if value.startswith("swav:"):
             return "swav:" + resolve_path_value(value[len("swav:"):], "path", cwd)
+        if value.startswith("experiment:") and value.endswith((".yaml", ".yml", ".json")):  # a pretraining spec file
+            return "experiment:" + resolve_path_value(value[len("experiment:"):], "path", cwd)
         if re.match(r"^[A-Za-z]\w*:(?!\\|/)", value) or (
             TV_WEIGHTS_RE.match(value) and not Path(cwd or ".", value).exists()
         ):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -23,6 +24,29 @@ def read_image(path: str) -> Image.Image:
             return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot read image {path}: {e}") from e
+
+
+# Decoded images of cache_in_memory datasets, kept for the life of the process: the trials a reused
+# worker process runs one after another (few-shot episodes, seeds) decode their small dataset once.
+_DECODED: "OrderedDict[str, Image.Image]" = OrderedDict()
+_DECODED_MAX_PIXELS = 64_000_000  # ~190 MB of RGB; the least recently used images go first
+_decoded_pixels = 0
+
+
+def decoded_image(path: str) -> Image.Image:
+    """:func:`read_image`, decoded once per process (least recently used images dropped past a budget)."""
+    global _decoded_pixels
+    img = _DECODED.get(path)
+    if img is not None:
+        _DECODED.move_to_end(path)
+        return img
+    img = read_image(path)
+    _DECODED[path] = img
+    _decoded_pixels += img.width * img.height
+    while _decoded_pixels > _DECODED_MAX_PIXELS and len(_DECODED) > 1:
+        _, old = _DECODED.popitem(last=False)
+        _decoded_pixels -= old.width * old.height
+    return img
 
 
 def transform_boxes(
@@ -96,8 +120,9 @@ class BoxDataset(Dataset):
     Training augmentations draw from the torch global RNG (in DataLoader
     workers, seeded per worker by the loader's generator), which the trial's
     checkpoints save, so a resumed run sees the same crops.
-    cache_in_memory: decode every image once at construction and keep the
-    RGB images (for small datasets: memory is the sum of decoded image sizes).
+    cache_in_memory: decode every image at construction and keep the RGB
+    images (for small datasets); decoded once per process (:func:`decoded_image`),
+    so the next trial in a reused worker process skips the decoding.
     center_view: training samples also return the evaluation view of the same
     image (resize + centre crop), the image the authors apply CGC's T to
     (``method.view="center"``): (image, label, boxes, centre view).
@@ -131,7 +156,7 @@ class BoxDataset(Dataset):
         self.center_view = center_view and train
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        self._cache = [read_image(r.path) for r in self.records] if cache_in_memory else None
+        self._cache = [decoded_image(r.path) for r in self.records] if cache_in_memory else None
 
     def __len__(self) -> int:
         return len(self.records)

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 
 from cgc_ray.config import (
     ExperimentSpec,
+    SpecError,
     check_data_root,
     data_root_missing_here,
     expand_trials,
@@ -33,6 +34,7 @@ from cgc_ray.config import (
     trial_id,
     validate_spec,
 )
+from cgc_ray.config.pretrained import pin_pretrained
 from cgc_ray.results.table import (
     DONE_STATUSES,
     code_version,
@@ -164,6 +166,7 @@ def run_experiment(
     if autoscale and _is_local(spec.storage):
         raise ResourceError(_local_storage_message(spec.storage, "--autoscale adds nodes"))
     check_storage(spec.storage)
+    spec = _run_pretrainings(spec, address=address, progress=progress, autoscale=autoscale)
     if _ray_initialized():  # a caller's Ray (a notebook, the tests): this process is already attached
         view = cluster_view(own=False)
         on_this_node = not view.multi_node
@@ -185,6 +188,17 @@ def run_experiment(
                             max_concurrent=max_concurrent, autoscale=autoscale)
     finally:
         leases.release()
+
+
+def _run_pretrainings(spec: ExperimentSpec, **run_options: Any) -> ExperimentSpec:
+    """Run the pretrainings ``experiment:`` weights name (if not done yet); the spec pinned to their trials."""
+    spec, pretrainings = pin_pretrained(spec)
+    for pre in pretrainings:
+        res = run_experiment(pre, **run_options)
+        if res.failed or (not res.ran and not res.skipped):
+            why = "; ".join(f"{t}: {e}" for t, e in res.failed.items()) or f"held by {res.held}"
+            raise SpecError(f"the pretraining {pre.name!r} that model.weights names did not finish: {why}")
+    return spec
 
 
 def _run_pending(spec: ExperimentSpec, pending: list, ids: list[str], skipped: list[str], held: dict[str, str],
@@ -231,6 +245,9 @@ def _run_pending(spec: ExperimentSpec, pending: list, ids: list[str], skipped: l
         param_space={"trial_id": tune.grid_search(list(by_id))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent,
+            # one worker process runs trial after trial: no process start or imports per trial, and the
+            # small datasets it decoded stay decoded (data.dataset.decoded_image); each trial seeds itself
+            reuse_actors=True,
             trial_name_creator=lambda tr: tr.config["trial_id"],
             trial_dirname_creator=lambda tr: tr.config["trial_id"],
         ),

@@ -24,6 +24,7 @@ from cgc_ray.config import (
     ExperimentSpec,
     SpecError,
     check_data_root,
+    is_uri,
     loader_workers,
     method_config_kwargs,
     validate_against_data,
@@ -32,6 +33,8 @@ from cgc_ray.config import (
 from cgc_ray.data.dataset import BoxDataset, collate
 from cgc_ray.method.cgc import MethodConfig
 from cgc_ray.models.resnet import build_model
+from cgc_ray.config.pretrained import parse_trial_ref
+from cgc_ray.results.table import checkpoint_path, filesystem
 from cgc_ray.train.engine import Callback, fit
 from cgc_ray.train.optim import build_optimizer, build_scheduler
 
@@ -240,6 +243,44 @@ def build_loaders(spec: ExperimentSpec, td: TrialData, *, distributed: bool = Fa
     return train, val, unl, options
 
 
+def local_weights(spec: ExperimentSpec) -> str | None:
+    """``model.weights`` as something ``models.weights`` reads: a ``trial:`` reference becomes that trial's
+    checkpoint in this spec's storage, and a checkpoint in an object store is fetched once into the cache."""
+    weights = spec.model.weights
+    if weights is None:
+        return None
+    if weights.startswith("trial:"):
+        experiment, tid = parse_trial_ref(weights)
+        weights = checkpoint_path(spec.storage, experiment, tid)
+        if not is_uri(spec.storage) and not Path(weights).is_file():
+            raise SpecError(f"model.weights={spec.model.weights!r}: no checkpoint at {weights}; run that "
+                            "pretraining first (an experiment: reference runs it for you)")
+        if is_uri(spec.storage):
+            weights = _fetch(spec.storage, weights)
+    elif is_uri(weights):
+        weights = _fetch(weights, None)
+    return weights
+
+
+def _fetch(uri: str, path: str | None) -> str:
+    """A local copy of a file in a pyarrow filesystem (``path`` inside ``uri``'s, or ``uri`` itself)."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(uri)
+    inner = path or inner
+    local = D.cache_dir() / "weights" / hashlib.sha256(f"{uri}|{inner}".encode()).hexdigest()[:16] / Path(inner).name
+    if not local.is_file():
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if fs.get_file_info(inner).type != pafs.FileType.File:
+            raise SpecError(f"model.weights: no file at {inner} in {uri}")
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+        pafs.copy_files(inner, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, local)
+    return str(local)
+
+
 def run_trial(
     spec: ExperimentSpec | Mapping[str, Any],
     *,
@@ -261,7 +302,7 @@ def run_trial(
     td = trial_data(spec)
     train, val, unl, eval_options = build_loaders(spec, td, distributed=distributed)
     torch.manual_seed(spec.seed)
-    model = build_model(spec.model.arch, td.num_classes, weights=spec.model.weights).to(device)
+    model = build_model(spec.model.arch, td.num_classes, weights=local_weights(spec)).to(device)
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
