@@ -154,6 +154,17 @@ def _fake_cluster_config(worker_types: dict) -> dict:
     }
 
 
+def test_own_ray_listens_on_loopback_only(tmp_path):
+    """With no cluster around the driver starts a Ray whose node is 127.0.0.1, not the host's address."""
+    code = ("from cgc_ray.runner.cluster import connect; import ray; assert connect('local'); "
+            "print(sorted({n['NodeManagerAddress'] for n in ray.nodes()})); ray.shutdown()")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "['127.0.0.1']"
+
+
 @pytest.mark.slow
 def test_autoscaler_starts_the_gpu_type_and_each_trial_holds_its_gpu_share(tmp_path, monkeypatch):
     """`ray submit`-style driver on an autoscaling cluster whose GPU workers start at zero.

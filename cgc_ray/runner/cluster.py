@@ -102,6 +102,13 @@ def connect(address: str | None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     target = find_cluster(address)
     if target is None:
+        # loopback only: Ray rewrites 127.0.0.1 to the host's network address unless this (read when ray is
+        # imported, so also set on the already imported module) says the Ray is a single machine's
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
         return True
     try:
