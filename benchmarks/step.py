@@ -71,26 +71,39 @@ def _authors_step(model, x, y, gen):
         m = F.interpolate(orig[i : i + 1, None, y1:y2, x1:x2], size=(H, W), mode="bilinear", align_corners=False)
         moved.append(m.flip(-1) if flips[i] else m)
     q = torch.cat(moved)[:, 0]
-    return sum(losses) + cgc_loss(augc, q, anchor="authors")
+    with torch.autocast(x.device.type, enabled=False):  # (the authors train in fp32; under --amp, the loss in fp32)
+        return sum(losses) + cgc_loss(augc.float(), q.float(), anchor="authors")
 
 
-def make_step(kind: str, model, opt, gen):
+def make_step(kind: str, model, opt, gen, amp_dtype: torch.dtype | None = None, scaler=None):
+    """One training step of ``kind``; with ``amp_dtype`` the forwards run under autocast as the product's
+    engine runs them (fp16 + GradScaler on CUDA, bf16 on CPU), the CGC heatmaps and loss in fp32."""
+    def autocast(x):
+        return torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        if kind == "baseline":
-            loss = F.cross_entropy(model(x), y)
-        elif kind == "baseline_2b":  # CE on 2B images: the cost floor of any two-view step
-            loss = F.cross_entropy(model(torch.cat([x, x.flip(-1)])), torch.cat([y, y]))
-        elif kind == "authors":
-            loss = _authors_step(model, x, y, gen)
-        else:
+        if kind.startswith("cgc"):
             method = MethodConfig(**{**method_config_kwargs(ExperimentSpec()), "name": "cgc", "lam": 1.0,
                                      "forward": "separate" if kind == "cgc_separate" else "joint"})
             closed = False if kind == "cgc_autograd" else None
-            logits, l_cgc, _ = cgc_term(model, x, method, generator=gen, closed_form=closed)
+            logits, l_cgc, _ = cgc_term(model, x, method, generator=gen, closed_form=closed, amp_dtype=amp_dtype)
             loss = F.cross_entropy(logits, y) + l_cgc
-        loss.backward()
-        opt.step()
+        else:
+            with autocast(x):
+                if kind == "baseline":
+                    loss = F.cross_entropy(model(x), y)
+                elif kind == "baseline_2b":  # CE on 2B images: the cost floor of any two-view step
+                    loss = F.cross_entropy(model(torch.cat([x, x.flip(-1)])), torch.cat([y, y]))
+                else:
+                    loss = _authors_step(model, x, y, gen)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
 
     return step
 
@@ -114,26 +127,24 @@ def setup(arch, device, batch, size, channels_last):
 def time_kinds(arch, device, batch, size, reps, kinds, amp, channels_last):
     model, opt, x, y = setup(arch, device, batch, size, channels_last)
     gen = torch.Generator().manual_seed(0)
-    steps = {k: make_step(k, model, opt, gen) for k in kinds}
-    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else (lambda: torch.autocast(device.type, enabled=False))
+    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
+    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+    steps = {k: make_step(k, model, opt, gen, amp_dtype, scaler) for k in kinds}
     times = {k: [] for k in kinds}
     for k in kinds:  # warm-up
-        with ctx():
-            steps[k](x, y)
+        steps[k](x, y)
     for _ in range(reps):
         for k in kinds:
             _sync(device)
             t = time.perf_counter()
-            with ctx():
-                steps[k](x, y)
+            steps[k](x, y)
             _sync(device)
             times[k].append(time.perf_counter() - t)
     peak = {}
     if device.type == "cuda":
         for k in kinds:
             torch.cuda.reset_peak_memory_stats()
-            with ctx():
-                steps[k](x, y)
+            steps[k](x, y)
             _sync(device)
             peak[k] = torch.cuda.max_memory_allocated() / 2**20
     return {k: statistics.median(v) for k, v in times.items()}, peak
@@ -164,7 +175,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--amp", action="store_true", help="autocast as the product trains: fp16 + GradScaler on CUDA, bf16 on CPU")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", action="store_true")

@@ -171,6 +171,27 @@ def test_method_config_validates():
         make_method(name="simclr")
 
 
+@pytest.mark.parametrize("forward", ["joint", "separate"])
+def test_bf16_autocast_with_the_autograd_cam(forward):
+    """Under autocast the autograd Grad-CAM (a layer without the closed form) differentiates the captured
+    activation itself, and its maps are the fp32 maps to bf16 precision."""
+    torch.manual_seed(0)
+    model = build_model("resnet_small", 5)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 5
+    out = {}
+    for amp in (None, torch.bfloat16):
+        model.zero_grad()
+        # the label's CAM: an untrained model's top-1 class can flip between fp32 and bf16
+        _, loss, _ = cgc_term(model, x, make_method(name="cgc", layer="layer3", forward=forward, cam_class="label"),
+                              y=y, generator=torch.Generator().manual_seed(0), amp_dtype=amp)
+        loss.backward()
+        out[amp] = loss.item(), model.conv1.weight.grad.clone()
+    (l32, g32), (l16, g16) = out[None], out[torch.bfloat16]
+    assert math.isfinite(l16) and l16 == pytest.approx(l32, rel=0.05)
+    # the first layer's gradient through the double backward: bf16 (8-bit mantissa) keeps its direction roughly
+    assert torch.isfinite(g16).all() and torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.5
+
+
 def test_bf16_autocast_and_channels_last_step_on_cpu():
     """The mixed-precision step computes the fp32 step's losses (to bf16 precision) in channels_last."""
     losses = {}

@@ -94,15 +94,17 @@ def cams_from_activation(
     if closed_form and head is None:
         raise ValueError(f"the closed-form CAM needs a ResNet read at layer4; got layer={layer!r}")
     h, w = A.shape[-2:]
+    # maps in float32 whatever autocast produced; the gradient is taken w.r.t. A itself (a cast copy of A
+    # is not in the graph of the logits)
     if head is not None:
-        W_t = head.weight[targets]  # B x C
-        cam = torch.einsum("bk,bkij->bij", W_t.to(A.dtype), A) / (h * w)
+        W_t = head.weight[targets].float()  # B x C
+        cam = torch.einsum("bk,bkij->bij", W_t, A.float()) / (h * w)
         cam = F.relu(cam)
         return cam if create_graph else cam.detach()
-    score = logits.gather(1, targets[:, None]).sum()
+    score = logits.float().gather(1, targets[:, None]).sum()
     (dA,) = torch.autograd.grad(score, A, create_graph=create_graph, retain_graph=True)
-    alpha = dA.mean(dim=(2, 3), keepdim=True)  # B x C x 1 x 1
-    cam = F.relu((alpha * A).sum(dim=1))  # B x h x w
+    alpha = dA.float().mean(dim=(2, 3), keepdim=True)  # B x C x 1 x 1
+    cam = F.relu((alpha * A.float()).sum(dim=1))  # B x h x w
     return cam if create_graph else cam.detach()
 
 

@@ -140,12 +140,12 @@ def cgc_term(
     with torch.autocast(x.device.type, enabled=False):
         if method.forward == "joint":
             cams = cams_from_activation(
-                model, feats[0].float(), logits[0].float(), t.repeat(len(views)), layer=method.layer,
+                model, feats[0], logits[0], t.repeat(len(views)), layer=method.layer,
                 create_graph=create_graph, closed_form=closed_form,
             )  # nB x h x w
             g_x, g_Tx = cams[i_src * B:(i_src + 1) * B], cams[-B:]
         else:
-            g_x, g_Tx = (cams_from_activation(model, feats[i].float(), logits[i].float(), t, layer=method.layer,
+            g_x, g_Tx = (cams_from_activation(model, feats[i], logits[i], t, layer=method.layer,
                                               create_graph=create_graph, closed_form=closed_form)
                          for i in (i_src, len(views) - 1))  # B x h x w each
         size = (H, W) if method.resolution == "image" else tuple(g_x.shape[-2:])
