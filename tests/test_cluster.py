@@ -23,7 +23,7 @@ from cgc_ray.runner.cluster import ClusterView, find_cluster, types_from_config
 from cgc_ray.runner.driver import run_experiment
 from cgc_ray.runner.resources import (
     ResourceError,
-    _concurrent_room,
+    concurrent_room,
     check_fits,
     trial_bundles,
     use_gpu,
@@ -84,8 +84,8 @@ def test_ddp_concurrency_counts_nodes_the_autoscaler_can_add():
     workers = trial_bundles(ddp, gpu=True)[1:]
     gpus = sum(t.resources.get("GPU", 0) * t.max_workers for t in view.node_types.values())
     assert gpus >= 8  # cluster/gpu.yaml: up to 8 single-GPU and 2 four-GPU nodes
-    assert _concurrent_room(workers, view.placement_nodes()) == gpus // 4
-    assert _concurrent_room(workers, view.nodes) == 1  # what the alive head alone would allow (at least one)
+    assert concurrent_room(workers, view.placement_nodes()) == gpus // 4
+    assert concurrent_room(workers, view.nodes) == 1  # what the alive head alone would allow (at least one)
 
 
 def test_gpu_decision_never_falls_back_silently():

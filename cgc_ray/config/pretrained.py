@@ -8,8 +8,8 @@
   it becomes ``trial:<experiment>/<trial_id>`` and the pretraining is run first
   if its row is not there yet (its trial id, hence its checkpoint, is reused:
   it never trains twice, and ``runner.leases`` keeps two drivers from
-  running it at once). Unless the pretraining spec names its own storage, it
-  runs in the downstream spec's storage.
+  running it at once). It runs in the downstream spec's storage (a
+  pretraining spec that names another storage is refused with a clear error).
 - ``trial:<experiment>/<trial_id>``: the checkpoint of that trial in the
   trial's own storage (``<storage>/_checkpoints/<experiment>/<trial_id>``),
   read by each trial on its node; with an ``s3://`` storage a cluster

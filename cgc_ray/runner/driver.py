@@ -47,12 +47,12 @@ from cgc_ray.runner.cluster import cluster_view, connect, find_cluster
 from cgc_ray.runner.leases import Leases
 from cgc_ray.runner.resources import (
     ResourceError,
-    _concurrent_room,
     check_fits,
+    concurrent_room,
     trial_bundles,
     use_gpu,
 )
-from cgc_ray.runner.worker import _trial_by_id, ray_storage_path
+from cgc_ray.runner.worker import ray_storage_path, trial_by_id
 
 # ---------------------------------------------------------------- the driver
 
@@ -229,7 +229,7 @@ def _run_pending(spec: ExperimentSpec, pending: list, ids: list[str], skipped: l
     if len(bundles) > 1:
         # DDP: the TorchTrainer reserves its workers itself; Tune holds only the waiting function, and
         # starts no more trials than the cluster has room for workers (else trainers queue for resources)
-        room = _concurrent_room(bundles[1:], nodes)
+        room = concurrent_room(bundles[1:], nodes)
         max_concurrent = min(max_concurrent or room, room)
         bundles = bundles[:1]
     callbacks = []
@@ -240,7 +240,7 @@ def _run_pending(spec: ExperimentSpec, pending: list, ids: list[str], skipped: l
     _quiet_tune()
     # Tune shows and names trials by id; the full config is looked up on the worker
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trial_by_id, table=by_id),
+        tune.with_resources(tune.with_parameters(trial_by_id, table=by_id),
                             tune.PlacementGroupFactory(bundles, strategy="PACK")),
         param_space={"trial_id": tune.grid_search(list(by_id))},
         tune_config=tune.TuneConfig(

@@ -92,7 +92,7 @@ def _fmt(res: Mapping[str, float]) -> str:
 
 
 
-def _concurrent_room(worker_bundles: list[dict[str, float]], nodes: list[Mapping[str, float]]) -> int:
+def concurrent_room(worker_bundles: list[dict[str, float]], nodes: list[Mapping[str, float]]) -> int:
     """How many trials' Train workers fit on ``nodes`` at once (at least 1)."""
     total = {k: sum(n.get(k, 0) for n in nodes) for k in ("CPU", "GPU")}
     need = {k: sum(b.get(k, 0) for b in worker_bundles) for k in ("CPU", "GPU")}

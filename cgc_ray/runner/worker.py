@@ -242,5 +242,5 @@ def _trial_fn(config: dict[str, Any]) -> None:
                  "epoch": row["epochs"], "node_id": final["node_id"], "resumed_from_epoch": final["resumed_from_epoch"]})
 
 
-def _trial_by_id(config: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:
+def trial_by_id(config: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:
     _trial_fn(table[config["trial_id"]])
