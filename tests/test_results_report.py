@@ -59,7 +59,7 @@ def test_round_trip_and_plain_pandas(tmp_path):
     assert table.schema.equals(SCHEMA)
     (row,) = table.to_pylist()
     assert row["experiment"] == "fewshot" and row["schema_version"] == SCHEMA_VERSION
-    assert (row["dataset"], row["arch"], row["method"], row["lam"], row["tau"]) == ("synthetic", "resnet_small", "cgc", 0.8, 0.5)
+    assert (row["dataset"], row["arch"], row["method"], row["lam"], row["tau"]) == ("synthetic", "resnet_small", "cgc", 0.5, 0.5)
     assert (row["shots"], row["episode"], row["seed"], row["percent"]) == (5, 7, 3, None)
     assert (row["top1"], row["ch"], row["top5"], row["iauc"]) == (61.25, 40.5, None, None)
     assert json.loads(row["config_json"]) == spec.model_dump(mode="json")

@@ -136,7 +136,7 @@ def test_finegrained_seeds_pair_by_seed(tmp_path):
     assert (p.stats["top1"].mean, p.stats["top1"].n) == (pytest.approx(mean), 3)
     md = rp.report(str(tmp_path), "finegrained", "markdown")
     assert "| baseline | 80.17±0.76 (3) |" in md and "| cgc | 81.50±0.50 (3) |" in md
-    assert f"| cgc λ=0.25 − baseline | {mean:+.2f} [{mean - half:.2f}, {mean + half:.2f}] (3) |" in md
+    assert f"| cgc λ=1 − baseline | {mean:+.2f} [{mean - half:.2f}, {mean + half:.2f}] (3) |" in md
 
 
 # ---------------------------------------------------------------- Tables 1/5: ImageNet, three methods
