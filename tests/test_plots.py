@@ -117,3 +117,16 @@ def test_report_cli_plot_option(tmp_path, capsys):
 def test_plots_import_neither_torch_nor_ray():
     code = "import sys, cgc_ray.results.plots; bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fewshot_gains_one_series_per_cgc_configuration(tmp_path):
+    """CGC configurations that differ in forward (or λ, view, ...) are separate, named series, not one merged."""
+    spec = apply_overrides(load_spec(PRESETS["fewshot_demo"]), [
+        "sweep.grid.data.shots=[5]", "sweep.grid.data.episode=[0, 1]", "sweep.variants=[{}, {method.forward: separate}]"])
+    _write(tmp_path, spec, lambda t: {"top1": 50.0 + t.data.episode + (t.method.name == "cgc")
+                                      * (1 + 10 * (t.method.forward == "separate"))})
+    gains = pl.plot_fewshot_gains(stats.paired_differences(read_rows(str(tmp_path))))
+    top1 = gains.axes[0]
+    means = {c.get_label(): list(c.lines[0].get_ydata()) for c in top1.containers}
+    assert means == {"synthetic cgc forward=joint−baseline": pytest.approx([1.0]),
+                     "synthetic cgc forward=separate−baseline": pytest.approx([11.0])}

@@ -244,3 +244,32 @@ def test_cli_report(tmp_path, capsys):
 def test_report_path_imports_no_torch_or_ray(module):
     code = f"import {module}, sys; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_configurations_that_differ_beyond_lambda_have_their_own_labelled_columns(tmp_path):
+    """Few-shot and λ tables: CGC configurations that differ in forward/view get distinct, named columns."""
+    spec = apply_overrides(load_spec(PRESETS["fewshot_demo"]), [
+        "sweep.grid.data.shots=[5]", "sweep.grid.data.episode=[0, 1]",
+        "sweep.variants=[{}, {method.forward: separate}]"])
+    trials = expand_trials(spec)
+    assert len(trials) == 6  # one baseline per episode, two CGC configurations
+    _write_all(tmp_path, [(t, {"top1": 50.0 + (t.method.name == "cgc") * (1 + 10 * (t.method.forward == "separate"))
+                               + t.data.episode}) for t in trials])
+    md = rp.report(str(tmp_path), "fewshot", "markdown")
+    header = next(line for line in md.splitlines() if line.startswith("| dataset"))
+    assert ("| top1 baseline | top1 cgc λ=0.5 forward=joint | top1 cgc λ=0.5 forward=separate "
+            "| top1 Δ cgc λ=0.5 forward=joint−baseline [95% CI] | top1 Δ cgc λ=0.5 forward=separate−baseline") in header
+    row = next(line for line in md.splitlines() if line.startswith("| synthetic"))
+    assert "| 50.50±0.71 (2) | 51.50±0.71 (2) | 61.50±0.71 (2) | +1.00 [1.00, 1.00] (2) | +11.00 [11.00, 11.00] (2) |" in row
+
+    lam = apply_overrides(load_spec(PRESETS["lambda_ablation_demo"]), [
+        "sweep.grid.method.lam=[0.0, 0.5]", "sweep.grid.seed=[0, 1]", "sweep.variants=[{}, {method.view: center}]"])
+    ltrials = expand_trials(lam)
+    storage = tmp_path / "lam"
+    _write_all(storage, [(t, {"top1": 60.0 + t.seed + (t.method.lam > 0) * (2 + 3 * (t.method.view == "center"))})
+                         for t in ltrials])
+    lines = rp.report(str(storage), "lambda_ablation", "markdown").splitlines()
+    assert "| metric | λ=0 (baseline) | λ=0.5 view=center | λ=0.5 view=train |" in lines
+    assert "| top1 | 60.50±0.71 (2) | 65.50±0.71 (2) | 62.50±0.71 (2) |" in lines
+    assert "| cgc λ=0.5 − baseline | center | +5.00 [5.00, 5.00] (2) |" in lines
+    assert "| cgc λ=0.5 − baseline | train | +2.00 [2.00, 2.00] (2) |" in lines

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
 from cgc_ray.config.base import canonical
-from cgc_ray.results.stats import Group, Paired, paired_differences, summarize
+from cgc_ray.results.stats import Group, Paired, cgc_settings_that_differ, paired_differences, summarize
 from cgc_ray.results.table import read_rows
 
 __all__ = ["pareto_front", "plot_accuracy_vs_ch", "plot_fewshot_gains", "plot_lambda_ablation", "plot_results"]
@@ -172,9 +172,11 @@ def plot_fewshot_gains(paired: Sequence[Paired], *, dpi: int = 120) -> Figure | 
     if not rows or not metrics:
         return None
     shots = sorted({p.labels["data.shots"] for p in rows})
+    settings = cgc_settings_that_differ([p.labels for p in rows], with_lam=True)
     series: dict[str, list[Paired]] = {}
     for p in rows:
-        name = f"{p.labels.get('data.dataset', '')} {p.method}−baseline"
+        named = " ".join([p.method] + [f"{k.removeprefix('method.')}={p.labels.get(k)}" for k in settings])
+        name = f"{p.labels.get('data.dataset', '')} {named}−baseline"
         series.setdefault(name, []).append(p)
     width = 0.8 / len(series)
     fig = Figure(figsize=(max(4.0, 1.2 * len(shots) + 2.4) * len(metrics), 3.6), dpi=dpi, layout="constrained")

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
-from cgc_ray.results.stats import Group, Paired, Stat, paired_differences, summarize
+from cgc_ray.results.stats import Group, Paired, Stat, cgc_settings_that_differ, paired_differences, summarize
 from cgc_ray.results.summary import records, write_summary
 from cgc_ray.results.table import METRIC_COLUMNS, read_rows
 
@@ -114,6 +114,14 @@ def _method_label(labels: dict[str, Any], *, with_lam: bool = True) -> str:
     return name + (f" λ={_fmt_label(labels.get('method.lam'))}" if with_lam else "")
 
 
+def _config_label(labels: dict[str, Any], setting_keys: Sequence[str], *, with_lam: bool = True) -> str:
+    """The method (and λ), then every CGC setting that tells this configuration from the others."""
+    if labels["method.name"] == "baseline":
+        return "baseline"
+    return " ".join([_method_label(labels, with_lam=with_lam)]
+                    + [f"{_LABEL_NAMES.get(k, k)}={_fmt_label(labels.get(k))}" for k in setting_keys])
+
+
 # --------------------------------------------------------------------------- layout helpers
 
 
@@ -196,17 +204,17 @@ def _lambda_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Pa
         contexts.setdefault(_canon({k: g.labels.get(k) for k in ctx_keys}), []).append(g)
     title = _title(experiment, [g.labels for g in groups])
     for ctx, members in sorted(contexts.items()):
-        members = sorted(members, key=lambda g: _sort_key(g.labels, ("method.name", "method.lam")))
+        settings = cgc_settings_that_differ([g.labels for g in members])
+        members = sorted(members, key=lambda g: _sort_key(g.labels, ("method.name", "method.lam", *settings)))
         header = ["metric"] + ["λ=0 (baseline)" if g.method == "baseline" else
-                               ("" if g.method == "cgc" else f"{g.method} ") + f"λ={_fmt_label(g.labels['method.lam'])}"
-                               for g in members]
+                               _config_label(g.labels, settings).removeprefix("cgc ") for g in members]
         rows = [[m] + [_fmt_group_cell(m, g) if m in g.stats else "–" for g in members] for m in _metrics(members)]
         rows.append(["trials"] + [_fmt_trials(g) for g in members])
         ctx_text = _context(members[0].labels, ctx_keys)
         tables.append(_Table(f"{title}{f' ({ctx_text})' if ctx_text else ''}: mean±std (n)", header, rows))
         mine = [p for p in paired if _canon({k: p.labels.get(k) for k in ctx_keys}) == ctx]
         if mine:
-            tables.append(_paired_table(f"{title}{f' ({ctx_text})' if ctx_text else ''}", mine, []))
+            tables.append(_paired_table(f"{title}{f' ({ctx_text})' if ctx_text else ''}", mine, settings))
     return tables
 
 
@@ -215,12 +223,13 @@ def _fewshot_tables(experiment: str, groups: Sequence[Group], paired: Sequence[P
     row_keys = ["data.dataset", "data.shots"] + [k for k in _varying([g.labels for g in groups])
                                                   if not k.startswith("method.") and k not in ("data.dataset",
                                                                                                  "data.shots")]
+    settings = cgc_settings_that_differ([g.labels for g in groups])
     configs = sorted({_canon({k: v for k, v in g.labels.items() if k.startswith("method.")}): g.labels
-                      for g in groups}.values(), key=lambda lab: _sort_key(lab, ("method.name", "method.lam")))
+                      for g in groups}.values(), key=lambda lab: _sort_key(lab, ("method.name", "method.lam", *settings)))
     config_keys = [_canon({k: v for k, v in c.items() if k.startswith("method.")}) for c in configs]
     # show λ in a column name only where more than one CGC configuration exists
     several = len([c for c in configs if c["method.name"] != "baseline"]) > 1
-    names = [_method_label(c, with_lam=several) for c in configs]
+    names = [_config_label(c, settings, with_lam=several) for c in configs]
     cells: dict[str, dict[str, Group]] = {}
     ctx_labels: dict[str, dict[str, Any]] = {}
     for g in groups:

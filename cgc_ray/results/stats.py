@@ -31,8 +31,8 @@ from cgc_ray.config.base import canonical, flatten
 from cgc_ray.config.identity import NON_IDENTITY_FIELDS, REPLICATE_FIELDS, identity
 from cgc_ray.results.table import METRIC_COLUMNS
 
-__all__ = ["CI_LEVEL", "Group", "Paired", "Stat", "describe", "paired_differences", "row_identity", "summarize",
-           "t_quantile"]
+__all__ = ["CI_LEVEL", "Group", "Paired", "Stat", "cgc_settings_that_differ", "describe", "paired_differences",
+           "row_identity", "summarize", "t_quantile"]
 
 CI_LEVEL = 0.95
 
@@ -120,6 +120,16 @@ def row_identity(config_json: str) -> dict[str, Any]:
         return identity(config)
     except ValueError:  # a row written by another version of the spec
         return {k: v for k, v in flatten(config).items() if k not in NON_IDENTITY_FIELDS and not k.startswith("sweep.")}
+
+
+def cgc_settings_that_differ(label_sets: Iterable[dict[str, Any]], *, with_lam: bool = False) -> list[str]:
+    """The method settings (λ first, then forward, view, τ, ...) whose values differ between the CGC
+    configurations among ``label_sets``: what a table or a legend must name to tell them apart."""
+    cgc = [labels for labels in label_sets if labels.get("method.name") != "baseline"]
+    keys = sorted({k for labels in cgc for k in labels
+                   if k.startswith("method.") and k != "method.name" and (with_lam or k != "method.lam")},
+                  key=lambda k: (k != "method.lam", k))
+    return [k for k in keys if len({canonical(labels[k]) for labels in cgc if k in labels}) > 1]
 
 
 def _split(ident: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...]]:
