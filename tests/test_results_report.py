@@ -273,3 +273,12 @@ def test_configurations_that_differ_beyond_lambda_have_their_own_labelled_column
     assert "| top1 | 60.50±0.71 (2) | 65.50±0.71 (2) | 62.50±0.71 (2) |" in lines
     assert "| cgc λ=0.5 − baseline | center | +5.00 [5.00, 5.00] (2) |" in lines
     assert "| cgc λ=0.5 − baseline | train | +2.00 [2.00, 2.00] (2) |" in lines
+
+
+def test_rich_tables_are_never_cut(tmp_path):
+    """Piped (no terminal): the table's own width, every cell whole; a narrow --width folds cells, no '…'."""
+    _fewshot_results(tmp_path)
+    piped = rp.report(str(tmp_path), "fewshot", "rich")
+    assert "53.00±3.61 (3)" in piped and "+2.33 [-2.84, 7.50] (3)" in piped and "…" not in piped
+    narrow = rp.report(str(tmp_path), "fewshot", "rich", width=70)
+    assert "…" not in narrow and max(len(line) for line in narrow.splitlines()) <= 70

@@ -296,14 +296,18 @@ def _render_rich(tables: Sequence[_Table], width: int | None) -> str:
     from rich.table import Table
 
     buf = io.StringIO()
-    console = Console(file=buf, width=width or Console().width, color_system=None, force_terminal=False)
+    terminal = Console()
     for t in tables:
         rt = Table(title=t.title, title_justify="left")
         for i, h in enumerate(t.header):
-            rt.add_column(h, justify="left" if i == 0 else "right")
+            # a cell too wide for the terminal folds onto a second line; it is never cut to "…"
+            rt.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
         for r in t.rows:
             rt.add_row(*r)
-        console.print(rt)
+        natural = Console(file=io.StringIO(), width=100_000).measure(rt).maximum
+        # --width, else the terminal's; written to a file or a pipe, the table's own width
+        w = width or (terminal.width if terminal.is_terminal else natural)
+        Console(file=buf, width=w, color_system=None, force_terminal=False).print(rt)
     return buf.getvalue()
 
 
