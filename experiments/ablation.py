@@ -1,6 +1,6 @@
 """Where CGC's accuracy goes at demo scale: one factor at a time against the demo's CGC, paired by seed.
 
-    python experiments/ablation.py                       # the three demo sweeps below, ~2 h on 2 CPU cores
+    python experiments/ablation.py                       # the three demo sweeps below, ~1.7 h on 2 CPU cores
     python experiments/ablation.py --preset ablation_demo --set "sweep.grid.seed=[0, 1]"
     cgc-ray report --experiment ablation
 
