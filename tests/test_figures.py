@@ -147,6 +147,10 @@ def test_load_row_from_cgc_checkpoint_and_plain_state_dict(tmp_path):
     assert (loaded.arch, c.layer) == ("resnet_small", "layer3") and "cgc λ=0.8" in c.label and not c.model.training
     assert all(torch.equal(c.model.state_dict()[k], v) for k, v in model.state_dict().items())
     assert load_classifier(ckpt).epochs == 4 and load_classifier(ckpt).method["lam"] == 0.8
+    # λ = 0 of a λ ablation trains CE only: its row is labelled as the baseline it is
+    zero = tmp_path / "zero" / "checkpoint.pt"
+    save_checkpoint(zero, model, opt, None, 3, extra={"method": {"name": "cgc", "lam": 0.0, "layer": "layer3"}})
+    assert fg.load_row(zero)[0].label.endswith("\nbaseline")
 
     torch.manual_seed(0)
     r18 = build_model("resnet18", 7)

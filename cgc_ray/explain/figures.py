@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 
-from cgc_ray.config import DataSpec, ExperimentSpec, is_uri, validate_spec
+from cgc_ray.config import DataSpec, ExperimentSpec, effective_method, is_uri, validate_spec
 from cgc_ray.data import ImageRecord, class_names, records
 from cgc_ray.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, collate
 from cgc_ray.method import transforms as T
@@ -87,7 +87,8 @@ def load_row(path: str | Path, *, arch: str | None = None, layer: str | None = N
     label = path.stem if path.stem != "checkpoint" else f"{path.parent.name}/{path.stem}"
     method = clf.method or {}
     if method.get("name"):
-        label += f"\n{method['name']}" + (f" λ={method['lam']:g}" if method["name"] != "baseline" else "")
+        name = effective_method({"method": method}) if "lam" in method else method["name"]  # CGC at λ 0 is CE only
+        label += f"\n{name}" + (f" λ={method['lam']:g}" if name != "baseline" else "")
     return Row(clf.model, clf.layer, label), clf
 
 
