@@ -81,12 +81,14 @@ def make_step(kind: str, model, opt, gen, amp_dtype: torch.dtype | None = None, 
     def autocast(x):
         return torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
+    # built once, outside the timed step (it validates a whole ExperimentSpec)
+    method = MethodConfig(**{**method_config_kwargs(ExperimentSpec()), "name": "cgc", "lam": 1.0,
+                             "forward": "separate" if kind == "cgc_separate" else "joint"})
+    closed = False if kind == "cgc_autograd" else None
+
     def step(x, y):
         opt.zero_grad(set_to_none=True)
         if kind.startswith("cgc"):
-            method = MethodConfig(**{**method_config_kwargs(ExperimentSpec()), "name": "cgc", "lam": 1.0,
-                                     "forward": "separate" if kind == "cgc_separate" else "joint"})
-            closed = False if kind == "cgc_autograd" else None
             logits, l_cgc, _ = cgc_term(model, x, method, generator=gen, closed_form=closed, amp_dtype=amp_dtype)
             loss = F.cross_entropy(logits, y) + l_cgc
         else:

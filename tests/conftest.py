@@ -26,6 +26,18 @@ TINY = [
 ]
 
 
+
+def result_row(trial, metrics: dict, **fields) -> dict:
+    """The Parquet row a finished ``trial`` writes, with made-up ``metrics`` (no training). The run fields are
+    test values (epochs 1, wall time 1 s, node "n", code version "test"); ``fields`` override them or add
+    status, error, finished_at, ..."""
+    from cgc_ray.config import spec_hash, trial_id
+    from cgc_ray.results.table import row_from_config
+
+    run = dict(trial_id=trial_id(trial), spec_hash=spec_hash(trial), epochs=1, wall_time_s=1.0, node="n",
+               code_version="test")
+    return row_from_config(trial.model_dump(mode="json"), metrics, **{**run, **fields})
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
     """Synthetic data generated once per session into a temporary cache (also seen by Ray workers)."""

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, result_row
 
 from cgc_ray.cli.main import main as cli_main
 from cgc_ray.config import (
@@ -15,11 +15,10 @@ from cgc_ray.config import (
     apply_overrides,
     expand_trials,
     load_spec,
-    spec_hash,
     trial_id,
 )
 from cgc_ray.results.report import report
-from cgc_ray.results.table import read_rows, row_from_config, trial_status, write_row
+from cgc_ray.results.table import read_rows, trial_status, write_row
 from cgc_ray.runner import leases as L
 from cgc_ray.runner.driver import StorageError, check_storage, run_experiment
 
@@ -33,8 +32,7 @@ def _spec(storage, *overrides, preset="lambda_ablation_demo"):
 
 def _row_file(storage, spec):
     t = expand_trials(spec)[0]
-    row = row_from_config(t.model_dump(mode="json"), {"top1": 50.0}, trial_id=trial_id(t), spec_hash=spec_hash(t),
-                          epochs=1, wall_time_s=1.0, node="n", code_version="test")
+    row = result_row(t, {"top1": 50.0})
     return Path(write_row(str(storage), t.name, row)), trial_id(t)
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import result_row
 from PIL import Image
 
 from cgc_ray.cli.main import main as cli_main
@@ -13,21 +14,17 @@ from cgc_ray.config import (
     apply_overrides,
     expand_trials,
     load_spec,
-    spec_hash,
-    trial_id,
 )
 from cgc_ray.results import plots as pl
 from cgc_ray.results import stats
-from cgc_ray.results.table import read_rows, row_from_config, write_row
+from cgc_ray.results.table import read_rows, write_row
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _write(storage, spec, metrics):
     for t in expand_trials(spec):
-        row = row_from_config(t.model_dump(mode="json"), metrics(t), trial_id=trial_id(t), spec_hash=spec_hash(t),
-                              epochs=1, wall_time_s=1.0, node="n", code_version="test")
-        write_row(str(storage), t.name, row)
+        write_row(str(storage), t.name, result_row(t, metrics(t)))
 
 
 def _lambda_rows(storage):

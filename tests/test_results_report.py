@@ -11,6 +11,7 @@ import threading
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import result_row
 
 from cgc_ray.cli.main import main as cli_main
 from cgc_ray.config import (
@@ -18,7 +19,6 @@ from cgc_ray.config import (
     apply_overrides,
     expand_trials,
     load_spec,
-    spec_hash,
     trial_id,
 )
 from cgc_ray.results import report as rp
@@ -35,11 +35,8 @@ from cgc_ray.results.table import (
 
 
 def _row(spec, **metrics):
-    return row_from_config(
-        spec.model_dump(mode="json"), metrics, trial_id=trial_id(spec), spec_hash=spec_hash(spec),
-        epochs=spec.optim.epochs, wall_time_s=1.5, node="node-a", code_version="test",
-        finished_at=dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
-    )
+    return result_row(spec, metrics, epochs=spec.optim.epochs, wall_time_s=1.5, node="node-a",
+                      finished_at=dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc))
 
 
 def _write_all(storage, specs_and_metrics):

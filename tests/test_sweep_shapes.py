@@ -10,6 +10,7 @@ import math
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import result_row
 from scipy import stats as st
 
 from cgc_ray.config import (
@@ -18,13 +19,11 @@ from cgc_ray.config import (
     effective_method,
     expand_trials,
     load_spec,
-    spec_hash,
-    trial_id,
 )
 from cgc_ray.results import report as rp
 from cgc_ray.results.stats import paired_differences, summarize
 from cgc_ray.results.summary import SUMMARY_SCHEMA, summary_path
-from cgc_ray.results.table import read_rows, row_from_config, write_row
+from cgc_ray.results.table import read_rows, write_row
 
 
 def _write(storage, spec, metric, status=lambda t: "finished"):
@@ -32,11 +31,9 @@ def _write(storage, spec, metric, status=lambda t: "finished"):
     trials = expand_trials(spec)
     for t in trials:
         s = status(t)
-        row = row_from_config(t.model_dump(mode="json"), metric(t) if s == "finished" else {}, trial_id=trial_id(t),
-                              spec_hash=spec_hash(t), epochs=1, wall_time_s=1.0, node="n", code_version="test",
-                              status=s, error=None if s == "finished" else "loss is nan by step 3",
-                              diverged_epoch=1 if s == "diverged" else None,
-                              diverged_step=3 if s == "diverged" else None)
+        row = result_row(t, metric(t) if s == "finished" else {}, status=s,
+                         error=None if s == "finished" else "loss is nan by step 3",
+                         diverged_epoch=1 if s == "diverged" else None, diverged_step=3 if s == "diverged" else None)
         write_row(str(storage), t.name, row)
     return trials
 
