@@ -43,29 +43,28 @@ def product_step(preset: str, arch: str | None, batch: int | None, size: int | N
     import torch
 
     from benchmarks.step import setup
-    from cgc_ray.config import PRESETS, apply_overrides, load_spec, method_config_kwargs
-    from cgc_ray.method.cgc import MethodConfig
+    from cgc_ray.config import PRESETS, apply_overrides, effective_lam, load_spec
     from cgc_ray.train.engine import train_one_epoch
+    from cgc_ray.train.task import Placement, build_task
 
     spec = apply_overrides(load_spec(PRESETS[preset]), ["sweep.grid={}"])
     arch, batch, size = arch or spec.model.arch, batch or spec.data.batch_size, size or spec.data.image_size
     dev = torch.device(device)
     cl = spec.scaling.channels_last
     model, opt, x, y = setup(arch, dev, batch, size, cl)  # a 1000-class head; the head's size hardly matters
-    method = MethodConfig(**method_config_kwargs(spec, num_classes=1000))
+    task = build_task(spec, num_classes=1000, placement=Placement.on(dev, amp=spec.scaling.amp, channels_last=cl))
     scaler = torch.amp.GradScaler("cuda") if spec.scaling.amp else None
-    gen = torch.Generator().manual_seed(0)
 
     def run(n: int) -> float:
         torch.cuda.synchronize(dev)
         t = time.perf_counter()
-        train_one_epoch(model, [(x, y)] * n, opt, method, dev, amp=spec.scaling.amp, scaler=scaler,
-                        channels_last=cl, generator=gen)
+        train_one_epoch(model, task, opt, [(x, y)] * n, scaler=scaler)
         torch.cuda.synchronize(dev)
         return time.perf_counter() - t
 
-    settings = {"preset": preset, "arch": arch, "batch": batch, "size": size, "method": method.name,
-                "lam": method.lam, "amp": "fp16+GradScaler" if spec.scaling.amp else "fp32", "channels_last": cl,
+    settings = {"preset": preset, "arch": arch, "batch": batch, "size": size, "method": spec.method.name,
+                "lam": effective_lam(spec, 1000), "amp": "fp16+GradScaler" if spec.scaling.amp else "fp32",
+                "channels_last": cl,
                 "cpus_per_worker": spec.scaling.cpus_per_worker, "gpus_per_worker": spec.scaling.gpus_per_worker}
     return run, settings
 
@@ -161,7 +160,7 @@ def main(argv=None) -> None:
     if a.child:
         child(a)
         return
-    from cgc_ray.config import PRESETS, apply_overrides, load_spec
+    from cgc_ray.config import PRESETS, apply_overrides, effective_lam, load_spec
 
     spec = apply_overrides(load_spec(PRESETS[PRESET]), ["sweep.grid={}"])
     batch = a.batch or spec.data.batch_size

@@ -4,13 +4,16 @@ vs the authors' step structure, for ResNet18 and ResNet50 at 224 px, in ONE proc
     python benchmarks/step.py                       # CPU, batch 8, resnet18 + resnet50
     python benchmarks/step.py --device cuda --batch 64 --amp
 
-The kinds are timed round-robin (rep 1 of each, rep 2 of each, ...) so machine
+Every kind is one ``engine.train_step`` (the task's loss, backward, optimiser
+step) of a ``train.task`` objective, so the numbers are those of the step users
+run: "baseline" and "cgc*" are the tasks ``train.task.build_task`` makes from a
+spec. The kinds are timed round-robin (rep 1 of each, rep 2 of each, ...) so machine
 noise hits them alike; the ratios to the baseline step are the numbers to quote.
 "baseline_2b" is a CE step on a batch of 2B (the floor for any step that runs
 two views: on a CPU a batch of 2B often costs more than twice a batch of B).
 "cgc" forwards [x; T(x)] as one batch (``method.forward=joint``); "cgc_separate"
 forwards x and T(x) one after the other (``separate``, the authors' BatchNorm
-treatment).
+treatment); "cgc_autograd" is "cgc" with the autograd Grad-CAM forced.
 "authors" re-creates the structure of UCDvision/CGC's step for comparison
 (docs/PAPER.md §5): three train-mode forwards (standard view, centre
 view, CGC view) with the cross-entropy of all three, Grad-CAM by two
@@ -32,12 +35,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cgc_ray.config import ExperimentSpec, method_config_kwargs
+from cgc_ray.config import ExperimentSpec, apply_overrides
 from cgc_ray.method import transforms as T
 from cgc_ray.method.cam import capture
-from cgc_ray.method.cgc import MethodConfig, cgc_term
 from cgc_ray.method.loss import cgc_loss
 from cgc_ray.models.resnet import build_model
+from cgc_ray.train.engine import train_step
+from cgc_ray.train.task import Batch, Placement, Task, build_task
 
 KINDS = ("baseline", "baseline_2b", "cgc", "cgc_separate", "cgc_autograd", "authors")
 
@@ -75,37 +79,41 @@ def _authors_step(model, x, y, gen):
         return sum(losses) + cgc_loss(augc.float(), q.float(), anchor="authors")
 
 
-def make_step(kind: str, model, opt, gen, amp_dtype: torch.dtype | None = None, scaler=None):
-    """One training step of ``kind``; with ``amp_dtype`` the forwards run under autocast as the product's
-    engine runs them (fp16 + GradScaler on CUDA, bf16 on CPU), the CGC heatmaps and loss in fp32."""
-    def autocast(x):
-        return torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+class _AuthorsStep(Task):
+    """:func:`_authors_step` as a task, so it runs through the same ``train_step`` as the product's."""
 
-    # built once, outside the timed step (it validates a whole ExperimentSpec)
-    method = MethodConfig(**{**method_config_kwargs(ExperimentSpec()), "name": "cgc", "lam": 1.0,
-                             "forward": "separate" if kind == "cgc_separate" else "joint"})
-    closed = False if kind == "cgc_autograd" else None
+    def __init__(self, placement: Placement):
+        self.placement = placement
+        self.rng = torch.Generator().manual_seed(0)
+
+    def __call__(self, model, batch):
+        with self.placement.autocast():
+            return _authors_step(model, batch.x, batch.y, self.rng), {}
+
+
+def build_kind(kind: str, placement: Placement) -> tuple[Task, bool]:
+    """(the task of ``kind``, whether it runs on a batch of 2B): the product's objective as a spec builds it
+    (``cgc``: λ 1 and the spec's defaults), or the authors' step structure."""
+    if kind == "authors":
+        return _AuthorsStep(placement), False
+    method = {"baseline": ["method.name=baseline"], "baseline_2b": ["method.name=baseline"],
+              "cgc_separate": ["method.forward=separate"]}.get(kind, [])
+    task = build_task(apply_overrides(ExperimentSpec(), ["method.lam=1.0", *method]), num_classes=1000,
+                      placement=placement)
+    if kind == "cgc_autograd":
+        task.closed_form = False
+    return task, kind == "baseline_2b"
+
+
+def make_step(kind: str, model, opt, placement: Placement, scaler=None):
+    """One training step of ``kind`` on (x, y): ``engine.train_step`` of its task (:func:`build_kind`, built
+    once, outside the timed step); under ``placement``'s autocast as the product trains (fp16 + GradScaler on
+    CUDA, bf16 on CPU), the CGC heatmaps and loss in fp32."""
+    task, double = build_kind(kind, placement)
 
     def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        if kind.startswith("cgc"):
-            logits, l_cgc, _ = cgc_term(model, x, method, generator=gen, closed_form=closed, amp_dtype=amp_dtype)
-            loss = F.cross_entropy(logits, y) + l_cgc
-        else:
-            with autocast(x):
-                if kind == "baseline":
-                    loss = F.cross_entropy(model(x), y)
-                elif kind == "baseline_2b":  # CE on 2B images: the cost floor of any two-view step
-                    loss = F.cross_entropy(model(torch.cat([x, x.flip(-1)])), torch.cat([y, y]))
-                else:
-                    loss = _authors_step(model, x, y, gen)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        batch = Batch(torch.cat([x, x.flip(-1)]), torch.cat([y, y])) if double else Batch(x, y)
+        train_step(model, task, batch, opt, scaler=scaler)
 
     return step
 
@@ -128,10 +136,10 @@ def setup(arch, device, batch, size, channels_last):
 
 def time_kinds(arch, device, batch, size, reps, kinds, amp, channels_last):
     model, opt, x, y = setup(arch, device, batch, size, channels_last)
-    gen = torch.Generator().manual_seed(0)
-    amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else None
-    scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
-    steps = {k: make_step(k, model, opt, gen, amp_dtype, scaler) for k in kinds}
+    placement = Placement.on(device, amp=amp, channels_last=channels_last)
+    x, y, _ = placement.batch((x, y))  # in the memory layout the product's loop gives the task
+    scaler = torch.amp.GradScaler("cuda") if placement.amp_dtype == torch.float16 else None
+    steps = {k: make_step(k, model, opt, placement, scaler) for k in kinds}
     times = {k: [] for k in kinds}
     for k in kinds:  # warm-up
         steps[k](x, y)
@@ -159,10 +167,9 @@ def cpu_peak_rss(arch, kind, batch, size) -> float:
     """
     code = (
         "import torch,sys; sys.argv=['x'];"
-        "from benchmarks.step import setup, make_step;"
+        "from benchmarks.step import setup, make_step; from cgc_ray.train.task import Placement;"
         f"m,o,x,y=setup('{arch}',torch.device('cpu'),{batch},{size},False);"
-        "g=torch.Generator().manual_seed(0);"
-        f"s=make_step('{kind}',m,o,g); s(x,y); s(x,y);"
+        f"s=make_step('{kind}',m,o,Placement.on('cpu')); s(x,y); s(x,y);"
         "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))/1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -67,13 +67,10 @@ def breakdown() -> dict[str, float]:
     import ray
     import torch
 
-    from cgc_ray.config import method_config_kwargs
-    from cgc_ray.method.cgc import MethodConfig
     from cgc_ray.models.checkpoint import save_checkpoint
     from cgc_ray.models.resnet import build_model
     from cgc_ray.results.table import row_from_config, write_row
-    from cgc_ray.train.engine import evaluate
-    from cgc_ray.train.trial import build_loaders, trial_data
+    from cgc_ray.train.trial import build_loaders, evaluator, trial_data, worker_batch
 
     out: dict[str, float] = {}
     base = _fresh_interpreter("pass")
@@ -100,7 +97,8 @@ def breakdown() -> dict[str, float]:
         (trial,) = expand_trials(spec)
         t0 = time.perf_counter()
         td = trial_data(trial)
-        train, val, _, options = build_loaders(trial, td)
+        train, _ = build_loaders(trial, td)
+        ev = evaluator(trial, td.val, batch=worker_batch(trial, False))
         out["dataset index + decode"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         torch.manual_seed(0)
@@ -110,9 +108,8 @@ def breakdown() -> dict[str, float]:
         t0 = time.perf_counter()
         save_checkpoint(Path(tmp) / "c.pt", model, opt, None, 0)
         out["checkpoint write"] = time.perf_counter() - t0
-        heldout = MethodConfig(**method_config_kwargs(trial, heldout_metric=True))
         t0 = time.perf_counter()
-        evaluate(model, val, "cpu", method=heldout, metrics=trial.metrics, **options)
+        ev(model, "cpu")
         out["evaluation"] = time.perf_counter() - t0
         row = row_from_config(trial.model_dump(mode="json"), {"top1": 1.0}, trial_id="0" * 12, spec_hash="0" * 12,
                               epochs=1, wall_time_s=1.0, node="n", code_version="bench")

@@ -3,10 +3,12 @@
     python experiments/lambda_ablation.py                               # demo scale, embedded synthetic data, this machine
     python experiments/lambda_ablation.py --data-root DIR
     ray submit cluster/gpu.yaml experiments/lambda_ablation.py -- --address auto --data-root DIR --storage s3://BUCKET/cgc-ray
-    cgc-ray report --experiment lambda_ablation
+    python experiments/lambda_ablation.py --dry-run                     # the resolved spec and its trials; runs nothing
 
+It prints the result table when its trials are done (`cgc-ray report --experiment lambda_ablation` prints it again).
 Flags shared by every experiment script: --data-root --dataset --arch --preset --spec --set --storage --address
-(see cgc_ray/cli/experiment.py). Re-running the same command skips finished trials and resumes interrupted ones.
+--dry-run --no-report (see cgc_ray/cli/experiment.py). Re-running the same command skips finished trials and
+resumes interrupted ones.
 """
 
 import sys

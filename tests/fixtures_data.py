@@ -1,4 +1,4 @@
-"""Writers of tiny datasets in each dataset's exact on-disk layout (REFERENCE.md §6).
+"""Writers of tiny datasets in each dataset's exact on-disk layout (docs/PAPER.md §6).
 
 Each writer creates the dataset under `parent` (the torchvision-style root)
 and returns the dataset's own folder. Images are a few pixels large; the

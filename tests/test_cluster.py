@@ -1,8 +1,9 @@
 """Attaching to clusters, GPU detection from the autoscaler's node types, and refusals before Ray starts.
 
-The last test runs a real autoscaling cluster on this machine with Ray's fake
-multi-node provider: a head with no CPUs and a GPU worker type at
-``min_workers: 0``, the way cluster/gpu.yaml is built.
+An opt-in test (``--autoscaler``) runs a real autoscaling cluster on this
+machine with Ray's fake multi-node provider: a head with no CPUs and a GPU
+worker type at ``min_workers: 0``, the way cluster/gpu.yaml is built. The last
+test shows a user's ``ray start`` Ray is neither used nor stopped by the suite.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY
+from conftest import TINY, free_port, outside_ray
 
 from cgc_ray.config import PRESETS, SpecError, apply_overrides, load_spec
 from cgc_ray.runner.cluster import ClusterView, find_cluster, types_from_config
@@ -158,7 +159,7 @@ def test_own_ray_listens_on_loopback_only(tmp_path):
     """With no cluster around the driver starts a Ray whose node is 127.0.0.1, not the host's address."""
     code = ("from cgc_ray.runner.cluster import connect; import ray; assert connect('local'); "
             "print(sorted({n['NodeManagerAddress'] for n in ray.nodes()})); ray.shutdown()")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -166,7 +167,8 @@ def test_own_ray_listens_on_loopback_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_autoscaler_starts_the_gpu_type_and_each_trial_holds_its_gpu_share(tmp_path, monkeypatch):
+@pytest.mark.autoscaler
+def test_autoscaler_starts_the_gpu_type_and_each_trial_holds_its_gpu_share(tmp_path):
     """`ray submit`-style driver on an autoscaling cluster whose GPU workers start at zero.
 
     The driver runs as a subprocess with no --address: it must attach to the
@@ -174,28 +176,17 @@ def test_autoscaler_starts_the_gpu_type_and_each_trial_holds_its_gpu_share(tmp_p
     autoscaler config, request a GPU share per trial and make the autoscaler
     launch the GPU type. The fake GPU has no CUDA behind it, so the trial
     stops at the device check, which names the resources the trial holds;
-    that is where this test stops.
+    that is where this test stops. Opt-in (``--autoscaler``); the cluster is
+    an :func:`outside_ray` of its own, so no other Ray is touched.
     """
-    import ray
-    import ray._private.services
-
-    # loopback only: Ray would rewrite 127.0.0.1 to the host's network address
-    monkeypatch.setattr(ray._private.services, "resolve_ip_for_localhost", lambda host: host)
-    ray.shutdown()  # `ray start` below runs on this machine; the session Ray restarts for later tests
+    port = free_port()
     config = _fake_cluster_config(
         {"gpu_node": {"resources": {"CPU": 2, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2}})
+    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"  # the fake provider's nodes join our head, not :6379
     config_path = tmp_path / "autoscaler.yaml"
     config_path.write_text(json.dumps(config))
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    # Ray's daemons inherit the output of `ray start`: a file, not a pipe we would wait on for ever
-    log = open(tmp_path / "ray-start.log", "w")
-    subprocess.run(["ray", "stop", "--force"], env=env, stdout=log, stderr=log, check=False)
-    subprocess.run(["ray", "start", "--head", f"--autoscaling-config={config_path}", "--num-cpus=0",
-                    "--node-ip-address=127.0.0.1", "--include-dashboard=false"],
-                   env=env, stdout=log, stderr=log, check=True, timeout=120)
-    try:
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    with outside_ray(f"--autoscaling-config={config_path}", "--num-cpus=0", env=env, port=port) as (_, env):
         driver = subprocess.run(
             [sys.executable, str(REPO / "experiments/fewshot.py"), "--storage", f"file://{tmp_path}/store",
              "--no-progress", "--no-report", "--set", "failure.max_retries=0",
@@ -207,12 +198,52 @@ def test_autoscaler_starts_the_gpu_type_and_each_trial_holds_its_gpu_share(tmp_p
         failure = driver.stderr[driver.stderr.index("failed "):]
         assert "this trial holds" in failure and "'GPU': 0.25" in failure and "'CPU': 1.0" in failure, failure
         assert "torch.cuda.is_available() is False" in failure
-        ray.init(address="auto", log_to_driver=False)
-        gpu_nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
-        head = [n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]]
+        # attached the way the driver attaches (auto-detected, which also finds the cluster's auth token)
+        code = "import json, ray; ray.init(log_to_driver=False); print(json.dumps(ray.nodes(), default=str))"
+        nodes = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert nodes.returncode == 0, nodes.stderr[-2000:]
+        alive = [n for n in json.loads(nodes.stdout.strip().splitlines()[-1]) if n["Alive"]]
+        gpu_nodes = [n for n in alive if n["Resources"].get("GPU", 0) > 0]
+        head = [n for n in alive if "node:__internal_head__" in n["Resources"]]
         assert len(gpu_nodes) >= 1 and gpu_nodes[0]["Resources"]["CPU"] == 2.0  # the autoscaler started gpu_node
         assert head and head[0]["Resources"].get("CPU", 0) == 0  # and nothing could have run on the head
-    finally:
-        ray.shutdown()
-        subprocess.run(["ray", "stop", "--force"], env=env, stdout=log, stderr=log, check=False)
-        log.close()
+
+
+# ---------------------------------------------------------------- a good neighbour to a user's Ray
+
+
+def _attaches(env: dict[str, str]) -> bool:
+    """Whether cgc-ray's driver, run with ``env``, attaches to a running Ray (rather than starting its own)."""
+    p = subprocess.run([sys.executable, "-c", "from cgc_ray.runner.cluster import connect; print(connect(None))"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout.split() == ["False"]  # connect: True when it started its own
+
+
+def _drivers_seen(session: Path) -> list[str]:
+    """The driver logs of a Ray session (its folder): one per driver that attached to it."""
+    return sorted(p.name for p in (session / "logs").glob("python-core-driver-*"))
+
+
+@pytest.mark.slow
+def test_a_users_ray_start_ray_is_neither_used_nor_stopped_by_the_tests(tmp_path):
+    """With a `ray start` Ray running on this node, a driver run as the tests run it (in a subprocess, with
+    the suite's environment) starts a Ray of its own: the outside Ray gets no driver and stays up."""
+    with outside_ray("--num-cpus=1") as (_, outside_env):
+        # the control: without the suite's pin, cgc-ray's driver would attach to the outside Ray
+        assert _attaches(outside_env)
+        # the outside Ray's session (a Ray started below, in the same temp dir, moves session_latest)
+        session = Path(outside_env["RAY_TMPDIR"], "ray", "session_latest").resolve()
+        seen = _drivers_seen(session)
+        assert len(seen) == 1
+
+        pinned = {**outside_env, "RAY_ADDRESS": os.environ["RAY_ADDRESS"]}  # what every test subprocess inherits
+        p = subprocess.run(
+            [sys.executable, str(REPO / "experiments/lambda_ablation.py"), "--storage", str(tmp_path / "store"),
+             "--no-progress", "--no-report",
+             *[a for o in [*TINY, "sweep.grid.method.lam=[0.5]", "sweep.grid.seed=[0]"] for a in ("--set", o)]],
+            cwd=tmp_path, env=pinned, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and "1 ran now" in p.stderr, p.stderr[-3000:]
+        assert _drivers_seen(session) == seen  # no driver of the run attached to the outside Ray
+        assert Path(outside_env["RAY_TMPDIR"], "ray", "session_latest").resolve() != session  # it started its own
+        assert _attaches(outside_env) and len(_drivers_seen(session)) == 2  # still up, and it takes drivers

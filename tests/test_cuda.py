@@ -12,14 +12,16 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, make_method
+from conftest import TINY
 
-from cgc_ray.config import PRESETS, apply_overrides, load_spec
+from cgc_ray.config import PRESETS, MethodSpec, apply_overrides, load_spec
 from cgc_ray.method.cam import gradcam
 from cgc_ray.method.cgc import cgc_term
 from cgc_ray.models.resnet import build_model
-from cgc_ray.results.table import checkpoint_path, read_rows
+from cgc_ray.results.table import read_rows
+from cgc_ray.storage import Storage
 from cgc_ray.train.engine import train_one_epoch
+from cgc_ray.train.task import CGCObjective, Placement
 
 pytestmark = [
     pytest.mark.gpu,
@@ -67,8 +69,9 @@ def test_amp_grad_scaler_cgc_epoch_on_cuda():
         dtypes: set[torch.dtype] = set()
         hook = model.layer4.register_forward_hook(lambda m, i, o, seen=dtypes: seen.add(o.dtype))
         scaler = torch.amp.GradScaler("cuda") if amp else None
-        m = train_one_epoch(model, _batches(), opt, make_method(name="cgc", lam=0.5), CUDA, amp=amp, scaler=scaler,
-                            channels_last=True, generator=torch.Generator().manual_seed(0))
+        task = CGCObjective(MethodSpec(lam=0.5), layer="layer4", lam=0.5, seed=0,
+                            placement=Placement.on(CUDA, amp=amp, channels_last=True))
+        m = train_one_epoch(model, task, opt, _batches(), scaler=scaler)
         hook.remove()
         assert dtypes == {torch.float16 if amp else torch.float32}
         assert m["train_steps"] == 12 and math.isfinite(m["train_loss"]) and m["train_cgc"] > 0
@@ -87,8 +90,8 @@ def test_amp_grad_scaler_cgc_epoch_on_cuda():
 def test_amp_cgc_step_with_the_autograd_cam_on_cuda():
     model, _ = _cuda_model()
     x = torch.randn(8, 3, 64, 64, device=CUDA)
-    _, loss, _ = cgc_term(model, x, make_method(name="cgc", layer="layer3"),
-                          generator=torch.Generator().manual_seed(0), amp_dtype=torch.float16)
+    loss = cgc_term(model, x, MethodSpec(), layer="layer3", generator=torch.Generator().manual_seed(0),
+                    amp_dtype=torch.float16).loss
     loss.backward()
     assert torch.isfinite(loss) and model.conv1.weight.grad.abs().sum() > 0
 
@@ -157,4 +160,4 @@ def test_a_gpu_trial_through_ray_writes_its_row(ray_session, tmp_path):
     assert row["trial_id"] == tid and row["status"] == "finished" and row["epochs"] == 1
     assert math.isfinite(row["top1"]) and 0 <= row["top1"] <= 100 and math.isfinite(row["cgc_loss"])
     assert json.loads(row["config_json"])["scaling"]["use_gpu"] is True
-    _assert_trained_on_cuda(checkpoint_path(str(tmp_path), spec.name, tid))
+    _assert_trained_on_cuda(Storage(str(tmp_path)).checkpoint_path(spec.name, tid))

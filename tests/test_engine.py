@@ -6,12 +6,15 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import make_method
 from torch.utils.data import DataLoader, TensorDataset
 
+from cgc_ray.config import MethodSpec
 from cgc_ray.method.cgc import cgc_term
 from cgc_ray.models.resnet import build_model
-from cgc_ray.train.engine import NonFiniteLossError, evaluate, fit, train_one_epoch
+from cgc_ray.train.engine import Evaluator, FitPlan, NonFiniteLossError, evaluate, fit, train_one_epoch
+from cgc_ray.train.task import CGCObjective, CrossEntropy, Placement
+
+CPU = Placement.on("cpu")
 
 
 def _data(n=48, seed=0):
@@ -33,6 +36,19 @@ def _loaders(seed=0):
     return train, val
 
 
+def _task(name="cgc", lam=0.5, placement=CPU, unlabeled=None, **method):
+    """The task a spec with this method trains (λ as given, T seeded with 0), on the CPU by default."""
+    if name == "baseline" or lam == 0:
+        return CrossEntropy(placement)
+    return CGCObjective(MethodSpec(name=name, lam=lam, **method), layer="layer4", lam=lam, placement=placement,
+                        seed=0, unlabeled=unlabeled)
+
+
+def _evaluator(val, **over):
+    return Evaluator(val, **{"layer": "layer4", "metrics": ("top1", "top5", "ch", "cgc_loss"),
+                             "iauc_protocol": "authors", "seed": 0, **over})
+
+
 def _setup(seed=0):
     torch.manual_seed(seed)
     model = build_model("resnet_small", 3)
@@ -45,7 +61,7 @@ def test_cgc_gradients_reach_the_backbone():
     torch.manual_seed(0)
     model = build_model("resnet_small", 3)
     x = torch.randn(6, 3, 32, 32)
-    _, loss, _ = cgc_term(model, x, make_method(name="cgc"), generator=torch.Generator().manual_seed(0))
+    loss = cgc_term(model, x, MethodSpec(), layer="layer4", generator=torch.Generator().manual_seed(0)).loss
     loss.backward()
     assert model.conv1.weight.grad.abs().sum() > 0
     assert model.layer1[0].conv1.weight.grad.abs().sum() > 0
@@ -57,17 +73,17 @@ def test_each_method_trains_and_reports(resolution):
     for name in ("baseline", "cgc", "cgc_no_neg"):
         model, opt, _ = _setup()
         train, _ = _loaders()
-        m = train_one_epoch(model, train, opt, make_method(name=name, lam=0.5, resolution=resolution), "cpu")
+        m = train_one_epoch(model, _task(name, resolution=resolution), opt, train)
         assert m["train_steps"] == 6 and math.isfinite(m["train_loss"])
         if name == "baseline":
-            assert m["train_cgc"] == 0 and m["train_loss"] == pytest.approx(m["train_ce"])
+            assert "train_cgc" not in m and m["train_loss"] == pytest.approx(m["train_ce"])
         else:
             assert m["train_cgc"] > 0
             assert m["train_loss"] == pytest.approx(m["train_ce"] + 0.5 * m["train_cgc"], rel=1e-5)
 
 
 def test_semi_supervised_unlabelled_batches_feed_only_the_cgc_term(monkeypatch):
-    import cgc_ray.train.engine as engine
+    import cgc_ray.train.task as task_module
 
     model, _, _ = _setup()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # no update: the forwards below see the same weights
@@ -75,9 +91,10 @@ def test_semi_supervised_unlabelled_batches_feed_only_the_cgc_term(monkeypatch):
     unl_data = _data(40, 7)
     unl = DataLoader(unl_data, batch_size=8)
     seen = []
-    real = engine.cgc_term
-    monkeypatch.setattr(engine, "cgc_term", lambda model, x, *a, **k: seen.append(x.clone()) or real(model, x, *a, **k))
-    m = train_one_epoch(model, train, opt, make_method(name="cgc", lam=0.25), "cpu", unlabeled=unl)
+    real = task_module.cgc_term
+    monkeypatch.setattr(task_module, "cgc_term",
+                        lambda model, x, *a, **k: seen.append(x.clone()) or real(model, x, *a, **k))
+    m = train_one_epoch(model, _task(lam=0.25, unlabeled=unl), opt, train)
     assert m["train_cgc"] > 0 and m["train_steps"] == 6
     # the CGC term saw the unlabelled images, in order, and nothing else
     assert torch.equal(torch.cat(seen), torch.cat([unl_data.tensors[0], unl_data.tensors[0][:8]]))
@@ -89,19 +106,19 @@ def test_semi_supervised_unlabelled_batches_feed_only_the_cgc_term(monkeypatch):
 
 
 def test_resume_then_continue_equals_an_uninterrupted_run(tmp_path):
-    method = make_method(name="cgc", lam=0.5)
     model, opt, sched = _setup()
     train, val = _loaders()
-    full = fit(model, train, val, opt, method, "cpu", epochs=3, scheduler=sched, checkpoint_path=tmp_path / "a.pt")
+    full = fit(model, _task(), opt, train, FitPlan(3, tmp_path / "a.pt"), scheduler=sched, evaluator=_evaluator(val))
 
     model2, opt2, sched2 = _setup()
     train2, val2 = _loaders()
-    fit(model2, train2, val2, opt2, method, "cpu", epochs=2, scheduler=sched2, checkpoint_path=tmp_path / "b.pt")
+    fit(model2, _task(), opt2, train2, FitPlan(2, tmp_path / "b.pt"), scheduler=sched2, evaluator=_evaluator(val2))
     # a new process: fresh objects, different global RNG state; only the checkpoint carries over
     torch.manual_seed(1234)
     model3, opt3, sched3 = _setup(seed=99)
     train3, val3 = _loaders()
-    resumed = fit(model3, train3, val3, opt3, method, "cpu", epochs=3, scheduler=sched3, checkpoint_path=tmp_path / "b.pt")
+    resumed = fit(model3, _task(), opt3, train3, FitPlan(3, tmp_path / "b.pt"), scheduler=sched3,
+                  evaluator=_evaluator(val3))
 
     for (n, a), b in zip(model.state_dict().items(), model3.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
@@ -117,10 +134,11 @@ def test_resume_then_continue_equals_an_uninterrupted_run(tmp_path):
 def test_a_finished_checkpoint_is_not_trained_again(tmp_path):
     model, opt, sched = _setup()
     train, val = _loaders()
-    first = fit(model, train, val, opt, make_method(name="baseline"), "cpu", epochs=1, checkpoint_path=tmp_path / "c.pt")
+    plan = FitPlan(1, tmp_path / "c.pt")
+    first = fit(model, _task("baseline"), opt, train, plan, evaluator=_evaluator(val))
     calls = []
-    again = fit(model, train, val, opt, make_method(name="baseline"), "cpu", epochs=1,
-                checkpoint_path=tmp_path / "c.pt", callback=lambda m, p: calls.append(m))
+    again = fit(model, _task("baseline"), opt, train, plan, evaluator=_evaluator(val),
+                callback=lambda m, p: calls.append(m))
     assert calls == [] and again["top1"] == first["top1"]
 
 
@@ -129,7 +147,7 @@ def test_checkpoint_loads_into_a_plain_torchvision_resnet(tmp_path):
     model = build_model("resnet18", 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     train, val = _loaders()
-    fit(model, train, None, opt, make_method(name="cgc"), "cpu", epochs=1, checkpoint_path=tmp_path / "r.pt")
+    fit(model, _task(), opt, train, FitPlan(1, tmp_path / "r.pt"))
     plain = torchvision.models.resnet18(num_classes=3)
     plain.load_state_dict(torch.load(tmp_path / "r.pt", weights_only=True)["model"])
     x = torch.randn(2, 3, 32, 32)
@@ -142,7 +160,7 @@ def test_nan_loss_fails_with_a_clear_error():
     train, _ = _loaders()
     with pytest.raises(NonFiniteLossError, match="loss is"):
         for _ in range(3):
-            train_one_epoch(model, train, opt, make_method(name="baseline"), "cpu", check_every=1)
+            train_one_epoch(model, _task("baseline"), opt, train, check_every=1)
 
 
 def test_evaluate_reports_every_metric_and_leaves_batchnorm_alone():
@@ -151,7 +169,7 @@ def test_evaluate_reports_every_metric_and_leaves_batchnorm_alone():
     _, val = _loaders()
     before = copy.deepcopy(model.state_dict())
     first4 = DataLoader(torch.utils.data.Subset(val.dataset, range(4)), batch_size=4, collate_fn=_boxed)
-    m = evaluate(model, val, "cpu", method=make_method(), metrics=("top1", "top5", "ch", "cgc_loss", "iauc"),
+    m = evaluate(model, val, "cpu", layer="layer4", metrics=("top1", "top5", "ch", "cgc_loss", "iauc"),
                  iauc_loader=first4, iauc_protocol="fast")
     assert model.training
     for k, v in model.state_dict().items():
@@ -159,16 +177,7 @@ def test_evaluate_reports_every_metric_and_leaves_batchnorm_alone():
     assert 0 <= m["top1"] <= m["top5"] <= 1 and 0 <= m["ch"] <= 1 and 0 <= m["iauc"] <= 1
     assert m["cgc_loss"] > 0 and m["n_eval"] == 32 and m["n_iauc"] == 4
     with pytest.raises(ValueError, match="unknown metrics"):
-        evaluate(model, val, "cpu", method=make_method(), metrics=("top1", "fid"))
-
-
-def test_method_config_validates():
-    with pytest.raises(ValueError, match="lam"):
-        make_method(lam=-1)
-    with pytest.raises(ValueError, match="tau"):
-        make_method(tau=0)
-    with pytest.raises(ValueError, match="name"):
-        make_method(name="simclr")
+        evaluate(model, val, "cpu", layer="layer4", metrics=("top1", "fid"))
 
 
 @pytest.mark.parametrize("forward", ["joint", "separate"])
@@ -182,8 +191,8 @@ def test_bf16_autocast_with_the_autograd_cam(forward):
     for amp in (None, torch.bfloat16):
         model.zero_grad()
         # the label's CAM: an untrained model's top-1 class can flip between fp32 and bf16
-        _, loss, _ = cgc_term(model, x, make_method(name="cgc", layer="layer3", forward=forward, cam_class="label"),
-                              y=y, generator=torch.Generator().manual_seed(0), amp_dtype=amp)
+        loss = cgc_term(model, x, MethodSpec(forward=forward, cam_class="label"), layer="layer3", y=y,
+                        generator=torch.Generator().manual_seed(0), amp_dtype=amp).loss
         loss.backward()
         out[amp] = loss.item(), model.conv1.weight.grad.clone()
     (l32, g32), (l16, g16) = out[None], out[torch.bfloat16]
@@ -200,8 +209,8 @@ def test_bf16_autocast_and_channels_last_step_on_cpu():
         model = model.to(memory_format=torch.channels_last)
         train, _ = _loaders()
         torch.manual_seed(0)
-        losses[amp] = train_one_epoch(model, train, opt, make_method(name="cgc"), "cpu", amp=amp,
-                                      channels_last=True, generator=torch.Generator().manual_seed(0))
+        placement = Placement.on("cpu", amp=amp, channels_last=True)
+        losses[amp] = train_one_epoch(model, _task(lam=1.0, placement=placement), opt, train)
         assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     for k in ("train_ce", "train_cgc"):
         assert losses[True][k] == pytest.approx(losses[False][k], rel=0.05), k
@@ -227,10 +236,10 @@ def test_a_reused_worker_process_gives_the_same_results(tmp_path):
 def test_small_datasets_are_decoded_once_per_process(tmp_path, monkeypatch):
     from cgc_ray.data import dataset as ds_module
     from cgc_ray.data import records
-    from cgc_ray.data.synthetic import ensure
+    from cgc_ray.config import DataSpec
 
-    root = ensure(tmp_path, n_train_per_class=3, n_test_per_class=2)
-    recs = records("synthetic", root.parent.parent, "train", n_train_per_class=3, n_test_per_class=2)
+    options = {**DataSpec().synthetic.model_dump(), "image_size": 64, "n_train_per_class": 3, "n_test_per_class": 2}
+    recs = records("synthetic", tmp_path, "train", **options)
     calls = []
     real = ds_module.read_image
     monkeypatch.setattr(ds_module, "read_image", lambda p: calls.append(p) or real(p))
@@ -238,3 +247,29 @@ def test_small_datasets_are_decoded_once_per_process(tmp_path, monkeypatch):
     b = ds_module.BoxDataset(recs, train=False, image_size=32, cache_in_memory=True)
     assert len(calls) == len(recs)  # the second dataset (the next trial) decoded nothing
     assert torch.equal(a[0][0], b[0][0])
+
+
+def test_the_loop_runs_any_task_and_build_task_picks_the_spec_objective():
+    """train_one_epoch knows no method: a task of its own (a weighted cross-entropy) trains and logs through it."""
+    from cgc_ray.config import ExperimentSpec, apply_overrides
+    from cgc_ray.train.task import Task, build_task
+
+    class Weighted(Task):
+        placement = CPU
+
+        def __call__(self, model, batch):
+            ce = torch.nn.functional.cross_entropy(model(batch.x), batch.y)
+            return 3 * ce, {"ce": (ce.detach() * len(batch.y), len(batch.y)), "half": (torch.tensor(4.0), 8)}
+
+    model, opt, _ = _setup()
+    train, _ = _loaders()
+    m = train_one_epoch(model, Weighted(), opt, train)
+    assert m["train_loss"] == pytest.approx(3 * m["train_ce"], rel=1e-6) and m["train_half"] == 0.5
+    spec = lambda *o: apply_overrides(ExperimentSpec(), list(o))
+    assert isinstance(build_task(spec("method.lam=0"), num_classes=3, placement=CPU), CrossEntropy)
+    assert isinstance(build_task(spec("method.name=baseline"), num_classes=3, placement=CPU), CrossEntropy)
+    normalised = build_task(spec("method.lam_normalization=imagenet", "data.batch_size=64"), num_classes=5,
+                            placement=CPU, unlabeled=train)
+    assert isinstance(normalised, CGCObjective) and normalised.unlabeled is train
+    assert normalised.lam == pytest.approx((math.log(5) / math.log(64)) / (math.log(1000) / math.log(256)))
+    assert set(normalised.generators()) == {"T", "unlabeled_loader"}

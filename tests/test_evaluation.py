@@ -2,14 +2,12 @@
 
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib.cbook
 import numpy as np
 import pytest
 import torch
-from conftest import make_method
 from fixtures_data import write_cub
 from PIL import Image
 from torch import nn
@@ -17,7 +15,9 @@ from torch import nn
 from cgc_ray.cli.main import main
 from cgc_ray.data import ImageRecord, records
 from cgc_ray.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, collate
+from cgc_ray.config import MethodSpec
 from cgc_ray.explain.evaluation import (
+    checkpoint_spec,
     content_heatmap_authors,
     evaluate_checkpoint,
     evaluation_trial_id,
@@ -25,7 +25,7 @@ from cgc_ray.explain.evaluation import (
 )
 from cgc_ray.method.cam import gradcam
 from cgc_ray.method.metrics import content_heatmap
-from cgc_ray.models.checkpoint import save_checkpoint
+from cgc_ray.models.checkpoint import load_classifier, save_checkpoint, trial_record
 from cgc_ray.models.resnet import build_model
 from cgc_ray.results.table import read_rows
 
@@ -193,16 +193,23 @@ def checkpoint(tmp_path):
     torch.manual_seed(1)
     model = build_model("resnet_small", 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    method = make_method(name="cgc", lam=0.25)
+    record = trial_record(method=MethodSpec(lam=0.25).model_dump(mode="json"), layer="layer4", arch="resnet_small",
+                          num_classes=3, dataset="cub200", image_size=32)
     path = tmp_path / "ckpt" / "model.pt"
-    save_checkpoint(path, model, opt, None, 4, extra={"method": asdict(method), "arch": "resnet_small"})
+    save_checkpoint(path, model, opt, None, 4, extra=record)
     return path, model.eval()
+
+
+def _evaluate(weights, cub, *, protocol="fast", short_side=448, **settings):
+    """evaluate_checkpoint on the test split of the CUB fixture; ``settings``: dotted path (``__`` for ".") -> value."""
+    spec = checkpoint_spec(weights, {"data.dataset": "cub200", "data.root": str(cub), "data.eval_split": "test",
+                                     **{k.replace("__", "."): v for k, v in settings.items()}})
+    return evaluate_checkpoint(spec, protocol=protocol, short_side=short_side)
 
 
 def test_fast_protocol_matches_a_manual_evaluation(cub, checkpoint):
     path, model = checkpoint
-    result = evaluate_checkpoint(path, "cub200", cub, "test", metrics=("top1", "ch", "cgc_loss"), image_size=32,
-                                 batch_size=2)
+    result = _evaluate(path, cub, metrics=["top1", "ch", "cgc_loss"], data__batch_size=2)
     x, y, boxes = collate([BoxDataset(records("cub200", cub, "test"), train=False, image_size=32)[i] for i in range(3)])
     with torch.no_grad():
         logits = model(x)
@@ -214,33 +221,69 @@ def test_fast_protocol_matches_a_manual_evaluation(cub, checkpoint):
     cfg = result["config"]
     assert cfg["method"] == {"name": "cgc", "lam": 0.25, "tau": 0.5}
     assert cfg["model"]["arch"] == "resnet_small" and cfg["model"]["weights"] == str(path.resolve())
+    assert cfg["data"]["image_size"] == 32  # the size the checkpoint records
+
+
+def test_the_heldout_loss_does_not_depend_on_what_was_trained(cub, checkpoint, tmp_path):
+    """The same weights recorded with another τ, anchor and λ score the same held-out CGC loss."""
+    path, model = checkpoint
+    other = tmp_path / "other.pt"
+    method = MethodSpec(lam=3.0, tau=0.05, anchor="authors", resolution="feature", crop_scale=(0.5, 0.6))
+    save_checkpoint(other, model, torch.optim.SGD(model.parameters(), lr=0.1), None, 4,
+                    extra=trial_record(method=method.model_dump(mode="json"), layer="layer4", arch="resnet_small",
+                                       num_classes=3, dataset="cub200", image_size=32))
+    a, b = (_evaluate(p, cub, metrics=["cgc_loss"]) for p in (path, other))
+    assert a["cgc_loss"] == b["cgc_loss"] and b["config"]["method"] == {"name": "cgc", "lam": 3.0, "tau": 0.05}
+
+
+def test_checkpoint_records_of_every_version_read_back(tmp_path):
+    """A record is the spec's method section and round-trips; an older one (the engine's own settings, fields
+    missing that did not exist yet) is read as what it computed."""
+    model = build_model("resnet_small", 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = MethodSpec(name="cgc_no_neg", lam=0.7, negatives="global", view="center", lam_normalization="imagenet")
+    new, old = tmp_path / "new.pt", tmp_path / "old.pt"
+    save_checkpoint(new, model, opt, None, 0, extra=trial_record(
+        method=method.model_dump(mode="json"), layer="layer3", arch="resnet_small", num_classes=3, dataset="cub200",
+        image_size=32))
+    clf = load_classifier(new)
+    assert MethodSpec.model_validate(clf.method) == method and clf.layer == "layer3"
+    before = {"name": "cgc", "lam": 0.4, "tau": 0.2, "resolution": "feature", "anchor": "authors",
+              "global_negatives": True, "layer": "layer3", "crop_scale": [0.2, 1.0]}
+    save_checkpoint(old, model, opt, None, 0, extra={"method": before, "arch": "resnet_small"})
+    clf = load_classifier(old)
+    assert clf.layer == "layer3" and MethodSpec.model_validate(clf.method) == MethodSpec(
+        name="cgc", lam=0.4, tau=0.2, resolution="feature", anchor="authors", negatives="global",
+        crop_scale=(0.2, 1.0), forward="joint", view="train", no_neg_scale="sum", cam_class="pred")
 
 
 def test_authors_protocol_ch_and_plain_state_dict(cub, checkpoint, tmp_path):
     path, model = checkpoint
     plain = tmp_path / "plain.pth"
     torch.save(model.state_dict(), plain)
-    result = evaluate_checkpoint(plain, "cub200", cub, "test", arch="resnet_small", metrics=("top1", "ch"),
-                                 protocol="authors", image_size=32, short_side=40)
+    result = _evaluate(plain, cub, model__arch="resnet_small", metrics=["top1", "ch"], protocol="authors",
+                       data__image_size=32, short_side=40)
     expected = content_heatmap_authors(model, records("cub200", cub, "test"), short_side=40)
     assert result["ch"] == pytest.approx(expected.mean().item(), abs=1e-6) and result["n_ch"] == 3
     assert result["ch_protocol"] == "authors" and result["config"]["method"]["name"] == "unknown"
-    fast = evaluate_checkpoint(path, "cub200", cub, "test", metrics=("top1",), image_size=32)
+    fast = _evaluate(path, cub, metrics=["top1"])
     assert fast["top1"] == result["top1"]  # the same weights through both loaders
+    inferred = _evaluate(plain, cub, metrics=["top1"], data__image_size=32)  # the architecture read off the tensors
+    assert inferred["config"]["model"]["arch"] == "resnet_small" and inferred["top1"] == result["top1"]
 
 
 def test_a_head_for_another_dataset_is_refused(cub, tmp_path):
     plain = tmp_path / "ten_classes.pth"
     torch.save(build_model("resnet_small", 10).state_dict(), plain)
     with pytest.raises(ValueError, match="classify 10 classes but the evaluated dataset has 3"):
-        evaluate_checkpoint(plain, "cub200", cub, "test", arch="resnet_small", metrics=("top1",))
+        _evaluate(plain, cub, model__arch="resnet_small", metrics=["top1"])
     with pytest.raises(ValueError, match="protocol"):
-        evaluate_checkpoint(plain, "cub200", cub, "test", arch="resnet_small", protocol="paper")
+        _evaluate(plain, cub, model__arch="resnet_small", protocol="paper")
 
 
 def test_result_row_units_and_trial_id(cub, checkpoint):
     path, _ = checkpoint
-    result = evaluate_checkpoint(path, "cub200", cub, "test", metrics=("top1", "ch"), image_size=32)
+    result = _evaluate(path, cub, metrics=["top1", "ch"])
     row = result_row(result)
     assert row["top1"] == pytest.approx(100 * result["top1"]) and row["ch"] == pytest.approx(100 * result["ch"])
     assert row["iauc"] is None and row["method"] == "cgc" and row["lam"] == 0.25 and row["epochs"] == 5

@@ -1,7 +1,8 @@
 """The experiment scripts end to end: tiny sweeps of each kind, report layouts, clear errors, kill + resume.
 
 In-process runs (``experiment_cli.main``) share the session's Ray; the
-subprocess tests run ``experiments/*.py`` exactly as a user does.
+subprocess tests run ``experiments/*.py`` exactly as a user does, each with a Ray of its own (they inherit
+conftest's ``RAY_ADDRESS=local``, so a ``ray start`` Ray on this machine is not theirs).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def test_semisup_finegrained_imagenet_method_rows(ray_session, tmp_path):
     assert [(r["method"], r["percent"]) for r in semi] == [("cgc", 5.0)]
     fine = _run("finegrained", tmp_path, "sweep.grid.seed=[0]")
     assert sorted(r["method"] for r in fine) == ["baseline", "cgc"] and {r["seed"] for r in fine} == {0}
-    imnet = _run("imagenet", tmp_path, "sweep.grid.method.name=[baseline, cgc_no_neg]")
+    imnet = _run("imagenet", tmp_path, "sweep.variants=[{method.name: baseline}, {method.name: cgc_no_neg}]")
     assert sorted(r["method"] for r in imnet) == ["baseline", "cgc_no_neg"]
     md = report(str(tmp_path), "imagenet", "markdown")
     lines = md.splitlines()
@@ -166,6 +167,172 @@ def test_script_unfittable_resources_exit_2(tmp_path):
     assert "needs {CPU: 64}" in p.stderr and "the cluster's nodes have" in p.stderr
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "experiment=lambda_ablation").exists()
+
+
+# ---------------------------------------------------------------- the front door: presets, --dry-run, --version
+
+
+def test_presets_lists_every_preset_with_its_table_dataset_and_trial_count(capsys):
+    from cgc_ray.cli.main import main as cli_main
+    from cgc_ray.config import PRESETS, load_spec
+    from cgc_ray.config.presets import PRESET_TABLES
+
+    assert set(PRESET_TABLES) == set(PRESETS)  # a new preset names its paper table
+    assert cli_main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header, body = lines[0].split(), lines[1:]
+    assert header == ["preset", "paper", "dataset", "experiment", "trials"]
+    listed = {line.split()[0]: line for line in body}
+    assert list(listed) == list(PRESETS)
+    for name, line in listed.items():
+        spec = load_spec(PRESETS[name])
+        assert f"  {PRESET_TABLES[name]}  " in line and f"  {spec.data.dataset}  " in line, line
+    # the counts, from the sweeps by hand: grid sizes multiplied, times the variants (λ = 0 is the baseline, once)
+    trials = {name: int(line.split()[-1]) for name, line in listed.items()}
+    assert trials["lambda_ablation"] == 6 and trials["lambda_ablation_demo"] == 3 * 2
+    assert trials["fewshot_cub200"] == 2 * 3 * 20 and trials["fewshot_demo"] == 2 * 3 * 10
+    assert trials["finegrained_cub200"] == 2 * 3 and trials["imagenet_r50"] == 3
+    assert trials["ablation_demo"] == 10 * 5 and trials["ablation_more_demo"] == 6 * 2
+    assert trials["pretrain_demo"] == 1
+    assert listed["imagenet100_r50"].split()[1:3] == ["Table", "11"]
+
+
+def _dry_run_in_a_fresh_interpreter(script: str, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run ``experiments/<script>.py --dry-run`` as a user does; also report which heavy modules it imported."""
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{script!r}, *{list(args)!r}, '--dry-run']\n"
+        "try:\n"
+        f"    runpy.run_path({str(REPO / 'experiments' / f'{script}.py')!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "print({m: m in sys.modules for m in ('ray', 'torch')}, file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return p, eval(p.stderr.strip().splitlines()[-1])
+
+
+def test_dry_run_prints_the_spec_and_its_trials_with_their_rows_and_imports_no_ray(tmp_path):
+    import yaml
+
+    from cgc_ray.config import PRESETS, apply_overrides, expand_trials, load_spec, trial_id
+    from cgc_ray.results.table import write_row
+    from conftest import result_row
+
+    overrides = ["sweep.grid.method.lam=[0.0, 0.5, 1.0]", "sweep.grid.seed=[0, 1]"]
+    spec = apply_overrides(load_spec(PRESETS["lambda_ablation_demo"]), [f"storage={tmp_path}", *overrides])
+    trials = expand_trials(spec)
+    write_row(str(tmp_path), spec.name, result_row(trials[0], {"top1": 50.0}))  # done: skipped by a run
+    write_row(str(tmp_path), spec.name, result_row(trials[3], {}, status="failed", error="boom"))  # runs again
+    rows_before = sorted(p.name for p in tmp_path.rglob("*"))
+
+    p, imported = _dry_run_in_a_fresh_interpreter("lambda_ablation", "--storage", str(tmp_path),
+                                                  *(a for o in overrides for a in ("--set", o)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert imported == {"ray": False, "torch": False}
+    printed, plan = yaml.safe_load_all(p.stdout)
+    assert printed == spec.model_dump(mode="json")
+    assert "6 trials, 1 done already (skipped), 5 to run; nothing was started" in p.stdout
+    expected = [{"trial_id": trial_id(t), "method.lam": t.method.lam, "seed": t.seed} for t in trials]
+    assert [{k: e[k] for k in ("trial_id", "method.lam", "seed")} for e in plan["trials"]] == expected
+    assert [(e["row"], e["runs"]) for e in plan["trials"]] == [
+        ("finished", False), (None, True), (None, True), ("failed", True), (None, True), (None, True)]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == rows_before  # no checkpoints, leases or Ray folders
+
+
+def test_dry_run_lists_the_pretraining_that_runs_first(tmp_path, capsys):
+    from cgc_ray.config import PRESETS, apply_overrides, expand_trials, load_spec, trial_id
+    from cgc_ray.cli.main import main as cli_main
+
+    assert cli_main(["run", "--preset", "fewshot_demo", "--storage", str(tmp_path), "--dry-run"]) == 0
+    import yaml
+
+    _, plan = yaml.safe_load_all(capsys.readouterr().out)
+    pretrain = expand_trials(apply_overrides(load_spec(PRESETS["pretrain_demo"]), [f"storage={tmp_path}"]))
+    assert plan["pretrainings"] == [
+        {"experiment": "pretrain", "trial_id": trial_id(pretrain[0]), "row": None, "runs": True}]
+    swept = {tuple(e)[1:4] for e in plan["trials"]}
+    assert len(plan["trials"]) == 60 and swept == {("method.name", "data.shots", "data.episode")}
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_version_is_the_package_version_and_commit(capsys):
+    import importlib.metadata
+
+    import cgc_ray
+    from cgc_ray.cli.main import main as cli_main
+    from cgc_ray.results.table import code_version
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out == code_version() + "\n"
+    assert out.startswith(f"cgc-ray {importlib.metadata.version('cgc-ray')}") and cgc_ray.__version__ in out
+
+
+# ---------------------------------------------------------------- errors a new user meets
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--spec", "SPEC", "--preset", "lambda_ablation_demo"], "--spec and --preset"),
+    (["--preset", "fewshot_demo", "--dataset", "cub200"], "--preset and --dataset"),
+    (["--spec", "SPEC", "--dataset", "cub200"], "--spec and --dataset"),
+])
+def test_flags_that_each_choose_the_spec_are_refused_together(no_ray, tmp_path, capsys, flags, named):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: mine\n")
+    flags = [str(spec) if f == "SPEC" else f for f in flags]
+    assert experiment_cli.main("fewshot", [*flags, "--storage", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {named} each choose the spec; give one of them") and err.count("\n") == 1
+
+
+def test_spec_given_a_preset_name_points_to_preset(no_ray, tmp_path, capsys):
+    assert experiment_cli.main(None, ["--spec", "lambda_ablation_demo", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --spec lambda_ablation_demo: no such file; 'lambda_ablation_demo' is a preset: "
+                   "give --preset lambda_ablation_demo\n")
+    assert experiment_cli.main(None, ["--spec", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "no such file; give the path of a .yaml/.json spec, or --preset NAME" in err and "preset name" not in err
+
+
+def test_evaluate_without_the_dataset_prints_its_whole_layout(tmp_path, capsys):
+    import torch
+
+    from cgc_ray.cli.main import main as cli_main
+    from cgc_ray.models.resnet import build_model
+
+    torch.save(build_model("resnet_small", 200).state_dict(), tmp_path / "c.pt")
+    code = cli_main(["evaluate", str(tmp_path / "c.pt"), "--dataset", "cub200", "--data-root", str(tmp_path / "cub"),
+                     "--storage", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: cub200: root {tmp_path / 'cub'} does not exist")
+    for line in ("images.txt", "bounding_boxes.txt", "images/<class dir>/*.jpg"):  # the layout's last line too
+        assert line in err
+
+
+def test_every_path_prints_errors_with_one_prefix(no_ray, tmp_path, capsys):
+    from cgc_ray.cli.main import main as cli_main
+
+    assert experiment_cli.main("lambda_ablation", ["--storage", str(tmp_path), "--set", "method.lam=-1"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["run", "--preset", "nope"])
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["report", "--format", "nope"])
+    assert exit_.value.code == 2
+    assert cli_main(["explain", "c.pt", "--dataset", "cub200", "--out", str(tmp_path / "x.png")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if not line.startswith(("usage:", " "))]
+    assert len(errors) == 4 and all(line.startswith("error: ") for line in errors), errors
+
+
+def test_the_script_prints_the_report_and_the_readme_does_not_print_it_again():
+    first = (REPO / "README.md").read_text().split("```bash\n", 1)[1].splitlines()[0]
+    assert first == "pip install -e . && python experiments/lambda_ablation.py"
+    assert not experiment_cli.build_parser("x", "").parse_args([]).no_report  # the script prints the table
 
 
 # ---------------------------------------------------------------- kill the driver, re-run

@@ -100,7 +100,7 @@ def test_unreachable_object_store_one_clean_line(capsys):
         check_storage(UNREACHABLE_S3)
     assert cli_main(["report", "--storage", UNREACHABLE_S3]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("cgc-ray report: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- leases
@@ -158,8 +158,8 @@ def test_two_drivers_at_once_run_every_trial_once(tmp_path):
                  "data.synthetic.n_train_per_class=16"]
     cmd = [sys.executable, str(REPO / "experiments/lambda_ablation.py"), "--storage", str(tmp_path / "store"),
            "--no-progress", "--no-report", "--max-concurrent", "1", *[a for o in overrides for a in ("--set", o)]]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    drivers = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # each driver starts a Ray of its own (conftest's RAY_ADDRESS=local, inherited): they share only the storage
+    drivers = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True) for _ in range(2)]
     outs = [d.communicate(timeout=400)[1] for d in drivers]
     assert [d.returncode for d in drivers] == [0, 0], outs

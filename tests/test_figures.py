@@ -9,10 +9,13 @@ from PIL import Image
 from torch import nn
 
 from cgc_ray.cli.main import main as cli_main
+from cgc_ray.config import DataSpec
+from cgc_ray.config import HELDOUT_METRIC
 from cgc_ray.data import class_names, records
 from cgc_ray.data.synthetic import ensure
 from cgc_ray.explain import figures as fg
 from cgc_ray.method.cam import gradcam
+from cgc_ray.method.cgc import cgc_term
 from cgc_ray.method.metrics import content_heatmap
 from cgc_ray.method.transforms import CropFlip
 from cgc_ray.models.checkpoint import load_classifier, save_checkpoint
@@ -22,7 +25,8 @@ from cgc_ray.models.resnet import build_model
 @pytest.fixture(scope="module")
 def cub(tmp_path_factory):
     """A tiny spurious synthetic dataset (5 classes, 2 train / 2 aligned + 2 conflict test images per class)."""
-    return ensure(tmp_path_factory.mktemp("synthetic"), variant="spurious", n_train_per_class=2, n_test_per_class=2)
+    options = {**DataSpec().synthetic.model_dump(), "variant": "spurious", "n_train_per_class": 2, "n_test_per_class": 2}
+    return ensure(tmp_path_factory.mktemp("synthetic"), **options, image_size=64)
 
 
 def _small(seed: int) -> nn.Module:
@@ -136,6 +140,11 @@ def test_consistency_samples_T_from_seed_and_compares_like_the_loss(cub):
     assert not torch.equal(m1.params.boxes, fg.consistency_maps([c], images, seed=4).params.boxes)
     assert ((m1.cos > -1) & (m1.cos <= 1 + 1e-6)).all()
     assert torch.equal(m1.targets[0], c.model(images).argmax(1))
+    # the loss's own code path, T drawn from the same seed: its l2 ablation summed over pixels is 2 - 2 cos
+    l2 = HELDOUT_METRIC.model_copy(update={"name": "cgc_no_neg", "no_neg_scale": "sum"})
+    term = cgc_term(c.model, images, l2, layer="layer4", generator=torch.Generator().manual_seed(3))
+    assert term.loss.item() == pytest.approx((2 - 2 * m1.cos[0]).mean().item(), abs=1e-5)
+    assert m1.cos.std() > 1e-3  # two images that T moves differently: the check is not trivially 2 - 2
 
 
 def test_load_row_from_cgc_checkpoint_and_plain_state_dict(tmp_path):

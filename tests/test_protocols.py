@@ -9,19 +9,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_method
 from fixtures_data import write_cub, write_imagenet, write_unrel
 from scipy.ndimage import convolve, gaussian_filter
 
-from cgc_ray.config import PRESETS, SpecError, apply_overrides, load_spec, validate_against_data
+from cgc_ray.config import (
+    PRESETS,
+    ExperimentSpec,
+    MethodSpec,
+    SpecError,
+    apply_overrides,
+    load_spec,
+    validate_against_data,
+)
 from cgc_ray.data import ImageRecord, info, records
-from cgc_ray.explain.evaluation import evaluate_checkpoint
+from cgc_ray.explain.evaluation import checkpoint_spec, evaluate_checkpoint
 from cgc_ray.method.cgc import cgc_term
 from cgc_ray.method.loss import cgc_loss
 from cgc_ray.method.metrics import insertion_auc
 from cgc_ray.models.resnet import build_model
-from cgc_ray.train.engine import evaluate
-from cgc_ray.train.trial import class_spread_sample, evaluation_loaders, heldout_order, trial_data
+from cgc_ray.train.trial import class_spread_sample, evaluator, heldout_order, trial_data
 
 # ---------------------------------------------------------------- IAUC, the authors' script in NumPy
 
@@ -84,10 +90,9 @@ def test_heldout_cgc_loss_does_not_depend_on_file_order(tmp_path):
     model = build_model("resnet_small", 3).eval()
     values = []
     for order in (recs, list(reversed(recs)), recs[3:] + recs[:3]):
-        loader, options = evaluation_loaders(order, image_size=32, batch=4, workers=0, seed=5, metrics=["cgc_loss"],
-                                             cgc_batch=4, iauc_images=None, iauc_protocol="fast")
-        values.append(evaluate(model, loader, "cpu", method=make_method(), metrics=["cgc_loss"], seed=5,
-                               **options)["cgc_loss"])
+        spec = apply_overrides(ExperimentSpec(), ["data.image_size=32", "seed=5", "evaluation.cgc_batch=4",
+                                                  "data.num_workers=0", "metrics=[cgc_loss]"])
+        values.append(evaluator(spec, order, batch=4)(model, "cpu")["cgc_loss"])
     assert values[0] == pytest.approx(values[1], abs=1e-6) == pytest.approx(values[2], abs=1e-6)
     assert [r.label for r in recs[:2]] == [0, 0]  # class-sorted, as folders list them
     assert [r.label for r in heldout_order(recs, 5)] != [r.label for r in recs]  # groups are drawn, not listed
@@ -102,7 +107,8 @@ def test_unrel_is_scored_with_the_checkpoints_own_1000_class_head(tmp_path):
     model = build_model("resnet_small", 1000)
     path = tmp_path / "imagenet.pt"
     torch.save(model.state_dict(), path)
-    result = evaluate_checkpoint(path, "unrel", unrel, "test", metrics=("top1", "ch"), image_size=32)
+    result = evaluate_checkpoint(checkpoint_spec(path, {"data.dataset": "unrel", "data.root": str(unrel),
+                                                        "metrics": ["top1", "ch"], "data.image_size": 32}))
     recs = records("unrel", unrel, "test")
     assert {r.label for r in recs} == {817, 207, 779}  # ImageNet class indices
     with torch.no_grad():
@@ -128,8 +134,8 @@ def test_separate_forward_gives_the_cross_entropy_batchnorm_of_x_alone():
     x, _ = _batch()
     with torch.no_grad():
         alone = model(x)  # train mode: BatchNorm statistics of x only
-    sep, _, _ = cgc_term(model, x, make_method(forward="separate"), generator=torch.Generator().manual_seed(1))
-    joint, _, _ = cgc_term(model, x, make_method(forward="joint"), generator=torch.Generator().manual_seed(1))
+    sep, joint = (cgc_term(model, x, MethodSpec(forward=f), layer="layer4", generator=torch.Generator().manual_seed(1))
+                  .logits[0] for f in ("separate", "joint"))
     assert torch.allclose(sep, alone, atol=1e-5)
     assert not torch.allclose(joint, alone, atol=1e-3)  # BatchNorm saw [x; T(x)]
 
@@ -139,15 +145,17 @@ def test_center_view_applies_T_to_the_centre_view():
     model = build_model("resnet_small", 3).train()
     x, _ = _batch(0)
     xc, _ = _batch(1)
-    on_center = cgc_term(model, x, make_method(forward="separate", view="center"), x_center=xc,
+    on_center = cgc_term(model, x, MethodSpec(forward="separate", view="center"), layer="layer4", x_center=xc,
                          generator=torch.Generator().manual_seed(2))
-    as_if_train = cgc_term(model, xc, make_method(forward="separate", view="train"),
+    as_if_train = cgc_term(model, xc, MethodSpec(forward="separate", view="train"), layer="layer4",
                            generator=torch.Generator().manual_seed(2))
-    assert on_center[1].item() == pytest.approx(as_if_train[1].item(), rel=1e-5)  # the pair is (xc, T(xc))
+    assert on_center.loss.item() == pytest.approx(as_if_train.loss.item(), rel=1e-5)  # the pair is (xc, T(xc))
     with torch.no_grad():
-        assert torch.allclose(on_center[0], model(x), atol=1e-5)  # cross-entropy stays on the training view
+        assert torch.allclose(on_center.logits[0], model(x), atol=1e-5)  # cross-entropy stays on the training view
+        assert torch.allclose(on_center.logits[1], model(xc), atol=1e-5)  # then the centre view, then T(xc)
+    assert len(on_center.logits) == 3 and len(as_if_train.logits) == 2
     with pytest.raises(ValueError, match="x_center"):
-        cgc_term(model, x, make_method(view="center"))
+        cgc_term(model, x, MethodSpec(view="center"), layer="layer4")
 
 
 def test_cam_class_label_explains_the_ground_truth():
@@ -158,9 +166,9 @@ def test_cam_class_label_explains_the_ground_truth():
         pred = model(x).argmax(1)
     y = (pred + 1) % 3  # never the prediction
     g = lambda: torch.Generator().manual_seed(3)
-    by_label = cgc_term(model, x, make_method(cam_class="label"), y=y, generator=g())[1]
-    by_pred = cgc_term(model, x, make_method(cam_class="pred"), generator=g())[1]
-    forced = cgc_term(model, x, make_method(cam_class="label"), y=pred, generator=g())[1]
+    by_label = cgc_term(model, x, MethodSpec(cam_class="label"), layer="layer4", y=y, generator=g()).loss
+    by_pred = cgc_term(model, x, MethodSpec(cam_class="pred"), layer="layer4", generator=g()).loss
+    forced = cgc_term(model, x, MethodSpec(cam_class="label"), layer="layer4", y=pred, generator=g()).loss
     assert forced.item() == pytest.approx(by_pred.item(), rel=1e-6) and by_label.item() != by_pred.item()
 
 

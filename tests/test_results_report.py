@@ -4,8 +4,6 @@ import datetime as dt
 import json
 import math
 import os
-import subprocess
-import sys
 import threading
 
 import pandas as pd
@@ -86,7 +84,7 @@ def test_bad_rows_are_rejected_before_writing(tmp_path):
     with pytest.raises(ValueError, match="unknown metric"):
         row_from_config(json.loads(row["config_json"]), {"acc1": 1.0}, trial_id="x", spec_hash="y", epochs=1,
                         wall_time_s=0.0, node="n", code_version="c")
-    with pytest.raises(ValueError, match="cannot be a results directory"):
+    with pytest.raises(ValueError, match="experiment name .* cannot be a folder or file name"):
         write_row(str(tmp_path), "../x", row)
     assert not (tmp_path / "experiment=e").exists() or os.listdir(tmp_path / "experiment=e") == []
 
@@ -225,7 +223,9 @@ def test_baselines_of_different_lambda_presets_are_one_trial(tmp_path):
     metrics = {"baseline": 70.0, "cgc": 68.0, "cgc_no_neg": 66.0}
     _write_all(tmp_path, [(t, {"top1": metrics[t.method.name]}) for t in trials])
     md = rp.report(str(tmp_path), fmt="markdown")
-    assert "| method | top1 |" in md and "| cgc | 68.00 (1) |" in md and "| baseline | 70.00 (1) |" in md
+    # the no-negatives ablation runs at its own λ (1000), so the table names each method's λ
+    assert "| method | λ | top1 | trials |" in md and "| cgc | 1 | 68.00 (1) | 1 |" in md
+    assert "| baseline | – | 70.00 (1) | 1 |" in md and "| cgc_no_neg | 1000 | 66.00 (1) | 1 |" in md
     assert "| cgc λ=1 − baseline | -2.00 (1) |" in md
 
 
@@ -235,12 +235,6 @@ def test_cli_report(tmp_path, capsys):
     _fewshot_results(tmp_path)
     assert cli_main(["report", "--storage", str(tmp_path), "--experiment", "fewshot", "--format", "csv"]) == 0
     assert ",paired,cgc," in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("module", ["cgc_ray.results.report", "cgc_ray.results.table", "cgc_ray.cli.main"])
-def test_report_path_imports_no_torch_or_ray(module):
-    code = f"import {module}, sys; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_configurations_that_differ_beyond_lambda_have_their_own_labelled_columns(tmp_path):

@@ -2,24 +2,24 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from cgc_ray.config import (
     CGC_ONLY_FIELDS,
+    HELDOUT_METRIC,
     NON_IDENTITY_FIELDS,
     PRESETS,
     ExperimentSpec,
+    MethodSpec,
     SpecError,
     apply_overrides,
     check_data_root,
+    effective_lam,
     effective_method,
     expand_trials,
     load_spec,
-    method_config_kwargs,
     spec_hash,
     trial_id,
     validate_against_data,
@@ -227,27 +227,26 @@ def test_lambda_zero_is_a_baseline_and_one_baseline_serves_every_lambda():
         trial_id(apply_overrides(ExperimentSpec(), ["method.name=baseline"]))
 
 
-def test_method_config_kwargs():
-    spec = apply_overrides(ExperimentSpec(), ["method.negatives=global", "method.lam=0.3"])
-    kw = method_config_kwargs(spec)
-    assert kw == {"name": "cgc", "lam": 0.3, "tau": 0.5, "resolution": "image", "anchor": "paper",
-                  "global_negatives": True, "layer": "layer4", "crop_scale": (0.08, 1.0), "forward": "joint",
-                  "view": "train", "no_neg_scale": "mean", "cam_class": "pred"}
-    # the held-out CGC-loss metric: the paper's term whatever is trained, on the spec's layer
-    held = method_config_kwargs(apply_overrides(spec, ["method.tau=0.1", "model.layer=layer3"]), heldout_metric=True)
-    assert (held["tau"], held["layer"], held["crop_scale"], held["name"]) == (0.5, "layer3", (0.08, 1.0), "cgc")
+def test_cgc_only_fields_are_every_method_field_a_baseline_does_not_read():
+    assert CGC_ONLY_FIELDS == {f"method.{f}" for f in MethodSpec.model_fields} - {"method.name"}
+    # a trial id of a baseline ignores each of them; a CGC trial's changes with each
+    for path in CGC_ONLY_FIELDS:
+        assert path in CHANGES, path
+
+
+def test_effective_lam_and_the_heldout_metric():
+    spec = apply_overrides(ExperimentSpec(), ["method.lam=1", "method.lam_normalization=imagenet",
+                                              "data.batch_size=64"])
     # λ normalised to ImageNet's CE / CGC ratio: K = 5 classes, B = 64 per batch
-    norm = apply_overrides(spec, ["method.lam=1", "method.lam_normalization=imagenet", "data.batch_size=64",
-                                  "method.negatives=local"])
-    expected = (math.log(5) / math.log(64)) / (math.log(1000) / math.log(256))
-    assert method_config_kwargs(norm, num_classes=5)["lam"] == pytest.approx(expected)
-    assert method_config_kwargs(norm, num_classes=1000)["lam"] == pytest.approx(
-        (math.log(1000) / math.log(64)) / (math.log(1000) / math.log(256)))
-    with pytest.raises(ValueError, match="num_classes"):
-        method_config_kwargs(norm)
+    assert effective_lam(spec, 5) == pytest.approx((math.log(5) / math.log(64)) / (math.log(1000) / math.log(256)))
+    assert effective_lam(spec, 1000) == pytest.approx((math.log(1000) / math.log(64)) / (math.log(1000) / math.log(256)))
+    assert effective_lam(apply_overrides(spec, ["method.lam_normalization=none", "method.lam=0.3"]), 5) == 0.3
+    # the held-out CGC loss is the paper's term at the spec's defaults, whatever a trial trains
+    assert HELDOUT_METRIC == MethodSpec(name="cgc")
+    assert not MethodSpec(lam=0).uses_cgc and not MethodSpec(name="baseline").uses_cgc and MethodSpec().uses_cgc
 
 
-# --------------------------------------------------------------------------- presets (REFERENCE.md section 2)
+# --------------------------------------------------------------------------- presets (docs/PAPER.md §2)
 
 
 def _common_paper_optim(s):
@@ -262,7 +261,9 @@ def test_imagenet_presets(name, arch, lam):
     assert (s.data.dataset, s.model.arch, s.model.weights, s.method.lam) == ("imagenet", arch, None, lam)
     assert s.optim.epochs == 90
     assert (s.optim.schedule.name, s.optim.schedule.milestones, s.optim.schedule.gamma) == ("step", (30, 60), 0.1)
-    assert s.sweep.grid == {"method.name": ["baseline", "cgc", "cgc_no_neg"]}
+    # without negatives at the authors' λ (tests/test_presets_sources.py), CGC at the paper's
+    assert [(t.method.name, t.method.lam) for t in expand_trials(s)] == [
+        ("baseline", lam), ("cgc", lam), ("cgc_no_neg", 1000.0)]
     assert {"top1", "top5", "ch", "iauc", "cgc_loss"} <= set(s.metrics)
 
 
@@ -382,8 +383,3 @@ def test_validate_against_data_shots():
         validate_against_data(swept, {0: 8, 1: 9})
     with pytest.raises(SpecError, match="no images"):
         validate_against_data(spec, {})
-
-
-def test_spec_imports_no_torch_or_ray():
-    code = "import cgc_ray.config, sys; assert 'torch' not in sys.modules and 'ray' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)

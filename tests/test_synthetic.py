@@ -1,19 +1,32 @@
 """The embedded synthetic dataset: determinism, exact boxes, CUB layout, spurious cue, atomic cache."""
 from __future__ import annotations
 
+import inspect
 import json
+import re
 import threading
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from cgc_ray.config import DataSpec, SpecError, validate_spec
 from cgc_ray.data import synthetic
 from cgc_ray.data.formats import cub200_records
 
 K = len(synthetic.CLASS_SHAPES)
 SMALL = dict(n_train_per_class=6, n_test_per_class=4)
+
+
+def _options(**over) -> dict:
+    """The generator's options as a spec passes them (data.synthetic's defaults) at 64 px, ``over`` replaced."""
+    return {**DataSpec().synthetic.model_dump(), "image_size": 64, **over}
+
+
+def _ensure(root, **over) -> Path:
+    return synthetic.ensure(root, **_options(**over))
 
 
 def _table(cub: Path, name: str) -> dict[int, list[str]]:
@@ -28,19 +41,19 @@ def _files(cub: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def clutter(tmp_path_factory) -> Path:
-    return synthetic.ensure(tmp_path_factory.mktemp("clutter"), seed=0, **SMALL)
+    return _ensure(tmp_path_factory.mktemp("clutter"), seed=0, **SMALL)
 
 
 @pytest.fixture(scope="module")
 def spurious(tmp_path_factory) -> Path:
-    return synthetic.ensure(
+    return _ensure(
         tmp_path_factory.mktemp("spurious"), variant="spurious", n_train_per_class=40, n_test_per_class=4
     )
 
 
 def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path, clutter):
-    again = synthetic.ensure(tmp_path / "a", seed=0, **SMALL)
-    other = synthetic.ensure(tmp_path / "b", seed=1, **SMALL)
+    again = _ensure(tmp_path / "a", seed=0, **SMALL)
+    other = _ensure(tmp_path / "b", seed=1, **SMALL)
     assert _files(again) == _files(clutter)
     a, b = _files(clutter), _files(other)
     assert a.keys() == b.keys()
@@ -137,7 +150,7 @@ def test_spurious_cue_follows_p_cue_in_train_and_is_always_wrong_in_conflict(spu
 def test_second_call_reuses_the_cache_and_racing_calls_agree(tmp_path):
     results: list[Path] = []
     def call():
-        results.append(synthetic.ensure(tmp_path, **SMALL))
+        results.append(_ensure(tmp_path, **SMALL))
 
     threads = [threading.Thread(target=call) for _ in range(2)]
     for t in threads:
@@ -150,29 +163,38 @@ def test_second_call_reuses_the_cache_and_racing_calls_agree(tmp_path):
     assert cub.name == "CUB_200_2011"
     assert cub.parent.name == f"synthetic-novel-clutter-seed0-train6-test4-64px-v{synthetic.GENERATOR_VERSION}"
     stamp = {p: p.stat().st_mtime_ns for p in cub.rglob("*")}
-    assert synthetic.ensure(tmp_path, **SMALL) == cub
+    assert _ensure(tmp_path, **SMALL) == cub
     assert {p: p.stat().st_mtime_ns for p in cub.rglob("*")} == stamp
 
 
 @pytest.mark.parametrize(
     "options, field",
     [
-        (dict(variant="stripes"), "variant"),
-        (dict(classes="imagenet"), "classes"),
-        (dict(n_train_per_class=0), "n_train_per_class"),
-        (dict(image_size=8), "image_size"),
-        (dict(variant="spurious", p_cue=1.5), "p_cue"),
+        (dict(synthetic=dict(variant="stripes")), "data.synthetic.variant"),
+        (dict(synthetic=dict(classes="imagenet")), "data.synthetic.classes"),
+        (dict(synthetic=dict(n_train_per_class=0)), "data.synthetic.n_train_per_class"),
+        (dict(image_size=8), "data.image_size"),
+        (dict(synthetic=dict(variant="spurious", p_cue=1.5)), "data.synthetic.p_cue"),
     ],
 )
-def test_bad_options_name_the_field(tmp_path, options, field):
-    with pytest.raises(ValueError, match=field):
-        synthetic.ensure(tmp_path, **options)
-    assert not any(tmp_path.iterdir())
+def test_bad_options_are_refused_by_the_spec_naming_the_field(options, field):
+    # the generator's options are checked once, by the spec; ensure() takes them validated
+    with pytest.raises(SpecError, match=re.escape(field)):
+        validate_spec({"data": options})
+
+
+def test_ensure_takes_every_option_from_the_spec():
+    params = inspect.signature(synthetic.ensure).parameters
+    assert set(params) == {"root", *DataSpec().synthetic.model_dump(), "image_size"}
+    assert all(p.default is inspect.Parameter.empty for p in params.values())  # no second home for a default
+    synthetic_fields = type(DataSpec().synthetic).model_fields
+    assert set(get_args(synthetic_fields["classes"].annotation)) == set(synthetic.CLASS_SETS)
+    assert set(get_args(synthetic_fields["variant"].annotation)) == set(synthetic.VARIANTS)
 
 
 def test_base_and_novel_classes_share_no_shape_and_the_clutter_design(tmp_path):
-    base = synthetic.ensure(tmp_path, classes="base", **SMALL)
-    novel = synthetic.ensure(tmp_path, classes="novel", **SMALL)
+    base = _ensure(tmp_path, classes="base", **SMALL)
+    novel = _ensure(tmp_path, classes="novel", **SMALL)
     names = lambda cub: [line.split()[1].split(".", 1)[1] for line in (cub / "classes.txt").read_text().splitlines()]
     assert len(names(base)) >= 10 and names(novel) == list(synthetic.CLASS_SETS["novel"])
     assert not set(names(base)) & set(names(novel))
@@ -197,10 +219,10 @@ def test_every_shape_fits_the_unit_circle(shape):
 def test_validation_split_is_its_own_images(tmp_path):
     from cgc_ray.data import records
 
-    opts = dict(SMALL, n_val_per_class=3)
+    opts = _options(**SMALL, n_val_per_class=3)
     root = tmp_path
     train, val, test = (records("synthetic", root, s, **opts) for s in ("train", "val", "test"))
     assert (len(train), len(val), len(test)) == (5 * SMALL["n_train_per_class"], 15, 5 * SMALL["n_test_per_class"])
     assert not {r.path for r in val} & ({r.path for r in test} | {r.path for r in train})
-    without = records("synthetic", root, "test", **SMALL)  # no val split: the same test images
+    without = records("synthetic", root, "test", **_options(**SMALL))  # no val split: the same test images
     assert [r.path.split("/")[-1] for r in without] == [r.path.split("/")[-1] for r in test]

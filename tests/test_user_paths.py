@@ -40,7 +40,8 @@ def _sets(*overrides: str) -> list[str]:
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("CGC_RAY_STORAGE", "CGC_RAY_DATA_ROOT", "RAY_ADDRESS")}
+    # RAY_ADDRESS stays: conftest's "local" gives the driver a Ray of its own, whatever runs on this machine
+    env = {k: v for k, v in os.environ.items() if k not in ("CGC_RAY_STORAGE", "CGC_RAY_DATA_ROOT")}
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

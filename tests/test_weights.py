@@ -1,7 +1,11 @@
-"""load_weights: SwAV key mapping, wrappers and prefixes, new heads, and loud failures; nothing is downloaded."""
+"""load_weights: SwAV key mapping, wrappers and prefixes, new heads, torchvision weights checked against their
+published hash, and loud failures; nothing is downloaded."""
+import hashlib
+import os
+
 import pytest
 import torch
-from torchvision.models import WeightsEnum, resnet18, resnet50
+from torchvision.models import ResNet18_Weights, resnet18, resnet50
 
 from cgc_ray.models.weights import load_weights
 
@@ -91,20 +95,60 @@ def test_wrong_architecture_is_refused(tmp_path):
         load_weights(resnet18(), "ResNet50_Weights.IMAGENET1K_V1", arch="resnet18")
 
 
-def test_torchvision_enum_name_goes_through_get_state_dict(monkeypatch):
+def _hub_file(torch_home, obj, stem="resnet18"):
+    """``obj`` saved into torch.hub's cache under ``torch_home``, named as torchvision names its files
+    (``stem-<first 8 hex digits of its SHA-256>.pth``); returns the URL that names it."""
+    cache = torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = cache / "tmp.pth"
+    torch.save(obj, tmp)
+    name = f"{stem}-{hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]}.pth"
+    tmp.rename(cache / name)
+    return f"https://download.invalid/models/{name}"
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torch.hub cache; a download fails the test (nothing is fetched)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail(f"downloaded {a}"))
+    return tmp_path / "torch"
+
+
+def test_torchvision_enum_name_reads_the_hub_cache_checked_against_its_hash(torch_home, monkeypatch):
     torch.manual_seed(2)
     src = resnet18()
-    seen = []
-
-    def fake_get_state_dict(self, *args, **kwargs):  # stands in for the download
-        seen.append(str(self))
-        return src.state_dict()
-
-    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_get_state_dict)
+    # the member's URL, pointed at a file whose published hash we can match (the real one needs the network)
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.value, "url", _hub_file(torch_home, src.state_dict()))
     model = resnet18(num_classes=5)
     report = load_weights(model, "ResNet18_Weights.IMAGENET1K_V1", arch="resnet18")
-    assert seen == ["ResNet18_Weights.IMAGENET1K_V1"]
     assert report.source == "torchvision:ResNet18_Weights.IMAGENET1K_V1" and report.skipped == ("fc.bias", "fc.weight")
     _assert_trunk_equal(model, src.state_dict())
     with pytest.raises(ValueError, match="unknown torchvision weights"):
         load_weights(model, "ResNet18_Weights.NOPE", arch="resnet18")
+
+
+def test_a_tampered_file_in_the_hub_cache_is_refused(torch_home):
+    """The file torchvision's URL names, but not the bytes it published: refused, not loaded, not downloaded."""
+    name = ResNet18_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]  # resnet18-f37072fd.pth
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(resnet18().state_dict(), torch_home / "hub" / "checkpoints" / name)
+    with pytest.raises(ValueError, match=f"{name} does not match the hash published .* expected f37072fd"):
+        load_weights(resnet18(), "ResNet18_Weights.IMAGENET1K_V1", arch="resnet18")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling without weights_only would create the marker folder
+        return os.makedirs, (str(self.marker),)
+
+
+def test_code_in_a_hub_file_never_runs_even_with_a_matching_hash(torch_home, tmp_path, monkeypatch):
+    marker = tmp_path / "code-ran"
+    url = _hub_file(torch_home, {"conv1.weight": torch.zeros(1), "x": _RunsCode(marker)})
+    monkeypatch.setattr(ResNet18_Weights.IMAGENET1K_V1.value, "url", url)
+    with pytest.raises(ValueError, match="refused by weights_only=True"):
+        load_weights(resnet18(), "ResNet18_Weights.IMAGENET1K_V1", arch="resnet18")
+    assert not marker.exists()

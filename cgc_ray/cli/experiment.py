@@ -4,9 +4,11 @@ Every script takes the same flags::
 
     --data-root DIR   the dataset (none: demo scale on the embedded synthetic dataset)
     --dataset NAME    which paper preset when several exist (few-shot, fine-grained, ImageNet)
-    --preset NAME     any preset of cgc_ray.config.PRESETS (overrides the choice above)
+    --preset NAME     any preset of cgc_ray.config.PRESETS (`cgc-ray presets` lists them)
     --spec FILE       a YAML/JSON spec instead of a preset
+                      (--dataset, --preset and --spec each choose the spec: give at most one)
     --set a.b=value   overrides, repeatable (values parsed as YAML)
+    --dry-run         print the resolved spec (YAML) and its trials, with those that already have a row; no Ray
     --storage URI     results and checkpoints (default ./results; s3://bucket/prefix on clusters)
     --address ADDR    attach to a Ray cluster (default: $RAY_ADDRESS, else a `ray start` Ray on this
                       node, else a loopback Ray of its own; "local" forces the latter)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from cgc_ray.config import (
@@ -32,13 +35,14 @@ from cgc_ray.config import (
     load_spec,
     resolve_paths,
 )
-from cgc_ray.config.spec import TV_WEIGHTS_RE
+from cgc_ray.cli.errors import ArgumentParser, fail
+from cgc_ray.config.paths import storage_location
+from cgc_ray.config.model import TV_WEIGHTS_RE
 from cgc_ray.models.archs import ARCHS, TORCHVISION_ARCHS
 
-# Defaults a cluster sets in its nodes' environment (cluster/gpu.yaml), used when the flag is absent.
-ENV_STORAGE = "CGC_RAY_STORAGE"
+# A default a cluster sets in its nodes' environment (cluster/gpu.yaml), used when the flag is absent;
+# --storage follows config.paths.storage_location ($CGC_RAY_STORAGE).
 ENV_DATA_ROOT = "CGC_RAY_DATA_ROOT"
-DEFAULT_STORAGE = ExperimentSpec.model_fields["storage"].default
 
 # experiment -> (demo preset, paper preset chooser from (dataset, arch))
 Chooser = Callable[[str | None, str | None], str]
@@ -56,8 +60,7 @@ EXPERIMENTS: dict[str, tuple[str, Chooser]] = {
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-root", default=None,
                    help="dataset folder (default: $CGC_RAY_DATA_ROOT); omit both for the embedded demo dataset")
     p.add_argument("--dataset", default=None, help="dataset of the paper preset (e.g. cub200, cars196, imagenet100)")
@@ -65,7 +68,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="the architecture (model.arch); ImageNet-pretrained presets take that arch's torchvision "
                         "weights; refused where the preset's weights exist for one arch only (SwAV ResNet50)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS), metavar="NAME",
-                   help="a preset from cgc_ray.config.PRESETS")
+                   help="a preset from cgc_ray.config.PRESETS (`cgc-ray presets` lists them)")
     p.add_argument("--spec", default=None, help="a YAML or JSON spec file (instead of a preset)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                    help="override a spec field, e.g. --set method.lam=0.5 (repeatable)")
@@ -79,6 +82,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=None, help="at most this many trials at once")
     p.add_argument("--no-progress", action="store_true", help="no live progress view")
     p.add_argument("--no-report", action="store_true", help="do not print the result table at the end")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved spec as YAML and the trials it would run (those with a row in the "
+                        "storage are skipped by a run); start nothing, import no Ray")
     return p
 
 
@@ -90,8 +96,9 @@ def resolve_spec(args: argparse.Namespace, experiment: str | None):
     ``$CGC_RAY_STORAGE`` and ``$CGC_RAY_DATA_ROOT`` (set by a cluster's config).
     """
     data_root = args.data_root if args.data_root is not None else os.environ.get(ENV_DATA_ROOT) or None
+    _check_one_spec_source(args)
     if args.spec:
-        spec = load_spec(args.spec)
+        spec = load_spec(_spec_file(args.spec))
     else:
         if args.preset:
             name = args.preset
@@ -107,15 +114,31 @@ def resolve_spec(args: argparse.Namespace, experiment: str | None):
     overrides = list(args.overrides)
     if args.arch is not None:
         overrides = _arch_overrides(spec, args.arch) + overrides
-    storage = args.storage
-    if storage is None and spec.storage == DEFAULT_STORAGE:
-        storage = os.environ.get(ENV_STORAGE) or None
+    storage = storage_location(args.storage, spec.storage)
     if data_root is not None:
         overrides.insert(0, f"data.root={data_root}")
-    if storage is not None:
-        overrides.insert(0, f"storage={storage}")
+    overrides.insert(0, f"storage={storage}")
     spec = apply_overrides(spec, overrides) if overrides else spec
     return resolve_paths(spec)
+
+
+def _check_one_spec_source(args: argparse.Namespace) -> None:
+    """--spec, --preset and --dataset each choose the spec: two of them would silently override each other."""
+    given = [flag for flag, value in (("--spec", args.spec), ("--preset", args.preset), ("--dataset", args.dataset))
+             if value is not None]
+    if len(given) > 1:
+        raise SpecError(f"{' and '.join(given)} each choose the spec; give one of them "
+                        "(change a field of it with --set PATH=VALUE)")
+
+
+def _spec_file(value: str) -> str:
+    """``--spec``'s file, checked here so that a preset name given by mistake is pointed to ``--preset``."""
+    if Path(value).is_file():
+        return value
+    if value in PRESETS:
+        raise SpecError(f"--spec {value}: no such file; {value!r} is a preset: give --preset {value}")
+    raise SpecError(f"--spec {value}: no such file; give the path of a .yaml/.json spec, or --preset NAME "
+                    "(`cgc-ray presets` lists them)")
 
 
 def _arch_overrides(spec, arch: str) -> list[str]:
@@ -135,9 +158,11 @@ def main(experiment: str | None, argv: Sequence[str] | None = None, *, descripti
     args = build_parser(f"{experiment or 'cgc-ray run'}", description).parse_args(argv)
     try:
         spec = resolve_spec(args, experiment)
-    except (SpecError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if args.dry_run:
+            sys.stdout.write(plan(spec))
+            return 0
+    except (ValueError, OSError) as e:  # SpecError; OSError: a storage the dry run cannot read
+        return fail(e)
 
     from cgc_ray.runner.cluster import ClusterError
     from cgc_ray.runner.driver import ResourceError, StorageError, run_experiment
@@ -146,14 +171,15 @@ def main(experiment: str | None, argv: Sequence[str] | None = None, *, descripti
         res = run_experiment(spec, address=args.address, progress=not args.no_progress,
                              max_concurrent=args.max_concurrent, autoscale=args.autoscale)
     except (ResourceError, ClusterError, StorageError, SpecError) as e:  # SpecError: checks that read the data
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if res.ran:  # after the sweep, outside the orchestrator: the sample figure and the Arrow summary
         from cgc_ray.explain.figures import write_sample_figure
-        from cgc_ray.results.report import report
+        from cgc_ray.results.report import load
+        from cgc_ray.results.summary import write_summary
 
         write_sample_figure(spec)
-        report(spec.storage, spec.name, "parquet")
+        results = load(spec.storage, spec.name)
+        write_summary(spec.storage, spec.name, results.groups, results.paired)
     print(f"{spec.name}: {len(res.trial_ids)} trials, {len(res.skipped)} already done, {len(res.ran)} ran now "
           f"({len(res.diverged)} diverged), {len(res.failed)} failed, {len(res.held)} held by another driver",
           file=sys.stderr)
@@ -166,3 +192,46 @@ def main(experiment: str | None, argv: Sequence[str] | None = None, *, descripti
 
         sys.stdout.write(report(spec.storage, spec.name, "rich"))
     return 1 if res.failed else 0
+
+
+def plan(spec: ExperimentSpec) -> str:
+    """``--dry-run``: the spec as YAML, then (a second YAML document) every trial a run would consider.
+
+    Each trial is one line: its id, its values of the swept fields, ``row`` (the status of its row in
+    the storage, or null) and ``runs`` (false where a run skips it: a finished or diverged row). The
+    pretrainings that ``experiment:`` weights name come first, as the driver runs them first. Starts
+    no Ray; reads the storage as a run does (so, as a run would, it moves a corrupt row file aside).
+    """
+    import yaml
+
+    from cgc_ray.config.pretrained import pin_pretrained
+
+    pinned, pretrainings = pin_pretrained(spec)  # trial ids of fine-tuning trials name the pretraining's trial
+    swept = list(dict.fromkeys([*(k for v in spec.sweep.variants for k in v), *spec.sweep.grid]))
+    before = [entry for pre in pretrainings for entry in _plan_entries(pre, [], experiment=pre.name)]
+    trials = _plan_entries(pinned, swept)
+    pending = sum(e["runs"] for e in trials)
+
+    def listing(key: str, entries: list[dict]) -> str:
+        return f"{key}:\n" + "".join(
+            f"- {yaml.safe_dump(e, default_flow_style=True, sort_keys=False, width=1 << 16)}" for e in entries)
+
+    summary = (f"# dry run of {spec.name!r} in {spec.storage}: {len(trials)} trials, {len(trials) - pending} "
+               f"done already (skipped), {pending} to run; nothing was started\n")
+    return (yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True) + "---\n" + summary
+            + (listing("pretrainings", before) if before else "") + listing("trials", trials))
+
+
+def _plan_entries(spec: ExperimentSpec, swept: list[str], **label: str) -> list[dict]:
+    """One dict per trial of ``spec``: its id, its value of each ``swept`` path, its row's status, whether it runs."""
+    from cgc_ray.config import expand_trials, trial_id
+    from cgc_ray.config.base import get_path
+    from cgc_ray.results.table import DONE_STATUSES, trial_status
+
+    rows = trial_status(spec.storage, spec.name)
+    out = []
+    for trial in expand_trials(spec):
+        tid, tree = trial_id(trial), trial.model_dump(mode="json")
+        out.append({**label, "trial_id": tid, **{path: get_path(tree, path) for path in swept},
+                    "row": rows.get(tid), "runs": rows.get(tid) not in DONE_STATUSES})
+    return out

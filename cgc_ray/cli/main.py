@@ -1,42 +1,117 @@
 """``cgc-ray`` command line: one subcommand per task.
 
-    cgc-ray run --spec FILE | --preset NAME [--set a.b=value ...] [--storage URI] [--address auto]
+    cgc-ray presets
+    cgc-ray run --spec FILE | --preset NAME [--set a.b=value ...] [--storage URI] [--address auto] [--dry-run]
     cgc-ray report [--storage URI] [--experiment NAME] [--format rich|markdown|csv|json] [--plot DIR]
     cgc-ray explain CHECKPOINT [CHECKPOINT ...] --dataset NAME [--consistency] --out FIGURE.png
     cgc-ray evaluate CHECKPOINT --dataset NAME --data-root DIR [--metrics top1,ch,iauc,cgc_loss]
                      [--protocol fast|authors]
+    cgc-ray --version
 
 Each subcommand is registered by an ``_add_<name>(subparsers)`` function listed
 in :data:`SUBCOMMANDS`; it declares its arguments and sets ``handler``, a
 function that imports what it needs when it runs. Subcommands that train or
 explain (``run``, ``evaluate``, ``explain``) import torch/Ray inside their
-handlers, so ``cgc-ray report`` and ``cgc-ray --help`` start without them.
+handlers, so ``cgc-ray report``, ``presets`` and ``--help`` start without them.
+Every error is printed by :func:`cgc_ray.cli.errors.fail`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Literal, Sequence, get_args, get_origin
+
+from cgc_ray.cli.errors import ArgumentParser, fail
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 
-def _report(args: argparse.Namespace) -> int:
-    from cgc_ray.results.report import report
+def _spec_field(path: str):
+    """The pydantic field at dotted ``path`` of ExperimentSpec: the one home of its default and its choices."""
+    from cgc_ray.config import ExperimentSpec
 
-    sys.stdout.write(report(args.storage, args.experiment, args.format, layout=args.layout, width=args.width))
+    model: Any = ExperimentSpec
+    *sections, leaf = path.split(".")
+    for section in sections:
+        model = model.model_fields[section].annotation
+    return model.model_fields[leaf]
+
+
+def _choices(path: str) -> tuple[str, ...]:
+    """The values of the spec field's Literal (of ``tuple[Literal[...], ...]`` for a list field such as metrics)."""
+    annotation = _spec_field(path).annotation
+    while get_origin(annotation) is not Literal:
+        annotation = get_args(annotation)[0]
+    return get_args(annotation)
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from cgc_ray.config import PRESETS, expand_trials, load_spec
+    from cgc_ray.config.presets import PRESET_TABLES
+
+    header = ("preset", "paper", "dataset", "experiment", "trials")
+    rows = [header]
+    for name, tree in PRESETS.items():
+        spec = load_spec(tree)
+        rows.append((name, PRESET_TABLES[name], spec.data.dataset, spec.name, str(len(expand_trials(spec)))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        print("  ".join(c.rjust(w) if i == len(header) - 1 else c.ljust(w)
+                        for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    print("\nrun one: cgc-ray run --preset NAME (--dry-run: its spec and trials, nothing run); "
+          "the *_demo presets need no data", file=sys.stderr)
+    return 0
+
+
+def _add_presets(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "presets",
+        help="list the presets: the paper table each reproduces, its dataset, experiment and number of trials",
+        description="Every preset of cgc_ray.config.PRESETS (cgc_ray/config/presets.py); the trial count is that of "
+                    "its sweep, before any --set. Run one with `cgc-ray run --preset NAME`.",
+    )
+    p.set_defaults(handler=_presets)
+
+
+class _Version(argparse.Action):
+    """``--version``: cgc-ray's version and git commit (the results rows' ``code_version``), computed when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, help="print the version (and git commit) and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from cgc_ray.results.table import code_version
+
+        print(code_version())
+        parser.exit()
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cgc_ray.config.paths import storage_location
+    from cgc_ray.results.report import load, render
+
+    storage = storage_location(args.storage)
+    results = load(storage, args.experiment)  # a missing storage, or a file, raises: one line, exit 2
+    for line in results.left_out:  # an odd row file is named, the rest is reported
+        print(f"warning: {line}", file=sys.stderr)
+    if args.format == "parquet" and results.groups:
+        from cgc_ray.results.summary import write_summary
+
+        for name in results.experiments:
+            print(write_summary(storage, name, results.groups, results.paired))
+    else:
+        sys.stdout.write(render(results, "rich" if args.format == "parquet" else args.format, layout=args.layout,
+                                width=args.width))
     if args.plot is not None:
         from cgc_ray.results.plots import plot_results
 
-        for path in plot_results(args.storage, args.plot, experiment=args.experiment):
+        for path in plot_results(results.table, args.plot):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
-    from cgc_ray.config import ExperimentSpec
     from cgc_ray.results.report import FORMATS, LAYOUTS
 
     p = subparsers.add_parser(
@@ -44,11 +119,13 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
         help="summarise finished trials: mean±std (n) per config, paired CGC − baseline with 95%% CI",
         description="Read the Parquet results under --storage and print the paper-style tables.",
     )
-    p.add_argument("--storage", default=os.environ.get("CGC_RAY_STORAGE") or ExperimentSpec.model_fields["storage"].default,
+    p.add_argument("--storage", default=None,
                    help="results location: a path or a pyarrow URI such as s3://bucket/prefix "
-                        "(default: $CGC_RAY_STORAGE, else %(default)s)")
+                        "(default: $CGC_RAY_STORAGE, else ./results)")
     p.add_argument("--experiment", default=None, help="only this experiment (default: all)")
-    p.add_argument("--format", choices=FORMATS, default="rich", help="output format (default: %(default)s)")
+    p.add_argument("--format", choices=(*FORMATS, "parquet"), default="rich",
+                   help="output format; parquet writes each experiment's summary table into the storage and prints "
+                        "its path (default: %(default)s)")
     p.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="force a table layout (default: chosen from the results)")
     p.add_argument("--width", type=int, default=None, help="width of rich tables in characters (default: the terminal's)")
@@ -68,12 +145,12 @@ def _explain(args: argparse.Namespace) -> int:
     root = args.data_root
     split = args.split
     if args.dataset == "synthetic":
+        from cgc_ray.config import DataSpec
         from cgc_ray.data import synthetic_root
 
         root = root or str(synthetic_root())
-        options = {"variant": "spurious" if args.where == "conflict" else args.variant}
-        if args.image_size is not None:
-            options["image_size"] = args.image_size
+        variant = "spurious" if args.where == "conflict" else args.variant
+        options = DataSpec(synthetic={"variant": variant}).synthetic.model_dump()  # the spec's generator options
     elif root is None:
         raise ValueError(f"--data-root is required for --dataset {args.dataset}")
     if args.where == "conflict":
@@ -117,8 +194,9 @@ def _add_explain(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the checkpoint's, else layer4)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input size S (default: the size the first checkpoint was trained at, else the spec's)")
-    p.add_argument("--variant", choices=("clutter", "spurious"), default="clutter",
-                   help="synthetic dataset variant (default: %(default)s)")
+    p.add_argument("--variant", choices=_choices("data.synthetic.variant"),
+                   default=_spec_field("data.synthetic.variant").default,
+                   help="synthetic dataset variant, generated at the size the figure is drawn at (default: %(default)s)")
     p.add_argument("--where", choices=("conflict",), default=None,
                    help="conflict: the synthetic spurious variant's conflict images (background cue of a wrong class)")
     p.add_argument("--consistency", action="store_true", help="draw the consistency figure (paper Figure 1)")
@@ -132,20 +210,26 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from cgc_ray.explain.evaluation import evaluate_checkpoint, result_row
+    from cgc_ray.config.paths import storage_location
+    from cgc_ray.explain.evaluation import checkpoint_spec, evaluate_checkpoint, result_row
     from cgc_ray.results.table import write_row
 
+    storage = storage_location(args.storage)  # resolved here, against the caller's folder, before the work
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate_checkpoint(
-        args.checkpoint, args.dataset, args.data_root, args.split, arch=args.arch,
-        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()], protocol=args.protocol,
-        image_size=args.image_size, short_side=args.short_side, batch_size=args.batch_size, device=device,
-        iauc_images=args.iauc_images, iauc_protocol=args.iauc_protocol, num_workers=args.num_workers,
-        layer=args.layer, limit=args.limit,
-        synthetic_variant=args.synthetic_variant,
-    )
+    # the spec it is scored under: the checkpoint's recorded settings and the spec's defaults where a flag is unset
+    flags = {"model.arch": args.arch, "model.layer": args.layer, "data.image_size": args.image_size,
+             "data.batch_size": args.batch_size}
+    spec = checkpoint_spec(args.checkpoint, {
+        "data.dataset": args.dataset, "data.root": args.data_root, "data.eval_split": args.split,
+        "data.synthetic.variant": args.synthetic_variant, "evaluation.iauc_images": args.iauc_images,
+        "evaluation.iauc_protocol": args.iauc_protocol,
+        "metrics": [m.strip() for m in args.metrics.split(",") if m.strip()],
+        "data.num_workers": args.num_workers, "scaling.cpus_per_worker": args.num_workers + 1,
+        **{path: value for path, value in flags.items() if value is not None}})
+    options = {k: getattr(args, k) for k in ("protocol", "short_side", "limit") if getattr(args, k) is not None}
+    result = evaluate_checkpoint(spec, device=device, **options)
     row = result_row(result)
-    path = write_row(args.storage, args.experiment, row)
+    path = write_row(storage, args.experiment, row)
     shown = {k: row[k] for k in ("trial_id", "dataset", "arch", "method", "top1", "top5", "ch", "iauc", "cgc_loss")}
     shown.update(ch_protocol=result["ch_protocol"], n_eval=int(result["n_eval"]), split=args.split, written=path)
     if args.format == "json":
@@ -162,7 +246,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    from cgc_ray.config import ExperimentSpec
     from cgc_ray.data import DATASETS
     from cgc_ray.models import ARCHS
 
@@ -175,31 +258,35 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="cgc-ray checkpoint, state_dict path or torchvision weights enum name")
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument("--data-root", default=None, help="dataset folder (optional for 'synthetic')")
-    p.add_argument("--synthetic-variant", choices=("clutter", "spurious"), default="clutter",
+    p.add_argument("--synthetic-variant", choices=_choices("data.synthetic.variant"),
+                   default=_spec_field("data.synthetic.variant").default,
                    help="for --dataset synthetic: the generated variant, at --image-size (default: %(default)s)")
     p.add_argument("--split", default="test", help="split to evaluate (default: %(default)s)")
     p.add_argument("--arch", choices=ARCHS, default=None,
                    help="architecture (default: the one recorded in the checkpoint, else resnet18)")
-    p.add_argument("--metrics", default="top1,top5,ch,iauc,cgc_loss",
-                   help="comma-separated subset of top1,top5,ch,iauc,cgc_loss (default: %(default)s)")
-    p.add_argument("--protocol", choices=("fast", "authors"), default="fast",
-                   help="CH protocol: 'fast' batched centre crops at --image-size, or 'authors' "
-                   "(batch 1, --short-side without crop, heatmap at the original size) (default: %(default)s)")
+    p.add_argument("--metrics", default=",".join(_choices("metrics")),
+                   help="comma-separated subset of the spec's metrics (default: all, %(default)s)")
+    p.add_argument("--protocol", default=None,
+                   help="CH protocol: 'fast' (the default) batched centre crops at --image-size, or 'authors' "
+                   "(batch 1, --short-side without crop, heatmap at the original size)")
     p.add_argument("--image-size", type=int, default=None,
                    help="evaluation crop size (default: the size the checkpoint was trained at, else the spec's)")
-    p.add_argument("--short-side", type=int, default=448, help="authors' protocol resize (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--iauc-images", type=int, default=None,
+    p.add_argument("--short-side", type=int, default=None,
+                   help="authors' protocol resize (default: the authors' short side, docs/PAPER.md §3)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--iauc-images", type=int, default=_spec_field("evaluation.iauc_images").default,
                    help="images scored for IAUC, a seeded sample spread over every class (default: all, as Table 2)")
-    p.add_argument("--iauc-protocol", choices=("authors", "fast"), default="authors",
+    p.add_argument("--iauc-protocol", choices=_choices("evaluation.iauc_protocol"),
+                   default=_spec_field("evaluation.iauc_protocol").default,
                    help="IAUC protocol: 'authors' (their script: GT-class saliency, their blur kernel, their pixel "
                         "order) or 'fast' (batched, predicted class) (default: %(default)s)")
     p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the checkpoint's, else layer4)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only N images spread over the split")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--storage", default=ExperimentSpec.model_fields["storage"].default,
-                   help="results location: a path or a pyarrow URI (default: %(default)s)")
+    p.add_argument("--storage", default=None,
+                   help="where the row is written: a path or a pyarrow URI such as s3://bucket/prefix "
+                        "(default: $CGC_RAY_STORAGE, else ./results)")
     p.add_argument("--experiment", default="evaluate", help="experiment name of the row (default: %(default)s)")
     p.add_argument("--format", choices=("rich", "json"), default="rich")
     p.set_defaults(handler=_evaluate)
@@ -213,14 +300,16 @@ def _add_run(subparsers: argparse._SubParsersAction) -> None:
     )
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_report, _add_evaluate, _add_explain]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_presets, _add_run, _add_report, _add_evaluate, _add_explain]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cgc-ray",
         description="Contrastive Grad-CAM Consistency (CVPR 2022) experiments on Ray.",
     )
+    parser.add_argument("--version", action=_Version)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(subparsers)
@@ -237,10 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, OSError) as e:  # SpecError, bad storage URIs, unreachable storage: one line, no traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"cgc-ray {args.command}: error: {first}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # SpecError, a missing dataset (with its layout), bad or unreachable storage
+        return fail(e)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ from cgc_ray.config.paths import (
     unresolved_paths,
 )
 from cgc_ray.config.presets import PRESETS
+from cgc_ray.config.method import HELDOUT_METRIC, effective_lam
 from cgc_ray.config.spec import (
     DataSpec,
+    EvaluationSpec,
     ExperimentSpec,
     FailureSpec,
     MethodSpec,
@@ -48,16 +50,17 @@ from cgc_ray.config.spec import (
     SweepSpec,
     load_spec,
     loader_workers,
-    method_config_kwargs,
     validate_spec,
 )
 
 __all__ = [
     "CGC_ONLY_FIELDS",
+    "HELDOUT_METRIC",
     "NON_IDENTITY_FIELDS",
     "REPLICATE_FIELDS",
     "PRESETS",
     "DataSpec",
+    "EvaluationSpec",
     "ExperimentSpec",
     "FailureSpec",
     "MethodSpec",
@@ -69,13 +72,13 @@ __all__ = [
     "apply_overrides",
     "check_data_root",
     "data_root_missing_here",
+    "effective_lam",
     "effective_method",
     "expand_trials",
     "identity",
     "is_uri",
     "load_spec",
     "loader_workers",
-    "method_config_kwargs",
     "path_fields",
     "resolve_path_value",
     "resolve_paths",

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from cgc_ray.config.base import SpecError, digest, flatten, set_path
+from cgc_ray.config.method import MethodSpec
 from cgc_ray.config.spec import ExperimentSpec, validate_spec
 
 # Fields that say where or how fast a trial runs, not what it computes; they
@@ -46,10 +47,10 @@ NON_IDENTITY_FIELDS: frozenset[str] = frozenset(
     }
 )
 
-# Settings only the CGC term reads: a baseline computes the same whatever they are.
+# Settings only the CGC term reads (every method field but MethodSpec.BASELINE_FIELDS): a baseline computes
+# the same whatever they are.
 CGC_ONLY_FIELDS: frozenset[str] = frozenset(
-    {"method.lam", "method.tau", "method.resolution", "method.anchor", "method.negatives", "method.crop_scale",
-     "method.forward", "method.view", "method.no_neg_scale", "method.cam_class", "method.lam_normalization"}
+    f"method.{name}" for name in MethodSpec.model_fields if name not in MethodSpec.BASELINE_FIELDS
 )
 # Repeats of one configuration (model init / augmentation seed, few-shot episode): they pair across methods.
 REPLICATE_FIELDS: frozenset[str] = frozenset({"seed", "data.episode"})

@@ -17,7 +17,8 @@ from typing import Any, Mapping
 from pydantic import BaseModel
 
 from cgc_ray.config.base import PathKind, get_path, set_path
-from cgc_ray.config.spec import TV_WEIGHTS_RE, ExperimentSpec, validate_spec
+from cgc_ray.config.model import TV_WEIGHTS_RE
+from cgc_ray.config.spec import ExperimentSpec, validate_spec
 
 
 def _path_kind(annotation: Any) -> str | None:
@@ -73,6 +74,27 @@ def resolve_path_value(value: str | None, kind: str, cwd: str | os.PathLike | No
     if not path.is_absolute():
         path = Path(cwd if cwd is not None else os.getcwd()) / path
     return os.path.normpath(path)
+
+
+ENV_STORAGE = "CGC_RAY_STORAGE"  # a cluster sets it in its nodes' environment (cluster/gpu.yaml)
+
+
+def storage_location(flag: str | None, spec_storage: str | None = None, cwd: str | os.PathLike | None = None) -> str:
+    """The storage root a command uses, absolute: the one rule of every ``--storage`` flag.
+
+    ``flag`` (the command line's ``--storage``), else a storage the spec sets
+    itself (``spec_storage`` other than the spec's default), else
+    ``$CGC_RAY_STORAGE``, else the spec's default (``./results``). A local path is
+    resolved against ``cwd`` (default: the current directory); a URI passes.
+    """
+    default = ExperimentSpec.model_fields["storage"].default
+    if flag:
+        value = flag
+    elif spec_storage and spec_storage != default:
+        value = spec_storage
+    else:
+        value = os.environ.get(ENV_STORAGE) or default
+    return resolve_path_value(value, "storage", cwd)
 
 
 def resolve_paths(spec: ExperimentSpec | Mapping[str, Any], cwd: str | os.PathLike | None = None) -> ExperimentSpec:

@@ -1,8 +1,10 @@
 """The paper's experiments and their demo-scale versions, as spec trees (validated where they are loaded).
 
-Every number here is the paper's (Pillai et al., CVPR 2022, §4 and the
-supplement) or the authors' released command, noted where it comes from; the
-``*_demo`` presets are the same experiments at CPU scale on the embedded data.
+Every value of a paper preset is written next to its source, and :data:`SOURCES` keeps them (preset ->
+dotted path -> source): ``paper: ...`` (a table, or what docs/PAPER.md §2 records the paper stating),
+``authors: file:line`` (UCDvision/CGC at a66d872, the code behind the paper's tables) or ``assumed: why``
+where neither states the value. The ``*_demo`` presets are the same experiments at CPU scale on the
+embedded data; their comments say how their own values were chosen.
 """
 
 from __future__ import annotations
@@ -10,27 +12,25 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
+Sourced = dict[str, tuple[Any, str]]  # dotted spec path -> (value, where the value comes from)
 
-def _paper_base(**over: Any) -> dict[str, Any]:
-    """docs/PAPER.md §2: SGD lr 0.1, momentum 0.9, wd 1e-4, batch 256, tau 0.5,
-    90 epochs with lr x0.1 every 30 epochs."""
-    base: dict[str, Any] = {
-        "data": {"dataset": "imagenet", "image_size": 224, "batch_size": 256},
-        "model": {"arch": "resnet18", "weights": None, "layer": "layer4"},
-        "method": {"name": "cgc", "lam": 1.0, "tau": 0.5},
-        "optim": {
-            "lr": 0.1,
-            "momentum": 0.9,
-            "weight_decay": 1e-4,
-            "epochs": 90,
-            "schedule": {"name": "step", "milestones": [30, 60], "gamma": 0.1},
-        },
-        "metrics": ["top1", "top5", "ch", "iauc", "cgc_loss"],
-        # one GPU per trial worker with 8 CPUs: 7 DataLoader processes feed it (cluster/gpu.yaml's 4-GPU
-        # type has 12 CPUs per GPU); ImageNet DDP adds --set scaling.num_workers=4
-        "scaling": {"cpus_per_worker": 8, "gpus_per_worker": 1},
-    }
-    return _merge(base, over)
+
+def _preset(name: str, *layers: Sourced) -> tuple[dict[str, Any], dict[str, str]]:
+    """(spec tree, path -> source) of a paper preset; a later layer replaces a path's value and source."""
+    flat = {path: entry for layer in layers for path, entry in layer.items()}
+    tree: dict[str, Any] = {"name": name}
+    for path, (value, _) in flat.items():
+        *sections, leaf = path.split(".")
+        node = tree
+        for key in sections:
+            node = node.setdefault(key, {})
+        node[leaf] = copy.deepcopy(value)
+    return tree, {path: source for path, (_, source) in flat.items()}
+
+
+def _with_source(layer: Sourced, paths: tuple[str, ...], source: str) -> Sourced:
+    """The same values of ``paths``, with another source."""
+    return {p: (layer[p][0], source) for p in paths}
 
 
 def _mergeable(old: Any, new: Any) -> bool:
@@ -47,84 +47,155 @@ def _merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-_R50_IMAGENET = "ResNet50_Weights.IMAGENET1K_V1"
+_RESOURCES = "assumed: resources, not results (left out of the trial id)"
+_METRICS = "paper: top-1 and CH (most tables), top-5 (Table 9), IAUC (Table 2), the held-out CGC loss (Table 1)"
+
+# ImageNet from scratch: what the paper states (docs/PAPER.md §2) and the authors' one ImageNet command runs
+# (README.md:36: train_eval_cgc.py -a resnet50 -b 256 --lr 0.1 --lambda 0.5 -t 0.5, the rest its defaults).
+_IMAGENET: Sourced = {
+    "data.dataset": ("imagenet", "paper: Tables 1, 2, 5, 10"),
+    "data.image_size": (224, "authors: datasets/imagefolder_cgc_ssl.py:147,159, RandomResizedCrop(224) and T to 224"),
+    "data.batch_size": (256, "paper (docs/PAPER.md §2); authors: README.md:36 -b 256"),
+    "model.arch": ("resnet18", "paper: Table 1"),
+    "model.weights": (None, "paper: ImageNet from scratch (docs/PAPER.md §2)"),
+    "model.layer": ("layer4", "authors: models/resnet_multigpu_cgc.py:277, Grad-CAM of layer4's output"),
+    "method.name": ("cgc", "paper: CGC"),
+    "method.lam": (1.0, "paper: λ 1.0 for ResNet18 (docs/PAPER.md §2)"),
+    "method.tau": (0.5, "paper: τ 0.5 (docs/PAPER.md §2); authors: README.md:36 -t 0.5"),
+    "optim.lr": (0.1, "paper (docs/PAPER.md §2); authors: README.md:36 --lr 0.1"),
+    "optim.momentum": (0.9, "paper (docs/PAPER.md §2); authors: train_eval_cgc.py:75 default"),
+    "optim.weight_decay": (1e-4, "paper (docs/PAPER.md §2); authors: train_eval_cgc.py:77 default"),
+    "optim.epochs": (90, "paper (docs/PAPER.md §2); authors: train_eval_cgc.py:64 default"),
+    "optim.schedule": ({"name": "step", "milestones": [30, 60], "gamma": 0.1},
+                       "paper: lr x0.1 every 30 epochs (docs/PAPER.md §2); authors: train_eval_cgc.py:495"),
+    "metrics": (["top1", "top5", "ch", "iauc", "cgc_loss"], _METRICS),
+    # the authors train in fp32: fp16 autocast through the CAM is not shown to give their loss and gradients
+    "scaling.amp": (False, "authors: fp32, train_eval_cgc.py has no autocast or half precision"),
+    # one GPU per trial worker with 8 CPUs: 7 DataLoader processes feed it (cluster/gpu.yaml's 4-GPU type has
+    # 12 CPUs per GPU); ImageNet DDP adds --set scaling.num_workers=4
+    "scaling.cpus_per_worker": (8, _RESOURCES),
+    "scaling.gpus_per_worker": (1, _RESOURCES),
+}
+_RECIPE = ("data.batch_size", "optim.lr", "optim.momentum", "optim.weight_decay", "optim.epochs", "optim.schedule")
+
+# Tables 1, 5 and 11: the baseline, CGC and CGC without negatives, one sweep. Without negatives, the authors'
+# term is F.mse_loss of the two l2-normalised maps (models/resnet_multigpu_cgc.py:255): a mean over 224 x 224
+# pixels, method.no_neg_scale "mean", about 4e-6 on a fresh network. At the paper's λ 1 it changes nothing;
+# their script's --lambda defaults to 1000 (train_eval_gc_l2_no_contrast_baseline.py:114; they released no
+# command for it). At initialisation λ 1000 gives the term about 1 % of the cross-entropy's gradient (λ 1:
+# 0.001 %; tests/test_presets_sources.py measures it); at the demos' 64 px the mean is over 12x fewer pixels,
+# so the same λ weighs the term 12x more there.
+_NO_NEG = {"method.name": "cgc_no_neg", "method.lam": 1000.0, "method.no_neg_scale": "mean"}
+_THREE_METHODS: Sourced = {
+    "sweep.variants": ([{"method.name": "baseline"}, {}, _NO_NEG],
+                       "paper: Tables 1, 5, 11 (baseline, CGC, CGC without negatives); without negatives: "
+                       "authors: models/resnet_multigpu_cgc.py:255 F.mse_loss, "
+                       "train_eval_gc_l2_no_contrast_baseline.py:114 --lambda default 1000"),
+}
+
+# Fine-grained and few-shot: ImageNet-pretrained ResNet50, all layers fine-tuned (the paper). The recipe is
+# assumed: the paper states none for them, and the authors released no command.
+_FINETUNE_RECIPE = _with_source(_IMAGENET, _RECIPE, (
+    "assumed: the paper states no fine-grained or few-shot recipe and the authors released no command; these "
+    "are train_eval_cgc.py's defaults (lines 64-77, 495), what it runs for --dataset cub --pretrained alone"))
+_R50_IMAGENET: Sourced = {
+    "model.arch": ("resnet50", "paper: ImageNet-pretrained ResNet50, all layers fine-tuned (docs/PAPER.md §2)"),
+    "model.weights": ("ResNet50_Weights.IMAGENET1K_V1",
+                      "authors: models/resnet_multigpu_cgc.py:19, --pretrained loads torchvision's "
+                      "resnet50-19c8e357.pth (IMAGENET1K_V1)"),
+}
 _FINEGRAINED_LAM = {"cub200": 0.25, "cars196": 0.25, "aircraft": 0.5, "flowers102": 0.5}
 _FEWSHOT_LAM = {"cub200": 0.8, "cars196": 0.8, "aircraft": 0.6, "flowers102": 0.8}
-_METHODS3 = ["baseline", "cgc", "cgc_no_neg"]
+
+PRESETS: dict[str, dict[str, Any]] = {}
+SOURCES: dict[str, dict[str, str]] = {}
+
+
+def _add(key: str, name: str, *layers: Sourced) -> None:
+    PRESETS[key], SOURCES[key] = _preset(name, *layers)
+
+
+_add("imagenet_r18", "imagenet", _IMAGENET, _THREE_METHODS)
+_add("imagenet_r50", "imagenet", _IMAGENET, _THREE_METHODS, {
+    "model.arch": ("resnet50", "paper: Table 1"),
+    "method.lam": (0.5, "paper: λ 0.5 for ResNet50 (docs/PAPER.md §2); authors: README.md:36 --lambda 0.5"),
+})
+_add("imagenet100_r50", "imagenet100", _IMAGENET, _THREE_METHODS, _with_source(_IMAGENET, _RECIPE, (
+    "assumed: the ImageNet recipe; docs/PAPER.md §2 records none for ImageNet-100")), {
+    "data.dataset": ("imagenet100", "paper: Table 11"),
+    "model.arch": ("resnet50", "paper: Table 11"),
+    "method.lam": (0.5, "assumed: ResNet50's ImageNet λ; docs/PAPER.md §2 records none for ImageNet-100"),
+})
+_add("lambda_ablation", "lambda_ablation", _IMAGENET, {
+    "sweep.grid": ({"method.lam": [0.0, 0.01, 0.1, 0.5, 1.0, 2.0]}, "paper: Table 10"),
+})
+_SEMISUP = "train_imagenet_1pc_swav_cgc_unlabeled.py"  # README.md:44 is the authors' command for Table 9
+_add("semisup", "semisup", _IMAGENET, {
+    "data.dataset": ("imagenet", "paper: Table 9"),
+    "data.percent": (1.0, "paper: Table 9, 1 % of ImageNet train labelled"),
+    # the standard 1percent.txt list (in the ImageNet folder, or data.split_file), never a random draw
+    "data.labelled": ("list", "paper: the standard 12,811-image 1percent.txt (docs/PAPER.md §2)"),
+    "data.batch_size": (128, "authors: README.md:44 -b 128"),
+    "data.image_size": (224, f"authors: {_SEMISUP}:284,293, RandomResizedCrop(224)"),
+    "model.arch": ("resnet50", "paper: Table 9; authors: README.md:44 -a resnet50"),
+    "model.weights": ("swav:swav_800ep_pretrain.pth.tar", "paper: SwAV init; authors: README.md:41, 800 epochs"),
+    "method.lam": (0.25, "authors: README.md:44 --lambda 0.25"),
+    "method.tau": (0.5, "authors: README.md:44 -t 0.5"),
+    "optim.lr": (0.02, "authors: README.md:44 --lr 0.02 (the trunk)"),
+    "optim.head_lr": (5.0, "authors: README.md:44 --lr_last_layer 5"),
+    "optim.momentum": (0.9, f"authors: {_SEMISUP}:264"),
+    "optim.weight_decay": (0.0, f"authors: {_SEMISUP}:265"),
+    "optim.epochs": (50, "authors: README.md:44 --epochs 50"),
+    "optim.schedule": ({"name": "step", "milestones": [12, 16], "gamma": 0.2},
+                       f"authors: {_SEMISUP}:112,114 defaults, MultiStepLR at line 268"),
+    "sweep.grid": ({"method.name": ["baseline", "cgc"]}, "paper: Table 9"),
+})
+for _ds, _lam in _FINEGRAINED_LAM.items():
+    _add(f"finegrained_{_ds}", "finegrained", _IMAGENET, _FINETUNE_RECIPE, _R50_IMAGENET, {
+        "data.dataset": (_ds, "paper: Table 6"),
+        "method.lam": (_lam, "paper: λ for full fine-grained data (docs/PAPER.md §2)"),
+        "sweep.grid": ({"method.name": ["baseline", "cgc"], "seed": [0, 1, 2]}, "paper: Table 6, 3 trials"),
+        "scaling.cpus_per_worker": (4, _RESOURCES + ": one trial per single-GPU node (4 CPUs)"),
+    })
+for _ds, _lam in _FEWSHOT_LAM.items():
+    _add(f"fewshot_{_ds}", "fewshot", _IMAGENET, _FINETUNE_RECIPE, _R50_IMAGENET, {
+        "data.dataset": (_ds, "paper: Tables 7, 8"),
+        "data.shots": (1, "paper: n in {1, 5, 10} images per class (the sweep sets it)"),
+        "method.lam": (_lam, "paper: λ for few-shot (docs/PAPER.md §2)"),
+        "sweep.grid": ({"method.name": ["baseline", "cgc"], "data.shots": [1, 5, 10], "data.episode": list(range(20))},
+                       "paper: 1/5/10 shots x 20 episodes, the same episode for baseline and CGC (docs/PAPER.md §2)"),
+        "scaling.cpus_per_worker": (1, _RESOURCES + ": four small trials share a GPU"),
+        "scaling.gpus_per_worker": (0.25, _RESOURCES),
+    })
+# Not a paper experiment: the fine-tuning experiments (Tables 6-8) at scale where no ImageNet-pretrained weights
+# are at hand. Pretrain a ResNet50 with cross-entropy on ImageNet-100 with this product, then fine-tune from it
+# (`--set model.weights=experiment:pretrain_imagenet100`).
+_PRETRAIN = "assumed: a cross-entropy backbone for fine-tuning, not a paper experiment"
+_add("pretrain_imagenet100", "pretrain", {k: v for k, v in _IMAGENET.items() if not k.startswith("method.")},
+     _with_source(_IMAGENET, _RECIPE, _PRETRAIN), {
+    "data.dataset": ("imagenet100", _PRETRAIN),
+    "model.arch": ("resnet50", _PRETRAIN),
+    "method.name": ("baseline", _PRETRAIN),
+    "optim.epochs": (100, _PRETRAIN),
+    "optim.schedule": ({"name": "cosine"}, _PRETRAIN),
+    "metrics": (["top1", "top5", "ch"], _PRETRAIN),
+})
 
 # The demo scale: embedded synthetic data (1,500 training images of 5 shape classes among
 # distractors), the small CPU net at 64 px. Tuned on the 2-core CPU: cross-entropy reaches
 # ~71 % test top-1 in 20 epochs (~3.5 s/epoch per core); mild training crops (0.85-1 of the
-# area) and CGC crops of 0.3-1 so T keeps the object, as in the pilots.
+# area) and CGC crops of 0.3-1 so T keeps the object, as in the pilots. The demos keep the spec's fp16
+# autocast on a GPU (they are compared with each other, not with the paper's fp32 numbers).
 _DEMO = {
     "data": {"dataset": "synthetic", "image_size": 64, "batch_size": 64, "num_workers": 0,
              "train_crop_scale": [0.85, 1.0]},
     "model": {"arch": "resnet_small", "weights": None},
     "method": {"crop_scale": [0.3, 1.0]},
     "optim": {"lr": 0.05, "nesterov": True, "weight_decay": 1e-4, "epochs": 20, "schedule": {"name": "onecycle"}},
-    "scaling": {"cpus_per_worker": 1, "gpus_per_worker": 0.25},
+    "scaling": {"cpus_per_worker": 1, "gpus_per_worker": 0.25, "amp": True},
     "metrics": ["top1", "ch", "cgc_loss"],
     "eval_every": 5,
 }
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # Tables 1, 2, 5: ImageNet from scratch; lambda 1.0 (ResNet18) / 0.5 (ResNet50).
-    "imagenet_r18": _paper_base(name="imagenet", sweep={"grid": {"method.name": _METHODS3}}),
-    "imagenet_r50": _paper_base(
-        name="imagenet", model={"arch": "resnet50"}, method={"lam": 0.5}, sweep={"grid": {"method.name": _METHODS3}}
-    ),
-    # Table 11: ImageNet-100, ResNet50 (lambda as for ResNet50 on ImageNet).
-    "imagenet100_r50": _paper_base(
-        name="imagenet100",
-        data={"dataset": "imagenet100"},
-        model={"arch": "resnet50"},
-        method={"lam": 0.5},
-        sweep={"grid": {"method.name": _METHODS3}},
-    ),
-    # Table 10: lambda ablation, ResNet18 on ImageNet.
-    "lambda_ablation": _paper_base(
-        name="lambda_ablation", sweep={"grid": {"method.lam": [0.0, 0.01, 0.1, 0.5, 1.0, 2.0]}}
-    ),
-    # Table 9: 1% labels, SwAV ResNet50 init; authors' command: batch 128, 50 epochs,
-    # lr 0.02 (trunk) / 5 (head), wd 0, lr x0.2 at epochs 12 and 16, lambda 0.25.
-    "semisup": _paper_base(
-        name="semisup",
-        # the standard 1percent.txt list (in the ImageNet folder, or data.split_file), never a random draw
-        data={"percent": 1.0, "batch_size": 128, "labelled": "list"},
-        model={"arch": "resnet50", "weights": "swav:swav_800ep_pretrain.pth.tar"},
-        method={"lam": 0.25},
-        optim={
-            "lr": 0.02,
-            "head_lr": 5.0,
-            "weight_decay": 0.0,
-            "epochs": 50,
-            "schedule": {"name": "step", "milestones": [12, 16], "gamma": 0.2},
-        },
-        sweep={"grid": {"method.name": ["baseline", "cgc"]}},
-    ),
-}
-for _ds, _lam in _FINEGRAINED_LAM.items():
-    # Table 6: ImageNet-pretrained ResNet50, all layers fine-tuned, 3 trials.
-    PRESETS[f"finegrained_{_ds}"] = _paper_base(
-        name="finegrained",
-        data={"dataset": _ds},
-        model={"arch": "resnet50", "weights": _R50_IMAGENET},
-        method={"lam": _lam},
-        scaling={"cpus_per_worker": 4, "gpus_per_worker": 1},  # one trial per single-GPU node (4 CPUs)
-        sweep={"grid": {"method.name": ["baseline", "cgc"], "seed": [0, 1, 2]}},
-    )
-for _ds, _lam in _FEWSHOT_LAM.items():
-    # Tables 7/8: 1/5/10 shots x 20 episodes, same episode for baseline and CGC.
-    PRESETS[f"fewshot_{_ds}"] = _paper_base(
-        name="fewshot",
-        data={"dataset": _ds, "shots": 1},
-        model={"arch": "resnet50", "weights": _R50_IMAGENET},
-        method={"lam": _lam},
-        scaling={"cpus_per_worker": 1, "gpus_per_worker": 0.25},  # four small trials share a GPU
-        sweep={
-            "grid": {"method.name": ["baseline", "cgc"], "data.shots": [1, 5, 10], "data.episode": list(range(20))}
-        },
-    )
 
 PRESETS.update(
     {
@@ -134,13 +205,6 @@ PRESETS.update(
             {"method": {"lam": 0.5}, "sweep": {"grid": {"method.lam": [0.0, 0.5, 1.0], "seed": [0, 1]}}},
         ),
     }
-)
-
-# Table 10 at scale: pretrain a ResNet50 with cross-entropy on ImageNet-100 with this product, then fine-tune from
-# it (`--set model.weights=experiment:pretrain_imagenet100`), where no ImageNet-pretrained weights are at hand.
-PRESETS["pretrain_imagenet100"] = _paper_base(
-    name="pretrain", data={"dataset": "imagenet100"}, model={"arch": "resnet50"}, method={"name": "baseline"},
-    optim={"epochs": 100, "schedule": {"name": "cosine"}}, metrics=["top1", "top5", "ch"],
 )
 
 # The demos of the paper's fine-tuning experiments (Tables 6-9) start, as the paper does, from a pretrained
@@ -234,3 +298,24 @@ PRESETS["ablation_base_demo"] = _merge(_ABLATION_BASE, {
         {"method.lam": 1.0, "method.lam_normalization": "imagenet"},
     ]},
 })
+
+# The paper table each preset reproduces (a *_demo preset: at demo scale), listed by `cgc-ray presets`.
+PRESET_TABLES: dict[str, str] = {
+    "imagenet_r18": "Tables 1, 2, 5",
+    "imagenet_r50": "Tables 1, 2, 5",
+    "imagenet100_r50": "Table 11",
+    "lambda_ablation": "Table 10",
+    "semisup": "Table 9",
+    **{f"finegrained_{ds}": "Table 6" for ds in _FINEGRAINED_LAM},
+    **{f"fewshot_{ds}": "Tables 7, 8" for ds in _FEWSHOT_LAM},
+    "imagenet_demo": "Tables 1, 2, 5",
+    "lambda_ablation_demo": "Table 10",
+    "pretrain_imagenet100": "none: a backbone to fine-tune from",
+    "pretrain_demo": "none: the demos' backbone",
+    "finegrained_demo": "Table 6",
+    "fewshot_demo": "Tables 7, 8",
+    "semisup_demo": "Table 9",
+    "ablation_demo": "none: README ablation",
+    "ablation_more_demo": "none: README ablation",
+    "ablation_base_demo": "none: README ablation",
+}

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from cgc_ray.config.base import SpecError, get_path, set_path
@@ -95,14 +94,3 @@ def pin_pretrained(spec: ExperimentSpec) -> tuple[ExperimentSpec, list[Experimen
         if "model.weights" in variant:
             variant["model.weights"] = pin(variant["model.weights"])
     return validate_spec(tree), list(pretrainings.values())
-
-
-def is_pretraining_ref(weights: str | None) -> bool:
-    return isinstance(weights, str) and weights.startswith((EXPERIMENT, TRIAL))
-
-
-def spec_file_ref(weights: str) -> Path | None:
-    """The spec file of an ``experiment:<file>`` reference (to resolve at the edge), else None."""
-    if weights.startswith(EXPERIMENT) and weights.endswith((".yaml", ".yml", ".json")):
-        return Path(weights[len(EXPERIMENT):])
-    return None

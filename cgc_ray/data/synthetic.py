@@ -98,21 +98,26 @@ _SPLIT_CODES = {"train": 0, "test": 1, "conflict": 2, "val": 3}
 def ensure(
     root: str | os.PathLike,
     *,
-    classes: str = "novel",
-    variant: str = "clutter",
-    seed: int = 0,
-    n_train_per_class: int = 300,
-    n_test_per_class: int = 150,
-    n_val_per_class: int = 0,
-    image_size: int = 64,
-    p_cue: float = 0.8,
+    classes: str,
+    variant: str,
+    seed: int,
+    n_train_per_class: int,
+    n_test_per_class: int,
+    n_val_per_class: int,
+    image_size: int,
+    p_cue: float,
 ) -> Path:
     """Generate the dataset under ``root`` once and return its ``CUB_200_2011`` folder.
 
+    The options are a spec's ``data.synthetic`` (``SyntheticSpec``, where their
+    defaults and checks live) plus its ``data.image_size``; callers pass them
+    all, already validated: ``ensure(root, **spec.data.synthetic.model_dump(),
+    image_size=spec.data.image_size)``.
+
     Args:
         root: cache directory; created if missing.
-        classes: ``"novel"`` (default) or ``"base"`` (see the module docstring).
-        variant: ``"clutter"`` (default) or ``"spurious"``.
+        classes: a key of :data:`CLASS_SETS` (see the module docstring).
+        variant: one of :data:`VARIANTS`.
         seed: every pixel, label order and box follows from it.
         n_train_per_class: training images per class.
         n_test_per_class: test images per class (for ``"spurious"``: aligned
@@ -127,20 +132,6 @@ def ensure(
         Path to ``<root>/<cache name>/CUB_200_2011``. A second call with the
         same arguments returns the cached folder without rewriting it.
     """
-    if classes not in CLASS_SETS:
-        raise ValueError(f"synthetic dataset: classes={classes!r} is unknown; use one of {tuple(CLASS_SETS)}")
-    if variant not in VARIANTS:
-        raise ValueError(f"synthetic dataset: variant={variant!r} is unknown; use one of {VARIANTS}")
-    for field, value in (("n_train_per_class", n_train_per_class), ("n_test_per_class", n_test_per_class)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"synthetic dataset: {field}={value!r} must be a positive integer")
-    if int(n_val_per_class) != n_val_per_class or n_val_per_class < 0:
-        raise ValueError(f"synthetic dataset: n_val_per_class={n_val_per_class!r} must be an integer >= 0")
-    if int(image_size) != image_size or image_size < 16:
-        raise ValueError(f"synthetic dataset: image_size={image_size!r} must be an integer >= 16")
-    if variant == "spurious" and not 0.0 <= p_cue <= 1.0:
-        raise ValueError(f"synthetic dataset: p_cue={p_cue!r} must lie in [0, 1]")
-
     root = Path(root)
     name = (
         f"synthetic-{classes}-{variant}-seed{seed}-train{n_train_per_class}-test{n_test_per_class}"

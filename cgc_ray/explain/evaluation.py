@@ -25,7 +25,6 @@ import math
 import os
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -34,21 +33,18 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cgc_ray.config import DataSpec, ExperimentSpec, method_config_kwargs
-from cgc_ray.config.base import digest
-from cgc_ray.data import ImageRecord, class_names, records, synthetic_root
+from cgc_ray.config import HELDOUT_METRIC, ExperimentSpec, MethodSpec, loader_workers, validate_spec
+from cgc_ray.config.base import digest, set_path
+from cgc_ray.data import ImageRecord, class_names, records
 from cgc_ray.data import info as info_of
 from cgc_ray.data.dataset import BoxDataset
-from cgc_ray.method.cam import gradcam, unwrap
-from cgc_ray.method.cgc import MethodConfig, method_config_from_record
+from cgc_ray.method.cam import gradcam
 from cgc_ray.method.metrics import content_heatmap
-from cgc_ray.models.checkpoint import load_classifier, read_header
-from cgc_ray.train.engine import evaluate
-from cgc_ray.train.trial import evaluation_loaders
+from cgc_ray.models.checkpoint import Classifier, load_classifier, method_record, read_header, weights_arch
+from cgc_ray.train.trial import data_root, evaluator, synthetic_options
 
 Protocol = Literal["fast", "authors"]
 PROTOCOLS: tuple[str, ...] = ("fast", "authors")
-METRICS: tuple[str, ...] = ("top1", "top5", "ch", "iauc", "cgc_loss")
 
 
 # --------------------------------------------------------------------------- authors' CH
@@ -107,30 +103,22 @@ def content_heatmap_authors(
     return out
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def load_model(
-    weights: str | os.PathLike, num_classes: int, *, arch: str | None = None, layer: str | None = None
-) -> tuple[nn.Module, MethodConfig | None, dict[str, Any]]:
-    """The classifier in ``weights`` (``models.checkpoint.load_classifier``), checked against the dataset.
-
-    Returns (model in eval mode, the checkpoint's MethodConfig or None when it
-    records none, {"arch", "weights", "epochs"}). Raises ValueError when the
-    head has another number of classes than the evaluated dataset (its
-    predictions would be meaningless).
-    """
-    clf = load_classifier(weights, arch=arch, layer=layer)
-    if clf.num_classes != num_classes:
-        raise ValueError(
-            f"weights {clf.source} classify {clf.num_classes} classes but the evaluated dataset has {num_classes}; "
-            "evaluate on the dataset the checkpoint was trained on"
-        )
-    method = None if clf.method is None else replace(method_config_from_record(clf.method), layer=clf.layer)
-    return clf.model, method, {"arch": clf.arch, "weights": clf.source, "epochs": clf.epochs}
-
-
 # --------------------------------------------------------------------------- evaluation
+
+
+def checkpoint_spec(weights: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> ExperimentSpec:
+    """The spec ``weights`` are evaluated under (``model.weights``): the spec's defaults, then what the
+    checkpoint records (its architecture, else the one its tensors fit; its Grad-CAM layer; its image size),
+    then ``settings`` (dotted field path -> value, e.g. ``{"data.dataset": "cub200"}``), which win."""
+    weights, settings = str(weights), dict(settings or {})
+    extra = read_header(weights).get("extra", {})
+    recorded = {"model.arch": extra.get("arch") or (None if "model.arch" in settings else weights_arch(weights)),
+                "model.layer": method_record(extra)[1], "data.image_size": extra.get("image_size")}
+    tree = ExperimentSpec().model_dump(mode="json")
+    for path, value in {"model.weights": weights, **recorded, **settings}.items():
+        if value is not None or path in settings:
+            set_path(tree, path, value)
+    return validate_spec(tree)
 
 
 def _subsample(recs: list[ImageRecord], limit: int | None) -> list[ImageRecord]:
@@ -142,39 +130,30 @@ def _subsample(recs: list[ImageRecord], limit: int | None) -> list[ImageRecord]:
     return [recs[i * len(recs) // limit] for i in range(limit)]
 
 
-def evaluate_checkpoint(
-    checkpoint: str | os.PathLike | nn.Module,
-    dataset: str,
-    root: str | os.PathLike | None,
-    split: str = "test",
-    *,
-    arch: str | None = None,
-    metrics: Sequence[str] = METRICS,
-    protocol: Protocol = "fast",
-    image_size: int | None = None,
-    short_side: int = 448,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    iauc_images: int | None = None,
-    iauc_protocol: str = "authors",
-    num_workers: int = 0,
-    layer: str | None = None,
-    limit: int | None = None,
-    seed: int = 0,
-    cgc_batch: int = 32,
-    synthetic_variant: str = "clutter",
-) -> dict[str, Any]:
-    """Evaluate a checkpoint (or an in-memory model) on ``split`` of ``dataset``.
+def _classifier(spec: ExperimentSpec, num_classes: int) -> Classifier:
+    """``model.weights`` as ``model.arch`` with the Grad-CAM layer ``model.layer``, checked against the dataset:
+    a head for another number of classes would give meaningless predictions (ValueError)."""
+    clf = load_classifier(spec.model.weights, arch=spec.model.arch, layer=spec.model.layer)
+    if clf.num_classes != num_classes:
+        raise ValueError(
+            f"weights {clf.source} classify {clf.num_classes} classes but the evaluated dataset has {num_classes}; "
+            "evaluate on the dataset the checkpoint was trained on"
+        )
+    return clf
 
+
+def evaluate_checkpoint(spec: ExperimentSpec, *, protocol: Protocol = "fast", short_side: int = 448,
+                        limit: int | None = None, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Evaluate the classifier in ``spec.model.weights`` on ``data.eval_split`` of ``data.dataset``.
+
+    ``spec`` (:func:`checkpoint_spec` builds one for a checkpoint) says what
+    and how: ``metrics``, ``evaluation``, ``seed``, ``model.layer``, and the
+    data (``root``, ``image_size``, ``batch_size``, ``num_workers``, and for
+    ``synthetic`` the generated set, at ``image_size`` as a trial generates it).
     top1/top5/iauc/cgc_loss and the fast CH come from ``engine.evaluate`` on
-    centre crops at ``image_size`` (None: the size the checkpoint was trained
-    at, else the spec's default); with ``protocol="authors"`` CH is
-    :func:`content_heatmap_authors` at ``short_side`` instead. root None is
-    allowed for ``synthetic`` (generated under :func:`cgc_ray.data.synthetic_root`).
-    layer: None takes the checkpoint's recorded Grad-CAM layer, else layer4.
-    limit: evaluate only this many images, spread evenly over the split.
-    synthetic_variant: for ``synthetic``, the generated variant; its images are
-    generated at ``image_size``, as a trial does.
+    centre crops at ``data.image_size``; with ``protocol="authors"`` CH is
+    :func:`content_heatmap_authors` at ``short_side`` instead. ``limit``:
+    evaluate only this many images, spread evenly over the split.
 
     Returns a dict: the requested metrics as fractions in [0, 1] (cgc_loss in
     nats), n_eval, zero_cam_frac, ch_protocol, wall_time_s, epochs, and
@@ -184,68 +163,48 @@ def evaluate_checkpoint(
     start = time.perf_counter()
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}; choose one of {PROTOCOLS}")
-    wanted = list(dict.fromkeys(metrics))
-    unknown = set(wanted) - set(METRICS)
-    if unknown or not wanted:
-        raise ValueError(f"metrics={list(metrics)}: choose one or more of {list(METRICS)}")
-    if root is None:
-        if dataset != "synthetic":
-            raise ValueError(f"dataset {dataset!r} needs a data root (--data-root); only 'synthetic' is embedded")
-        root = synthetic_root()
-    if image_size is None:
-        recorded_size = None if isinstance(checkpoint, nn.Module) else read_header(checkpoint).get("extra", {}).get(
-            "image_size")
-        image_size = recorded_size or DataSpec.model_fields["image_size"].default
-    options = {"variant": synthetic_variant, "image_size": image_size} if dataset == "synthetic" else {}
+    dataset, root, options = spec.data.dataset, data_root(spec), synthetic_options(spec)
+    split = spec.data.eval_split or info_of(dataset).eval_split
     recs = _subsample(records(dataset, root, split, **options), limit)
     if not recs:
         raise ValueError(f"split {split!r} of dataset {dataset!r} under {root} has no images")
-    device = torch.device(device)
-
-    if isinstance(checkpoint, nn.Module):
-        model, method = unwrap(checkpoint), None
-        info = {"arch": arch or type(model).__name__, "weights": "<in-memory model>", "epochs": 0}
-    else:
-        num_classes = info_of(dataset).label_space or len(class_names(dataset, root, **options))
-        model, method, info = load_model(checkpoint, num_classes, arch=arch, layer=layer)
-    recorded = method is not None
-    grad_cam_layer = method.layer if recorded else layer or "layer4"
-    # the held-out CGC loss is scored with the spec's metric settings, the same yardstick as in training runs
-    heldout = MethodConfig(**{**method_config_kwargs(ExperimentSpec(), heldout_metric=True), "layer": grad_cam_layer})
-    model.to(device)
-
+    clf = _classifier(spec, info_of(dataset).label_space or len(class_names(dataset, root, **options)))
+    model = clf.model.to(torch.device(device))
     out: dict[str, Any] = {"ch_protocol": protocol}
-    fast = [m for m in wanted if not (m == "ch" and protocol == "authors")]
+    fast = [m for m in spec.metrics if not (m == "ch" and protocol == "authors")]
     if fast:
-        loader, options = evaluation_loaders(recs, image_size=image_size, batch=batch_size, workers=num_workers,
-                                             seed=seed, metrics=fast, cgc_batch=cgc_batch, iauc_images=iauc_images,
-                                             iauc_protocol=iauc_protocol)
-        out.update(evaluate(model, loader, device, method=heldout, metrics=fast, seed=seed, **options))
+        out.update(evaluator(spec, recs, batch=spec.data.batch_size, metrics=fast)(model, device))
     else:
         out["n_eval"] = float(len(recs))
-    if protocol == "authors" and "ch" in wanted:
-        ch = content_heatmap_authors(model, recs, layer=grad_cam_layer, short_side=short_side, device=device,
-                                     num_workers=num_workers)
+    if protocol == "authors" and "ch" in spec.metrics:
+        ch = content_heatmap_authors(model, recs, layer=clf.layer, short_side=short_side, device=device,
+                                     num_workers=loader_workers(spec))
         ok = ~torch.isnan(ch)
-        out["ch"] = ch[ok].mean().item() if ok.any() else math.nan
-        out["n_ch"] = float(ok.sum())
-    out["wall_time_s"] = time.perf_counter() - start
-    out["epochs"] = info["epochs"]
-    out["config"] = {
-        "data": {"dataset": dataset, "root": str(root), "split": split, "image_size": image_size,
-                 "limit": limit, "shots": None, "episode": 0, "percent": None,
-                 **({"synthetic": {"variant": synthetic_variant}} if dataset == "synthetic" else {})},
-        "model": {"arch": info["arch"], "weights": _absolute(info["weights"]), "layer": grad_cam_layer},
-        "method": {"name": method.name if recorded else "unknown", "lam": method.lam if recorded else 0.0,
-                   "tau": method.tau if recorded else heldout.tau},
-        "seed": seed,
-        "evaluate": {"protocol": protocol, "metrics": sorted(wanted), "short_side": short_side,
-                     "iauc_images": iauc_images, "iauc_protocol": iauc_protocol, "cgc_batch": cgc_batch},
-    }
+        out.update(ch=ch[ok].mean().item() if ok.any() else math.nan, n_ch=float(ok.sum()))
     if "iauc" in out:
-        out.update(iauc_protocol=iauc_protocol, iauc_images=int(out["n_iauc"]))
-    out["eval_split"] = split
+        out.update(iauc_protocol=spec.evaluation.iauc_protocol, iauc_images=int(out["n_iauc"]))
+    out.update(wall_time_s=time.perf_counter() - start, epochs=clf.epochs, eval_split=split,
+               config=_row_config(spec, clf, split=split, root=root, protocol=protocol, short_side=short_side,
+                                  limit=limit))
     return out
+
+
+def _row_config(spec: ExperimentSpec, clf: Classifier, *, split: str, root: str, protocol: str, short_side: int,
+                limit: int | None) -> dict[str, Any]:
+    """What an evaluation row records of what was evaluated, and how (:func:`evaluation_trial_id` hashes it)."""
+    d, ev = spec.data, spec.evaluation
+    method = None if clf.method is None else MethodSpec.model_validate(clf.method)
+    return {
+        "data": {"dataset": d.dataset, "root": str(root), "split": split, "image_size": d.image_size,
+                 "limit": limit, "shots": None, "episode": 0, "percent": None,
+                 **({"synthetic": {"variant": d.synthetic.variant}} if d.dataset == "synthetic" else {})},
+        "model": {"arch": clf.arch, "weights": _absolute(clf.source), "layer": clf.layer},
+        "method": {"name": method.name, "lam": method.lam, "tau": method.tau} if method else
+                  {"name": "unknown", "lam": 0.0, "tau": HELDOUT_METRIC.tau},
+        "seed": spec.seed,
+        "evaluate": {"protocol": protocol, "metrics": sorted(spec.metrics), "short_side": short_side,
+                     "iauc_images": ev.iauc_images, "iauc_protocol": ev.iauc_protocol, "cgc_batch": ev.cgc_batch},
+    }
 
 
 def _absolute(source: str) -> str:

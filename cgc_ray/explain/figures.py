@@ -12,9 +12,10 @@ backend is involved):
 - consistency (Figure 1 of Pillai et al.): per image x, the image, T(x), and
   per checkpoint T(g(x)) and g(T(x)) with their cosine similarity, the
   quantity the CGC loss pulls towards 1 for the positive pair. The heatmaps
-  are compared exactly as ``engine`` does at ``resolution="image"``: T crops
-  the h x w map straight to the input size, g(T(x)) is upsampled bilinearly,
-  and the class of both views is the top-1 prediction on x.
+  are the ones the held-out CGC loss compares (``method.cgc.heatmap_pair``
+  with ``config.HELDOUT_METRIC``: T crops the h x w map straight to the input
+  size, g(T(x)) is upsampled bilinearly, the class of both views is the top-1
+  prediction on x), in eval mode.
 
 Checkpoints are cgc-ray checkpoints or plain torchvision-layout state_dicts;
 the architecture is read off the state_dict's key names and shapes.
@@ -37,14 +38,16 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 
-from cgc_ray.config import DataSpec, ExperimentSpec, effective_method, is_uri, validate_spec
+from cgc_ray.config import HELDOUT_METRIC, DataSpec, ExperimentSpec, effective_method, validate_spec
 from cgc_ray.data import ImageRecord, class_names, records
 from cgc_ray.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, collate
 from cgc_ray.method import transforms as T
-from cgc_ray.method.cam import gradcam
+from cgc_ray.method.cam import gradcam, linear_head
+from cgc_ray.method.cgc import heatmap_pair
 from cgc_ray.method.metrics import content_heatmap
 from cgc_ray.models.checkpoint import Classifier, load_classifier
-from cgc_ray.results.table import checkpoint_path, figures_dir, read_rows
+from cgc_ray.results.table import read_rows
+from cgc_ray.storage import Storage
 from cgc_ray.train.trial import data_root, synthetic_options
 
 __all__ = [
@@ -287,15 +290,14 @@ def consistency_maps(
     xt = T.apply(images, params)  # N x 3 x H x W
     t_of_g, g_of_t, cos, targets = [], [], [], []
     for c in classifiers:
-        t = _predict(c.model, images)  # class of both views: top-1 on x
-        g_x = gradcam(c.model, images, t, layer=c.layer)  # N x h x w
-        g_tx = gradcam(c.model, xt, t, layer=c.layer)
-        q = T.apply(g_x, params, (H, W))  # T(g(x)), N x H x W
-        k = F.interpolate(g_tx[:, None], size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+        # the models are in eval mode, so forwarding x and T(x) together changes no number
+        with torch.set_grad_enabled(linear_head(c.model, c.layer) is None):
+            pair = heatmap_pair(c.model, images, HELDOUT_METRIC, params, layer=c.layer, create_graph=False)
+        q, k = pair.q.detach(), pair.k.detach()  # T(g(x)), g(T(x)): N x H x W
         cos.append(F.cosine_similarity(q.flatten(1), k.flatten(1), dim=1))
         t_of_g.append(_display(q, (H, W)))
         g_of_t.append(_display(k, (H, W)))
-        targets.append(t)
+        targets.append(pair.target)
     return ConsistencyMaps(
         unnormalise(images), unnormalise(xt), params, torch.stack(t_of_g), torch.stack(g_of_t), torch.stack(cos),
         torch.stack(targets), [c.label for c in classifiers],
@@ -366,18 +368,20 @@ def write_explain(
     """Load checkpoints and images, render the explain grid (or Figure 1 with ``consistency``), write a PNG.
 
     image_size: None takes the size the first checkpoint was trained at, else the spec's default.
-    dataset_options: passed to ``data.records`` (synthetic generator options).
+    dataset_options: passed to ``data.records``: the synthetic generator's options (``data.synthetic`` of a
+        spec), generated at ``image_size`` where they do not name one.
     Returns the written path.
     """
     if not checkpoints:
         raise ValueError("explain needs at least one checkpoint")
     classifiers, loaded = zip(*(load_row(p, arch=arch, layer=layer) for p in checkpoints))
-    opts = dataset_options or {}
+    size = image_size or loaded[0].image_size or DataSpec.model_fields["image_size"].default
+    # synthetic images are generated at the size they are drawn at, as a trial generates them at its own
+    opts = {"image_size": size, **dataset_options} if dataset_options else {}
     recs = records(dataset, root, split, **opts)
     if not recs:
         raise ValueError(f"dataset {dataset!r} split {split!r} under {root} has no images")
     chosen = [recs[i] for i in pick_indices(len(recs), n, seed, indices)]
-    size = image_size or loaded[0].image_size or DataSpec.model_fields["image_size"].default
     images, labels, boxes = load_images(chosen, size)
     names = class_names(dataset, root, **opts)
     if consistency:
@@ -425,22 +429,21 @@ def _best(rows: list[dict[str, Any]], cgc: bool) -> dict[str, Any] | None:
 
 
 def write_sample_figure(spec: ExperimentSpec) -> Path | None:
-    """``<storage>/_figures/<name>/explain.png``: the best CGC trial below the best baseline.
+    """``explain.png`` in the experiment's figures folder (:meth:`Storage.figures_dir`): the best CGC
+    trial below the best baseline.
 
-    Under a ``_`` folder, like ``_checkpoints`` and ``_ray``: pyarrow/pandas skip those when
-    they read the storage folder as a Parquet dataset.
-
-    Local storage only (checkpoints are read from disk). A failure is a
+    Storage on this machine's filesystem only (checkpoints are read from disk). A failure is a
     warning, not an error: the results themselves are already written.
     """
-    if is_uri(spec.storage):
+    storage = Storage(spec.storage)
+    if not storage.posix:
         return None
-    rows = read_rows(spec.storage, spec.name).to_pylist()
+    rows = read_rows(storage, spec.name).to_pylist()
     best_cgc, best_base = _best(rows, cgc=True), _best(rows, cgc=False)
     if best_cgc is None:
         return None
-    ckpt = lambda r: Path(checkpoint_path(spec.storage, spec.name, r["trial_id"]))
-    out = Path(figures_dir(spec.storage, spec.name)) / "explain.png"
+    ckpt = lambda r: Path(storage.checkpoint_path(spec.name, r["trial_id"]))
+    out = Path(storage.figures_dir(spec.name)) / "explain.png"
     try:
         trial = validate_spec(json.loads(best_cgc["config_json"]))
         return sample_explain_figure(

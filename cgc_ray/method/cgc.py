@@ -1,17 +1,22 @@
 """The CGC term of ``L = L_CE + lam * L_CGC``: one module, readable next to the paper (eq. 2).
 
-:class:`MethodConfig` says what is optimised; :func:`cgc_term` computes, for a
-batch x, the logits of x, the loss L_CGC between T(g(x)) and g(T(x)) and the
-number of all-zero heatmaps. Grad-CAM ``g`` is :mod:`cgc_ray.method.cam`, the
-transform ``T`` :mod:`cgc_ray.method.transforms`, the contrastive loss
-:mod:`cgc_ray.method.loss`. Every field of MethodConfig is required: its
-defaults live in the spec (``cgc_ray.config.MethodSpec``), nowhere else.
+:func:`cgc_term` computes, for a batch x, L_CGC between T(g(x)) and g(T(x)),
+the logits of every view it forwarded and the number of all-zero heatmaps;
+:func:`heatmap_pair` is the part that makes the two compared heatmaps (the
+consistency figure draws them). Grad-CAM ``g`` is :mod:`cgc_ray.method.cam`,
+the transform ``T`` :mod:`cgc_ray.method.transforms`, the contrastive loss
+:mod:`cgc_ray.method.loss`.
+
+``method`` is the spec's ``cgc_ray.config.MethodSpec``, read as it is: its
+fields are the settings' one home (with their meaning and defaults); this
+module imports no pydantic, only reads the fields. What the spec's method
+section does not hold is passed beside it: the Grad-CAM ``layer``
+(``model.layer``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,115 +26,81 @@ from cgc_ray.method import transforms as T
 from cgc_ray.method.cam import cams_from_activation, capture
 from cgc_ray.method.loss import cgc_loss
 
-MethodName = Literal["baseline", "cgc", "cgc_no_neg"]
+if TYPE_CHECKING:  # for type checkers only: at run time any object with these fields will do
+    from cgc_ray.config import MethodSpec
 
 
-@dataclass(frozen=True, kw_only=True)
-class MethodConfig:
-    """What is optimised: ``CE`` (baseline) or ``CE + lam * L_CGC``.
+class HeatmapPair(NamedTuple):
+    """The two heatmaps the CGC loss compares, and what the forward passes gave on the way.
 
-    name:        baseline | cgc | cgc_no_neg (the paper's ablation without negatives).
-    lam, tau:    the paper's lambda and temperature.
-    resolution:  where heatmaps are compared: "image" (upsampled to the input
-                 size, as the authors) or "feature" (the layer's own h x w, faster).
-    anchor:      "paper" (eq. 2) or "authors" (UCDvision/CGC's negatives).
-    global_negatives: negatives from every torch.distributed rank.
-    layer:       the Grad-CAM layer.
-    crop_scale:  area range of T's random resized crop.
-    forward:     "joint" (the views in one batch) or "separate" (one forward a view, as the authors).
-    view:        the image T is applied to: "train" (the training view) or "center" (a centre view).
-    no_neg_scale: the l2 term of cgc_no_neg summed ("sum") or averaged ("mean") over pixels.
-    cam_class:   "pred" (top-1 on the un-transformed image, the paper) or "label".
-    The meaning of each, and why the defaults, is in ``cgc_ray.config.MethodSpec``.
+    q: T_i(g(x_i)), B x S (S: the image size, or h x w with ``resolution="feature"``);
+    k: g(T_i(x_i)), B x S; logits: one B x K fp32 tensor per view, in forward
+    order (x, [the centre view,] T(x)); target: B, the class both maps explain;
+    g_x: B x h x w, the heatmaps of the image T was applied to.
     """
 
-    name: MethodName
-    lam: float
-    tau: float
-    resolution: Literal["image", "feature"]
-    anchor: Literal["paper", "authors"]
-    global_negatives: bool
-    layer: str
-    crop_scale: tuple[float, float]
-    forward: Literal["joint", "separate"]
-    view: Literal["train", "center"]
-    no_neg_scale: Literal["sum", "mean"]
-    cam_class: Literal["pred", "label"]
-
-    def __post_init__(self) -> None:
-        if self.name not in ("baseline", "cgc", "cgc_no_neg"):
-            raise ValueError(f"method.name={self.name!r}; choose baseline, cgc or cgc_no_neg")
-        if not self.lam >= 0:
-            raise ValueError(f"method.lam={self.lam} must be >= 0")
-        if not self.tau > 0:
-            raise ValueError(f"method.tau={self.tau} must be > 0")
-        if self.resolution not in ("image", "feature"):
-            raise ValueError(f"method.resolution={self.resolution!r}; choose 'image' or 'feature'")
-        for field, allowed in (("forward", ("joint", "separate")), ("view", ("train", "center")),
-                               ("no_neg_scale", ("sum", "mean")), ("cam_class", ("pred", "label"))):
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"method.{field}={getattr(self, field)!r}; choose one of {allowed}")
-
-    @property
-    def uses_cgc(self) -> bool:
-        return self.name != "baseline" and self.lam > 0
+    q: Tensor
+    k: Tensor
+    logits: tuple[Tensor, ...]
+    target: Tensor
+    g_x: Tensor
 
 
-# What checkpoints written before a field existed computed (the then only behaviour).
-_RECORD_DEFAULTS = {"forward": "joint", "view": "train", "no_neg_scale": "sum", "cam_class": "pred"}
+class CGCTerm(NamedTuple):
+    """L_CGC of a batch; ``logits`` of every view (``logits[0]``: the training view x, B x K fp32);
+    ``zeros``: the number of all-zero heatmaps g(·) of the image T was applied to."""
+
+    loss: Tensor
+    logits: tuple[Tensor, ...]
+    zeros: Tensor
 
 
-def method_config_from_record(fields: dict) -> MethodConfig:
-    """The MethodConfig a checkpoint recorded (``dataclasses.asdict`` of it; lists back to tuples)."""
-    return MethodConfig(**{**_RECORD_DEFAULTS, **fields, "crop_scale": tuple(fields["crop_scale"])})
-
-
-def _views_forward(model: nn.Module, views: list[Tensor], method: MethodConfig, amp_dtype: torch.dtype | None):
+def _views_forward(model: nn.Module, views: list[Tensor], method: MethodSpec, layer: str,
+                   amp_dtype: torch.dtype | None) -> tuple[list[Tensor], list[Tensor]]:
     """Activations and logits of each view: one forward of the stacked views, or one forward each."""
     dev = views[0].device.type
     with torch.autocast(dev, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         if method.forward == "joint":
-            with capture(model, method.layer) as feat:
+            with capture(model, layer) as feat:
                 logits = model(torch.cat(views))  # nB x K
             return [feat.value], [logits]
         feats, logits = [], []
         for v in views:
-            with capture(model, method.layer) as feat:
+            with capture(model, layer) as feat:
                 logits.append(model(v))
             feats.append(feat.value)
         return feats, logits
 
 
-def cgc_term(
+def heatmap_pair(
     model: nn.Module,
     x: Tensor,
-    method: MethodConfig,
+    method: MethodSpec,
+    params: T.CropFlip,
     *,
+    layer: str,
     y: Tensor | None = None,
     x_center: Tensor | None = None,
-    generator: torch.Generator | None = None,
     create_graph: bool = True,
     amp_dtype: torch.dtype | None = None,
     closed_form: bool | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(logits of x B x K for the cross-entropy, L_CGC, number of all-zero heatmaps g(·) of the CGC image).
+) -> HeatmapPair:
+    """T(g(x)) and g(T(x)) for the transform ``params`` (one crop and flip per image), as the loss compares them.
 
-    x: the training view, B x 3 x H x W. The CGC image is x (``method.view``
-    "train") or ``x_center`` ("center"); T is sampled per image and applied to
-    it. The class t of both heatmaps is the top-1 prediction on the CGC image
-    (or ``y`` with ``method.cam_class`` "label"). Both heatmaps carry
-    gradients. ``closed_form=False`` forces the autograd Grad-CAM path (for
-    benchmarks).
+    x: the training view, B x 3 x H x W. The image T is applied to is x
+    (``method.view`` "train") or ``x_center`` ("center"). The class t of both
+    heatmaps is the top-1 prediction on that image (or ``y`` with
+    ``method.cam_class`` "label"). Both heatmaps carry gradients.
+    ``closed_form=False`` forces the autograd Grad-CAM path (for benchmarks).
     """
     if method.view == "center" and x_center is None:
         raise ValueError("method.view='center' needs the centre view of each training image (x_center)")
     src = x_center if method.view == "center" else x
     B, _, H, W = src.shape
-    params = T.sample_params(B, (H, W), scale=method.crop_scale, generator=generator, device=x.device)
     xt = T.apply(src, params)  # T(x), B x 3 x H x W
     views = [x, xt] if method.view == "train" else [x, src, xt]
-    i_src = 1 if method.view == "center" else 0  # where the CGC image sits among the views
-    feats, logits = _views_forward(model, views, method, amp_dtype)
+    i_src = 1 if method.view == "center" else 0  # where the image T was applied to sits among the views
+    feats, logits = _views_forward(model, views, method, layer, amp_dtype)
     logits_all = torch.cat(logits)  # nB x K, in view order
     if method.cam_class == "label":
         if y is None:
@@ -138,29 +109,50 @@ def cgc_term(
     else:
         t = logits_all[i_src * B:(i_src + 1) * B].detach().argmax(dim=1)  # B
     with torch.autocast(x.device.type, enabled=False):
+        cam = lambda f, lg, tt: cams_from_activation(model, f, lg, tt, layer=layer, create_graph=create_graph,
+                                                      closed_form=closed_form)
         if method.forward == "joint":
-            cams = cams_from_activation(
-                model, feats[0], logits[0], t.repeat(len(views)), layer=method.layer,
-                create_graph=create_graph, closed_form=closed_form,
-            )  # nB x h x w
+            cams = cam(feats[0], logits[0], t.repeat(len(views)))  # nB x h x w
             g_x, g_Tx = cams[i_src * B:(i_src + 1) * B], cams[-B:]
         else:
-            g_x, g_Tx = (cams_from_activation(model, feats[i], logits[i], t, layer=method.layer,
-                                              create_graph=create_graph, closed_form=closed_form)
-                         for i in (i_src, len(views) - 1))  # B x h x w each
+            g_x, g_Tx = (cam(feats[i], logits[i], t) for i in (i_src, len(views) - 1))  # B x h x w each
         size = (H, W) if method.resolution == "image" else tuple(g_x.shape[-2:])
         q = T.apply(g_x, params, size)  # T_i(g(x_i)), B x size
         k = g_Tx if size == tuple(g_Tx.shape[-2:]) else F.interpolate(
             g_Tx[:, None], size=size, mode="bilinear", align_corners=False
         )[:, 0]  # g(T_i(x_i)), B x size
+    return HeatmapPair(q, k, tuple(v.float() for v in logits_all.split(B)), t, g_x)
+
+
+def cgc_term(
+    model: nn.Module,
+    x: Tensor,
+    method: MethodSpec,
+    *,
+    layer: str,
+    y: Tensor | None = None,
+    x_center: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    create_graph: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    closed_form: bool | None = None,
+) -> CGCTerm:
+    """L_CGC of the batch x (B x 3 x H x W): T drawn per image from ``generator``, then :func:`heatmap_pair`
+    (whose arguments these are) and the contrastive loss of ``method`` (or its l2 ablation)."""
+    src = x_center if method.view == "center" and x_center is not None else x
+    B, _, H, W = src.shape
+    params = T.sample_params(B, (H, W), scale=method.crop_scale, generator=generator, device=x.device)
+    pair = heatmap_pair(model, x, method, params, layer=layer, y=y, x_center=x_center, create_graph=create_graph,
+                        amp_dtype=amp_dtype, closed_form=closed_form)
+    with torch.autocast(x.device.type, enabled=False):
         loss = cgc_loss(
-            k,
-            q,
+            pair.k,
+            pair.q,
             tau=method.tau,
             negatives=method.name != "cgc_no_neg",
             anchor=method.anchor,
-            global_negatives=method.global_negatives,
+            global_negatives=method.negatives == "global",
             l2_reduction=method.no_neg_scale,
         )
-    zeros = (g_x.flatten(1).sum(dim=1) == 0).sum()
-    return logits_all[:B].float(), loss, zeros
+    zeros = (pair.g_x.flatten(1).sum(dim=1) == 0).sum()
+    return CGCTerm(loss, pair.logits, zeros)

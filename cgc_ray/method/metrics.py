@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
+from cgc_ray.method.cam import gradcam
+from cgc_ray.method.excitation import SALIENCY_LAYER, excitation_backprop
+
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, Tensor]:
     """Number of correct predictions at each k (tensors, no host sync): {"top1": n, ...}."""
@@ -66,6 +69,53 @@ def content_heatmap(cams: Tensor, boxes: Sequence[Tensor], image_size: tuple[int
     ch = (m * mask).flatten(1).sum(dim=1)
     has_box = torch.tensor([b.numel() > 0 for b in boxes], device=cams.device)
     return torch.where(has_box, ch, torch.full_like(ch, math.nan))
+
+
+SALIENCIES = ("gradcam", "cmwp", "mwp")
+
+
+def content_heatmap_saliency(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    boxes: Sequence[Tensor],
+    image_size: tuple[int, int] | None = None,
+    *,
+    saliency: str = "gradcam",
+    layer: str | None = None,
+    window: int | None = None,
+    classifier: str = "fc",
+) -> Tensor:
+    """CH per image (Tensor[B], NaN where left out) with the named saliency, in eval mode (mode restored).
+
+    ``gradcam`` is the paper's CH; ``cmwp`` (contrastive excitation backprop)
+    is Table 4's, ``mwp`` its non-contrastive form (``method/excitation.py``).
+    images: B x 3 x H x W; targets: LongTensor[B], the ground-truth class;
+    image_size: the size the maps are resized to, default the images' H x W.
+    layer: default layer4 for Grad-CAM, layer3 for (c)MWP (TorchRay's ResNet
+    setting); window and classifier: see ``excitation_backprop`` (the authors'
+    Table 4 script: window 7). An all-zero map counts as uniform for Grad-CAM
+    (the authors' Grad-CAM script) and is left out for (c)MWP (their cMWP
+    script skips it).
+    """
+    if saliency not in SALIENCIES:
+        raise ValueError(f"saliency={saliency!r}; choose one of {list(SALIENCIES)}")
+    if saliency == "gradcam" and window is not None:
+        raise ValueError(f"window={window} applies to cmwp/mwp only; leave it None for gradcam")
+    was_training = model.training
+    model.eval()
+    try:
+        if saliency == "gradcam":
+            maps = gradcam(model, images, targets, layer=layer or "layer4")
+        else:
+            maps = excitation_backprop(model, images, targets, layer=layer or SALIENCY_LAYER,
+                                       contrastive=saliency == "cmwp", window=window, classifier=classifier)
+    finally:
+        model.train(was_training)
+    ch = content_heatmap(maps, boxes, image_size or tuple(images.shape[-2:]))
+    if saliency == "gradcam":
+        return ch
+    return torch.where(maps.flatten(1).clamp(min=0).sum(dim=1) > 0, ch, torch.full_like(ch, math.nan))
 
 
 def authors_blur_kernel(klen: int = 11, sigma: float = 5.0) -> Tensor:

@@ -13,8 +13,11 @@ Reading, for every consumer:
   cgc-ray checkpoint, a plain state_dict (``module.`` / ``_orig_mod.``
   prefixes stripped), ``swav:PATH`` (SwAV's projection head and prototypes
   dropped) or a torchvision enum name (``ResNet50_Weights.IMAGENET1K_V1``,
-  downloaded by torchvision when the machine is online);
-- :func:`read_header` the format, epoch and ``extra`` of a cgc-ray checkpoint;
+  downloaded into torch.hub's cache when the machine is online, and read
+  only if its SHA-256 matches the hash published in its file name);
+- :func:`read_header` the format, epoch and ``extra`` of a cgc-ray checkpoint
+  (a trial writes :func:`trial_record` there; :func:`method_record` reads
+  its method back, from checkpoints of every version);
 - :func:`load_classifier` builds the classifier a file describes, head
   included, for evaluation and figures (the architecture is the one recorded,
   else read off the state_dict's keys and shapes).
@@ -22,6 +25,8 @@ Reading, for every consumer:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
 import random
@@ -136,6 +141,36 @@ def load_checkpoint(
     return state
 
 
+def trial_record(*, method: dict[str, Any], layer: str, arch: str, num_classes: int, dataset: str,
+                 image_size: int) -> dict[str, Any]:
+    """What a trial's checkpoint records in its ``extra``: ``method`` is the spec's method section
+    (``MethodSpec.model_dump(mode="json")``), ``layer`` its Grad-CAM layer (``model.layer``)."""
+    return {"method": method, "layer": layer, "arch": arch, "num_classes": num_classes, "dataset": dataset,
+            "image_size": image_size}
+
+
+# Checkpoints written before the record was the spec's method section recorded the engine's own settings
+# (with "layer" and "global_negatives" among them, λ as applied after any normalisation). The fields they
+# lack are settings that did not exist yet, and had then this one behaviour.
+_BEFORE_SECTION_RECORDS = {"forward": "joint", "view": "train", "no_neg_scale": "sum", "cam_class": "pred",
+                           "lam_normalization": "none"}
+
+
+def method_record(extra: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(the method section a checkpoint's ``extra`` records, in the spec's fields, or None; its Grad-CAM layer
+    or None). Records of every version: older ones are translated to what they computed."""
+    method = extra.get("method")
+    if not isinstance(method, dict):
+        return None, extra.get("layer")
+    if "layer" not in method:
+        return dict(method), extra.get("layer")
+    old = {**_BEFORE_SECTION_RECORDS, **method}
+    layer = old.pop("layer")
+    if "global_negatives" in old:
+        old["negatives"] = "global" if old.pop("global_negatives") else "local"
+    return old, layer
+
+
 # ---------------------------------------------------------------- any weights file
 
 
@@ -167,6 +202,35 @@ def _torch_load(path: Path) -> object:
         ) from e
 
 
+def _hub_state_dict(url: str) -> dict:
+    """The state_dict a torchvision weights ``url`` names, from torch.hub's cache (downloaded when absent).
+
+    Refused unless the file's SHA-256 starts with the hash prefix published in its name
+    (``resnet50-11ad3fa6.pth``), checked on the very bytes that are loaded, and loaded with
+    ``weights_only=True`` (no code runs). ``torch.hub.load_state_dict_from_url(check_hash=True)``
+    checks the hash only when it downloads, so a file altered in the cache would pass it.
+    """
+    name = Path(url.split("?", 1)[0]).name
+    m = torch.hub.HASH_REGEX.search(name)
+    if not m or not m.group(1):
+        raise ValueError(f"{url}: the file name carries no published hash (name-<sha256 prefix>.pth); "
+                         "download it yourself, check it, and pass its path as model.weights")
+    prefix = m.group(1)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(cached), prefix, progress=False)  # checks the hash, then renames
+    data = cached.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if not digest.startswith(prefix):
+        raise ValueError(f"{cached} does not match the hash published for {url} (SHA-256 {digest[:len(prefix)]}..., "
+                         f"expected {prefix}...): it was altered or cut short; delete it and it is downloaded again")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{cached} holds objects other than tensors, refused by weights_only=True ({e})") from e
+
+
 def _unwrap(obj: object, path: Path) -> dict:
     """The state_dict inside a raw state_dict, a {"model": ...} (cgc-ray) or {"state_dict": ...} wrapper."""
     if isinstance(obj, dict):
@@ -194,7 +258,7 @@ def read_state_dict(weights: str, *, arch: str) -> tuple[dict[str, torch.Tensor]
             enum = get_weight(weights)
         except (ValueError, KeyError, AttributeError) as e:
             raise ValueError(f"unknown torchvision weights {weights!r}: {e}") from e
-        return dict(enum.get_state_dict(progress=False)), f"torchvision:{weights}", ()
+        return dict(_hub_state_dict(enum.url)), f"torchvision:{weights}", ()
     if weights.startswith("swav:"):
         path = Path(weights[len("swav:") :]).expanduser()
         state = _unwrap(_torch_load(path), path)
@@ -244,8 +308,8 @@ class Classifier:
     """A classifier loaded from a weights file, in eval mode.
 
     ``layer``: the Grad-CAM layer it was trained with (else layer4);
-    ``method``: the ``MethodConfig`` fields a cgc-ray checkpoint records (None
-    for other files); ``epochs``: epochs trained (0 when unknown);
+    ``method``: the method section a cgc-ray checkpoint records, in the spec's
+    fields (:func:`method_record`; None for other files); ``epochs``: epochs trained (0 when unknown);
     ``image_size``: the input size it was trained at (None when not recorded).
     """
 
@@ -259,6 +323,20 @@ class Classifier:
     image_size: int | None = None
 
 
+def _named_arch(weights: str, extra: dict[str, Any]) -> str | None:
+    """The architecture a cgc-ray checkpoint records, else a torchvision enum's, else None."""
+    enum = _ENUM_NAME.match(weights)
+    return extra.get("arch") or (f"resnet{enum['cls'].removeprefix('ResNet').removesuffix('_Weights')}"
+                                 if enum else None)
+
+
+def weights_arch(weights: str | os.PathLike) -> str:
+    """The architecture ``weights`` are for: the recorded or named one, else :func:`infer_arch` of its tensors."""
+    weights = str(weights)
+    return _named_arch(weights, read_header(weights).get("extra", {})) or infer_arch(
+        read_state_dict(weights, arch="")[0])
+
+
 def load_classifier(weights: str | os.PathLike, *, arch: str | None = None, layer: str | None = None) -> Classifier:
     """Build the classifier ``weights`` holds, head included (see :func:`read_state_dict` for the sources).
 
@@ -269,9 +347,7 @@ def load_classifier(weights: str | os.PathLike, *, arch: str | None = None, laye
     weights = str(weights)
     header = read_header(weights)
     extra = header.get("extra", {})
-    enum = _ENUM_NAME.match(weights)
-    arch = arch or extra.get("arch") or (
-        f"resnet{enum['cls'].removeprefix('ResNet').removesuffix('_Weights')}" if enum else None)
+    arch = arch or _named_arch(weights, extra)
     state, source, _ = read_state_dict(weights, arch=arch or "")
     arch = arch or infer_arch(state)
     if "fc.weight" not in state:
@@ -282,7 +358,7 @@ def load_classifier(weights: str | os.PathLike, *, arch: str | None = None, laye
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(f"weights {source} do not fit arch={arch!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    method = dict(extra["method"]) if isinstance(extra.get("method"), dict) else None
+    method, recorded_layer = method_record(extra)
     epoch = header.get("epoch")
-    return Classifier(model.eval(), arch, num_classes, layer or (method or {}).get("layer") or "layer4", method,
+    return Classifier(model.eval(), arch, num_classes, layer or recorded_layer or "layer4", method,
                       0 if epoch is None else int(epoch) + 1, source, extra.get("image_size"))

@@ -21,14 +21,15 @@ state, no GUI backend).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from matplotlib.figure import Figure
 
 from cgc_ray.config.base import canonical
-from cgc_ray.results.stats import Group, Paired, cgc_settings_that_differ, paired_differences, summarize
+from cgc_ray.results.labels import config_label, varying
+from cgc_ray.results.stats import Group, Paired, analyze, cgc_settings_that_differ, context_of
 from cgc_ray.results.table import read_rows
 
 __all__ = ["pareto_front", "plot_accuracy_vs_ch", "plot_fewshot_gains", "plot_lambda_ablation", "plot_results"]
@@ -37,20 +38,10 @@ _METRIC_NAMES = {"top1": "top-1 (%)", "ch": "CH (%)"}
 _MARKERS = {"baseline": "s", "cgc": "o", "cgc_no_neg": "^"}
 
 
-def _lam_text(lam: float) -> str:
-    return f"λ={lam:g}"
-
-
-def _config_label(labels: dict[str, Any], *, with_lam: bool = True) -> str:
-    """Short name of a configuration: dataset, arch, method (and λ for non-baselines), shots, % labelled."""
-    parts = [str(labels.get("data.dataset", "")), str(labels.get("model.arch", "")), str(labels.get("method.name", ""))]
-    if with_lam and labels.get("method.name") != "baseline" and labels.get("method.lam") is not None:
-        parts.append(_lam_text(labels["method.lam"]))
-    if labels.get("data.shots") is not None:
-        parts.append(f"{labels['data.shots']}-shot")
-    if labels.get("data.percent") is not None:
-        parts.append(f"{labels['data.percent']:g}% labels")
-    return " ".join(p for p in parts if p)
+def _legend(groups: Sequence[Group], *, with_lam: bool = True) -> list[str]:
+    """Each group's label: its method (and λ), then the settings that tell it from the other groups."""
+    keys = [k for k in varying([g.labels for g in groups]) if k not in ("method.name", "method.lam")]
+    return _unique([f"{g.experiment}: {config_label(g.labels, keys, with_lam=with_lam)}" for g in groups])
 
 
 def _unique(names: Sequence[str]) -> list[str]:
@@ -90,7 +81,7 @@ def _lambda_series(groups: Sequence[Group]) -> list[tuple[str, list[tuple[float,
     Kept when they span at least two values of λ > 0 (a baseline against one λ is a methods comparison).
     """
     def context(g: Group) -> str:
-        return canonical({k: v for k, v in g.labels.items() if not k.startswith("method.")})
+        return canonical(context_of(g.labels))
 
     baselines = {(g.experiment, context(g)): g for g in groups if g.method == "baseline"}
     series: dict[tuple[str, str, str], list[tuple[float, Group]]] = {}
@@ -104,8 +95,9 @@ def _lambda_series(groups: Sequence[Group]) -> list[tuple[str, list[tuple[float,
         base = baselines.get((exp, ctx))
         pts = sorted(pts + ([(0.0, base)] if base is not None else []), key=lambda p: p[0])
         if len({lam for lam, _ in pts if lam > 0}) >= 2:
-            kept.append((f"{exp}: {_config_label(pts[-1][1].labels, with_lam=False)}", pts))
-    return list(zip(_unique([name for name, _ in kept]), [pts for _, pts in kept]))
+            kept.append(pts)
+    # a series is named by what tells its CGC configuration from the other series' (λ is the x axis)
+    return list(zip(_legend([pts[-1][1] for pts in kept], with_lam=False), kept))
 
 
 def plot_lambda_ablation(groups: Sequence[Group], *, dpi: int = 120) -> Figure | None:
@@ -142,7 +134,7 @@ def plot_accuracy_vs_ch(groups: Sequence[Group], *, dpi: int = 120) -> Figure | 
     pts = [g for g in groups if "top1" in g.stats and "ch" in g.stats]
     if len(pts) < 2:
         return None
-    names = _unique([f"{g.experiment}: {_config_label(g.labels)}" for g in pts])
+    names = _legend(pts)
     xy = [(g.stats["ch"].mean, g.stats["top1"].mean) for g in pts]
     front = pareto_front(xy)
     fig = Figure(figsize=(6.4, 4.6), dpi=dpi, layout="constrained")
@@ -175,9 +167,8 @@ def plot_fewshot_gains(paired: Sequence[Paired], *, dpi: int = 120) -> Figure | 
     settings = cgc_settings_that_differ([p.labels for p in rows], with_lam=True)
     series: dict[str, list[Paired]] = {}
     for p in rows:
-        named = " ".join([p.method] + [f"{k.removeprefix('method.')}={p.labels.get(k)}" for k in settings])
-        name = f"{p.labels.get('data.dataset', '')} {named}−baseline"
-        series.setdefault(name, []).append(p)
+        named = config_label(p.labels, settings, with_lam=False)  # λ is named among the settings where it differs
+        series.setdefault(f"{p.labels.get('data.dataset', '')} {named}−baseline", []).append(p)
     width = 0.8 / len(series)
     fig = Figure(figsize=(max(4.0, 1.2 * len(shots) + 2.4) * len(metrics), 3.6), dpi=dpi, layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -214,11 +205,11 @@ def plot_results(
         table = table.filter(pc.equal(table["experiment"], experiment))
     if table.num_rows == 0:
         return []
-    groups, paired = summarize(table), paired_differences(table)
+    analysis = analyze(table)
     figures = {
-        "lambda_ablation.png": plot_lambda_ablation(groups, dpi=dpi),
-        "accuracy_vs_ch.png": plot_accuracy_vs_ch(groups, dpi=dpi),
-        "fewshot_gains.png": plot_fewshot_gains(paired, dpi=dpi),
+        "lambda_ablation.png": plot_lambda_ablation(analysis.groups, dpi=dpi),
+        "accuracy_vs_ch.png": plot_accuracy_vs_ch(analysis.groups, dpi=dpi),
+        "fewshot_gains.png": plot_fewshot_gains(analysis.paired, dpi=dpi),
     }
     out = Path(out_dir)
     written = []

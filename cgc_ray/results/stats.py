@@ -15,6 +15,10 @@ One grouping rule for every table, plot and format:
   configuration (each λ on its own), with mean, sample std (ddof 1), n and the
   95 % Student-t interval ``mean ± t_{0.975, n−1} · std / √n``.
 
+A row whose ``config_json`` is not a trial config (not a JSON object, no
+``method.name``) is left out and named in :attr:`Analysis.skipped`: one odd
+file does not stop the rest from being summarised.
+
 pyarrow + scipy only: importing this module imports neither torch nor Ray.
 """
 
@@ -28,11 +32,12 @@ from typing import Any, Iterable, Sequence
 import pyarrow as pa
 
 from cgc_ray.config.base import canonical, flatten
-from cgc_ray.config.identity import NON_IDENTITY_FIELDS, REPLICATE_FIELDS, identity
+from cgc_ray.config.identity import CGC_ONLY_FIELDS, NON_IDENTITY_FIELDS, REPLICATE_FIELDS, identity
 from cgc_ray.results.table import METRIC_COLUMNS
 
-__all__ = ["CI_LEVEL", "Group", "Paired", "Stat", "cgc_settings_that_differ", "describe", "paired_differences",
-           "row_identity", "summarize", "t_quantile"]
+__all__ = ["CI_LEVEL", "Analysis", "Group", "Paired", "Skipped", "Stat", "analyze", "cgc_settings_that_differ",
+           "context_of", "describe", "is_method_setting", "paired_differences", "row_identity", "summarize",
+           "t_quantile"]
 
 CI_LEVEL = 0.95
 
@@ -113,21 +118,60 @@ class Paired:
         return self.labels["method.name"]
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """A row left out of the statistics: its experiment, trial id and why."""
+
+    experiment: str
+    trial_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The groups and pairs of a table of rows (see the module docstring), and the rows it had to leave out."""
+
+    groups: list[Group]
+    paired: list[Paired]
+    skipped: list[Skipped] = field(default_factory=list)
+
+
 def row_identity(config_json: str) -> dict[str, Any]:
-    """The identity of a row's trial config; a config this version cannot validate falls back to its raw fields."""
-    config = json.loads(config_json)
+    """The identity of a row's trial config; a config this version cannot validate falls back to its raw fields.
+
+    Raises ValueError when ``config_json`` is no trial config at all (not a JSON object, or no ``method.name``).
+    """
+    if not isinstance(config_json, str):
+        raise ValueError("the row has no config_json, so no trial config")
+    config = json.loads(config_json)  # json.JSONDecodeError is a ValueError
+    if not isinstance(config, dict):
+        raise ValueError(f"config_json is a JSON {type(config).__name__}, not the trial's config (a JSON object)")
     try:
         return identity(config)
     except ValueError:  # a row written by another version of the spec
-        return {k: v for k, v in flatten(config).items() if k not in NON_IDENTITY_FIELDS and not k.startswith("sweep.")}
+        flat = {k: v for k, v in flatten(config).items() if k not in NON_IDENTITY_FIELDS and not k.startswith("sweep.")}
+    if not isinstance(flat.get("method.name"), str):
+        raise ValueError(f"config_json has no method.name (a string), so the row belongs to no method: "
+                         f"method.name={flat.get('method.name')!r}")
+    return flat
+
+
+def is_method_setting(key: str) -> bool:
+    """A setting of the method (``method.*``): what a CGC configuration may differ in from its baseline."""
+    return key.startswith("method.")
+
+
+def context_of(labels: dict[str, Any]) -> dict[str, Any]:
+    """The labels a CGC configuration shares with the baseline it is paired with: all but the method's."""
+    return {k: v for k, v in labels.items() if not is_method_setting(k)}
 
 
 def cgc_settings_that_differ(label_sets: Iterable[dict[str, Any]], *, with_lam: bool = False) -> list[str]:
-    """The method settings (λ first, then forward, view, τ, ...) whose values differ between the CGC
-    configurations among ``label_sets``: what a table or a legend must name to tell them apart."""
+    """The CGC-only settings (λ first, then forward, view, τ, ...; ``config.identity``'s list) whose values differ
+    between the CGC configurations among ``label_sets``: what a table or a legend must name to tell them apart."""
     cgc = [labels for labels in label_sets if labels.get("method.name") != "baseline"]
     keys = sorted({k for labels in cgc for k in labels
-                   if k.startswith("method.") and k != "method.name" and (with_lam or k != "method.lam")},
+                   if k in CGC_ONLY_FIELDS and (with_lam or k != "method.lam")},
                   key=lambda k: (k != "method.lam", k))
     return [k for k in keys if len({canonical(labels[k]) for labels in cgc if k in labels}) > 1]
 
@@ -137,17 +181,22 @@ def _split(ident: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...]]:
     return labels, tuple(ident.get(k) for k in sorted(REPLICATE_FIELDS))
 
 
-def _without_method(labels: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in labels.items() if not k.startswith("method.")}
+Buckets = dict[tuple[str, str], tuple[dict[str, Any], list[tuple[tuple[Any, ...], dict]]]]
 
 
-def _bucket(table: pa.Table) -> dict[tuple[str, str], tuple[dict[str, Any], list[tuple[tuple[Any, ...], dict]]]]:
-    """(experiment, group key) -> (labels, [(replicate key, row)])."""
-    out: dict[tuple[str, str], tuple[dict[str, Any], list]] = {}
+def _bucket(table: pa.Table) -> tuple[Buckets, list[Skipped]]:
+    """(experiment, group key) -> (labels, [(replicate key, row)]), and the rows that are no trial's."""
+    out: Buckets = {}
+    skipped = []
     for row in table.to_pylist():
-        labels, rep = _split(row_identity(row["config_json"]))
-        out.setdefault((row["experiment"], canonical(labels)), (labels, []))[1].append((rep, row))
-    return out
+        try:
+            labels, rep = _split(row_identity(row["config_json"]))
+            key = canonical(labels)  # raises on a NaN a hand-made config may hold
+        except ValueError as e:
+            skipped.append(Skipped(row["experiment"], row["trial_id"], str(e).splitlines()[0]))
+            continue
+        out.setdefault((row["experiment"], key), (labels, []))[1].append((rep, row))
+    return out, skipped
 
 
 def _is_finished(row: dict) -> bool:
@@ -163,10 +212,26 @@ def _metrics_present(rows: Iterable[dict]) -> list[str]:
     return [m for m in METRIC_COLUMNS if any(r.get(m) is not None for r in rows)]
 
 
+def analyze(table: pa.Table) -> Analysis:
+    """The :class:`Group` of every configuration and the :class:`Paired` of every CGC one, from one pass over
+    ``table``; rows that are no trial's are left out and listed."""
+    buckets, skipped = _bucket(table)
+    return Analysis(_groups(buckets), _pairs(buckets), skipped)
+
+
 def summarize(table: pa.Table) -> list[Group]:
     """One :class:`Group` per configuration, sorted by experiment and labels."""
+    return analyze(table).groups
+
+
+def paired_differences(table: pa.Table) -> list[Paired]:
+    """One :class:`Paired` per CGC group that has a matching baseline group (see the module docstring)."""
+    return analyze(table).paired
+
+
+def _groups(buckets: Buckets) -> list[Group]:
     out = []
-    for (experiment, _), (labels, items) in sorted(_bucket(table).items()):
+    for (experiment, _), (labels, items) in sorted(buckets.items()):
         rows = [r for _, r in items]
         done = _finished(rows)
         stats = {m: describe([r[m] for r in done if r[m] is not None]) for m in _metrics_present(done)}
@@ -176,18 +241,16 @@ def summarize(table: pa.Table) -> list[Group]:
     return out
 
 
-def paired_differences(table: pa.Table) -> list[Paired]:
-    """One :class:`Paired` per CGC group that has a matching baseline group (see the module docstring)."""
-    buckets = _bucket(table)
+def _pairs(buckets: Buckets) -> list[Paired]:
     baselines = {
-        (experiment, canonical(_without_method(labels))): (labels, items)
+        (experiment, canonical(context_of(labels))): (labels, items)
         for (experiment, _), (labels, items) in buckets.items() if labels["method.name"] == "baseline"
     }
     out = []
     for (experiment, _), (labels, items) in sorted(buckets.items()):
         if labels["method.name"] == "baseline":
             continue
-        match = baselines.get((experiment, canonical(_without_method(labels))))
+        match = baselines.get((experiment, canonical(context_of(labels))))
         if match is None:
             continue
         base_labels, base_items = match

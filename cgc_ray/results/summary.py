@@ -1,10 +1,10 @@
 """The aggregated table in Arrow: every group and paired difference of an experiment, one row per metric.
 
-Written after each sweep and by ``cgc-ray report --format parquet`` to
-``<storage>/_summary/<experiment>.parquet`` (a ``_`` folder: Parquet readers of
-the per-trial rows skip it). Its numbers are the ones the printed report shows
-(both come from :mod:`cgc_ray.results.stats`). pandas and duckdb read it:
-``pandas.read_parquet("results/_summary/fewshot.parquet")``.
+Written after each sweep and by ``cgc-ray report --format parquet`` (which
+prints the path) to :meth:`cgc_ray.storage.Storage.summary_path`, a folder that
+Parquet readers of the per-trial rows skip. Its numbers are the ones the
+printed report shows (both come from :mod:`cgc_ray.results.stats`). pandas and
+duckdb read it: ``pandas.read_parquet(path)``.
 
 Schema version 1 (:data:`SUMMARY_SCHEMA`), one row per (group or pair, metric):
 
@@ -39,7 +39,6 @@ ci_level       float64 0.95
 
 from __future__ import annotations
 
-import json
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -47,7 +46,7 @@ import pyarrow.parquet as pq
 
 from cgc_ray.config.base import canonical
 from cgc_ray.results.stats import CI_LEVEL, Group, Paired
-from cgc_ray.results.table import _experiment_dir, filesystem
+from cgc_ray.storage import Storage
 
 SUMMARY_SCHEMA_VERSION = 1
 SUMMARY_SCHEMA = pa.schema(
@@ -117,28 +116,10 @@ def summary_table(groups: Sequence[Group], paired: Sequence[Paired]) -> pa.Table
     return pa.Table.from_pylist(records(groups, paired), schema=SUMMARY_SCHEMA)
 
 
-def summary_path(storage_uri: str, experiment: str) -> str:
-    fs, base = filesystem(storage_uri)
-    _experiment_dir(base, experiment)  # validates the name
-    return f"{base}/_summary/{experiment}.parquet"
-
-
-def write_summary(storage_uri: str, experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> str:
-    """Write the experiment's summary (atomically where the filesystem can rename); returns its path."""
-    fs, base = filesystem(storage_uri)
-    path = summary_path(storage_uri, experiment)
-    fs.create_dir(f"{base}/_summary", recursive=True)
+def write_summary(storage: Storage | str, experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> str:
+    """Write the experiment's summary atomically (:meth:`Storage.write_atomic`); returns its path."""
+    storage = Storage.of(storage)
     table = summary_table([g for g in groups if g.experiment == experiment],
                           [p for p in paired if p.experiment == experiment])
-    if fs.type_name in ("s3", "gcs"):
-        pq.write_table(table, path, filesystem=fs)
-        return path
-    tmp = f"{base}/_summary/.{experiment}.tmp"
-    pq.write_table(table, tmp, filesystem=fs)
-    fs.move(tmp, path)
-    return path
-
-
-def labels_of(value: str) -> dict[str, Any]:
-    """The labels dict of a ``labels_json`` / ``baseline_json`` cell."""
-    return json.loads(value)
+    return storage.write_atomic(storage.summary_path(experiment),
+                                lambda target: pq.write_table(table, target, filesystem=storage.fs))

@@ -1,28 +1,18 @@
 """Trial results as a Parquet dataset: one file (one row) per trial that ended.
 
-Layout under a storage URI (a local path, ``file://``, ``s3://bucket/prefix``
-or any URI ``pyarrow.fs.FileSystem.from_uri`` accepts)::
-
-    <storage>/experiment=<name>/<trial_id>.parquet     one row per trial
-    <storage>/_summary/<name>.parquet                   the aggregated table (``results.summary``)
-    <storage>/_checkpoints/<name>/<trial_id>/checkpoint.pt
-    <storage>/_leases/<name>/...                        which driver runs which trial (``runner.leases``)
-    <storage>/_figures/<name>/, <storage>/_ray/<name>/  figures, Ray's own run state
-
-Folders starting with ``_`` or ``.`` are skipped by Parquet readers, so the
-storage folder reads as one dataset whose ``experiment`` column comes from the
-Hive-style directory name: ``pandas.read_parquet("results")``,
+Where the files live is :class:`cgc_ray.storage.Storage`'s to say: one file
+per trial in the experiment's Hive partition, beside folders Parquet readers
+skip (summaries, checkpoints, leases, figures, Ray's run state). So the
+storage folder reads as one dataset whose ``experiment`` column comes from
+the directory name: ``pandas.read_parquet("results")``,
 ``duckdb.sql("select * from 'results/*/*.parquet'")``; cgc-ray itself reads it
 with ``pyarrow.dataset`` and Hive partitioning.
 
-Writes are atomic: the row is written to a hidden temporary name in the same
-directory and renamed over ``<trial_id>.parquet``; readers never see a partial
-file; two writers of the same trial replace each other's file (never duplicate
-rows). Object stores (S3, GCS) publish an object only when its upload
-completes, so there the file is written to its final name directly. A file that
-is corrupt or truncated anyway (a full disk, a copy gone wrong) does not count
-as done: :func:`trial_status` moves it aside to ``_corrupt/`` with a warning and
-its trial runs again.
+Writes are atomic (:meth:`Storage.write_atomic`): readers never see a partial
+file; two writers of the same trial replace each other's file (never
+duplicate rows). A file that is corrupt or truncated anyway (a full disk, a
+copy gone wrong) does not count as done: :func:`trial_status` sets it aside
+with a warning and its trial runs again.
 
 Schema version 2 (:data:`SCHEMA`), columns and units:
 
@@ -77,7 +67,6 @@ import json
 import math
 import os
 import subprocess
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -87,6 +76,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from cgc_ray.storage import HIDDEN, Storage
 
 __all__ = [
     "FILE_SCHEMA",
@@ -150,37 +141,6 @@ SCHEMA = pa.schema(
 FILE_SCHEMA = SCHEMA.remove(SCHEMA.get_field_index("experiment"))
 # Reading: every column nullable (older files lack the newer ones), experiment from the folder name.
 _READ_SCHEMA = pa.schema([f.with_nullable(True) for f in SCHEMA])
-
-_PARTITION = "experiment="
-_ATOMIC_PUT_FILESYSTEMS = {"s3", "gcs"}
-
-
-def filesystem(storage_uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, base path) for a local path or a pyarrow filesystem URI."""
-    if "://" not in storage_uri:
-        return pafs.LocalFileSystem(), str(Path(storage_uri).expanduser().resolve())
-    try:
-        fs, path = pafs.FileSystem.from_uri(storage_uri)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise ValueError(f"storage URI {storage_uri!r} is not usable by pyarrow: {e}") from None
-    return fs, path.rstrip("/")
-
-
-def checkpoint_path(storage_uri: str, experiment: str, trial_id: str) -> str:
-    """Where a trial's checkpoint lives in the storage's filesystem: ``_checkpoints/<experiment>/<trial_id>/checkpoint.pt``."""
-    return f"{filesystem(storage_uri)[1]}/_checkpoints/{experiment}/{trial_id}/checkpoint.pt"
-
-
-def figures_dir(storage_uri: str, experiment: str) -> str:
-    """Where an experiment's figures live: ``_figures/<experiment>`` (``_`` folders are skipped by Parquet readers)."""
-    return f"{filesystem(storage_uri)[1]}/_figures/{experiment}"
-
-
-def _experiment_dir(base: str, experiment: str) -> str:
-    if not experiment or "/" in experiment or experiment.startswith((".", "_")):
-        raise ValueError(f"experiment name {experiment!r} cannot be a results directory; use letters, digits, _ . -")
-    return f"{base}/{_PARTITION}{experiment}"
-
 
 def result_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Engine metrics (fractions) in the table's units: top1/top5/ch in %; NaN or missing left out (null)."""
@@ -257,8 +217,8 @@ def row_from_config(
     }
 
 
-def write_row(storage_uri: str, experiment: str, row: Mapping[str, Any]) -> str:
-    """Write one trial's row atomically to ``experiment=<experiment>/<trial_id>.parquet``.
+def write_row(storage: Storage | str, experiment: str, row: Mapping[str, Any]) -> str:
+    """Write one trial's row atomically to its file (:meth:`Storage.row_path`).
 
     ``row`` has the columns of :data:`FILE_SCHEMA` (``schema_version`` is
     filled in; ``finished_at`` defaults to now). Re-writing a trial id replaces
@@ -275,39 +235,10 @@ def write_row(storage_uri: str, experiment: str, row: Mapping[str, Any]) -> str:
             f"result row does not match schema v{SCHEMA_VERSION}: "
             f"unknown columns {sorted(extra)}, missing columns {sorted(missing)}"
         )
-    tid = row["trial_id"]
-    if not tid or "/" in tid or tid.startswith((".", "_")):
-        raise ValueError(f"trial_id {tid!r} cannot be a file name")
+    storage = Storage.of(storage)
+    path = storage.row_path(experiment, row["trial_id"])  # validates both names
     table = pa.Table.from_pylist([row], schema=FILE_SCHEMA)
-
-    fs, base = filesystem(storage_uri)
-    directory = _experiment_dir(base, experiment)
-    fs.create_dir(directory, recursive=True)
-    final = f"{directory}/{tid}.parquet"
-    if fs.type_name in _ATOMIC_PUT_FILESYSTEMS:
-        pq.write_table(table, final, filesystem=fs)
-        return final
-    tmp = f"{directory}/.{tid}.{uuid.uuid4().hex}.tmp"
-    try:
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, final)
-    except BaseException:
-        _delete_quietly(fs, tmp)
-        raise
-    return final
-
-
-def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
-    try:
-        fs.delete_file(path)
-    except (FileNotFoundError, OSError):
-        pass
-
-
-def _trial_files(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
-    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
-    return [i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
-            and not i.base_name.startswith((".", "_"))]
+    return storage.write_atomic(path, lambda target: pq.write_table(table, target, filesystem=storage.fs))
 
 
 def _validate(fs: pafs.FileSystem, info: pafs.FileInfo) -> str:
@@ -325,68 +256,79 @@ def _validate(fs: pafs.FileSystem, info: pafs.FileInfo) -> str:
     return status or "finished"  # schema v1 rows are finished trials
 
 
-def trial_status(storage_uri: str, experiment: str) -> dict[str, str]:
-    """trial id -> status of every valid row file of ``experiment``; bad files are moved aside.
+def trial_status(storage: Storage | str, experiment: str) -> dict[str, str]:
+    """trial id -> status of every valid row file of ``experiment``; bad files are set aside.
 
     A file that cannot be read, or whose row is not the trial its name says,
-    is moved to ``experiment=<name>/_corrupt/`` with a warning (its trial then
-    runs again). Temporary files of writers that died (``.<id>.<uuid>.tmp``
-    older than an hour) are deleted.
+    is set aside (:meth:`Storage.set_aside`) with a warning (its trial
+    then runs again). Temporary files of writers that died are deleted.
     """
-    fs, base = filesystem(storage_uri)
-    directory = _experiment_dir(base, experiment)
-    out: dict[str, str] = {}
-    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    storage = Storage.of(storage)
+    infos = storage.files(storage.experiment_dir(experiment))
+    storage.remove_stale_temps(infos)
     now = _dt.datetime.now(_dt.timezone.utc)
+    out: dict[str, str] = {}
     for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
-            mtime = info.mtime.astimezone(_dt.timezone.utc) if info.mtime is not None else now
-            if now - mtime > _dt.timedelta(hours=1):
-                _delete_quietly(fs, info.path)
-            continue
-        if not info.base_name.endswith(".parquet") or info.base_name.startswith((".", "_")):
+        if not info.base_name.endswith(".parquet") or info.base_name.startswith(HIDDEN):
             continue
         try:
-            out[info.base_name.removesuffix(".parquet")] = _validate(fs, info)
+            out[info.base_name.removesuffix(".parquet")] = _validate(storage.fs, info)
         except ValueError as e:
-            aside = f"{directory}/_corrupt/{info.base_name}.{now:%Y%m%dT%H%M%S}"
-            fs.create_dir(f"{directory}/_corrupt", recursive=True)
-            fs.move(info.path, aside)
+            aside = storage.set_aside(info.path, experiment, now)
             warnings.warn(f"result file {info.path} is not a valid trial row ({e}); moved to {aside}, "
                           "its trial will run again", stacklevel=2)
     return out
 
 
-def completed_trial_ids(storage_uri: str, experiment: str) -> set[str]:
+def completed_trial_ids(storage: Storage | str, experiment: str) -> set[str]:
     """Trial ids whose row says they are done (finished or diverged); failed trials run again."""
-    return {t for t, status in trial_status(storage_uri, experiment).items() if status in DONE_STATUSES}
+    return {t for t, status in trial_status(storage, experiment).items() if status in DONE_STATUSES}
 
 
-def read_rows(storage_uri: str, experiment: str | None = None) -> pa.Table:
+def read_rows(storage: Storage | str, experiment: str | None = None, *,
+              left_out: list[str] | None = None) -> pa.Table:
     """All result rows (of one experiment, or of all) as a table with :data:`SCHEMA`.
 
-    Read with ``pyarrow.dataset`` and Hive partitioning (``experiment=<name>``).
+    Read with ``pyarrow.dataset`` and Hive partitioning (:meth:`Storage.experiment_dir`).
     Files written by an older schema version read with nulls in the columns
-    they lack; unreadable files are left out with a warning. A missing storage
-    location reads as an empty table.
+    they lack. A file that cannot be read, or whose columns do not cast to
+    the schema (a list where a number belongs), is left out: one line naming
+    it is appended to ``left_out``, or warned when that is None. A missing
+    storage location reads as an empty table.
     """
-    fs, base = filesystem(storage_uri)
-    if fs.get_file_info(base).type == pafs.FileType.NotFound:
+    storage = Storage.of(storage)
+    if experiment is not None:
+        storage.experiment_dir(experiment)  # validates the name
+    if not storage.exists(storage.root):
         return SCHEMA.empty_table()
     partitioning = pads.partitioning(pa.schema([SCHEMA.field("experiment")]), flavor="hive")
-    kw = dict(format="parquet", filesystem=fs, partitioning=partitioning, schema=_READ_SCHEMA,
-              ignore_prefixes=[".", "_"])
-    dataset = pads.dataset(base, exclude_invalid_files=True, **kw)
-    if experiment is not None:
-        _experiment_dir(base, experiment)  # validates the name
-    bad = set(pads.dataset(base, **kw).files) - set(dataset.files)
-    if bad:
-        warnings.warn(f"left out {len(bad)} unreadable result file(s), e.g. {sorted(bad)[:3]}; "
-                      "the next run of their experiment moves them aside and runs their trials again", stacklevel=2)
-    table = dataset.to_table(filter=None if experiment is None else pc.field("experiment") == experiment)
+    kw = dict(format="parquet", filesystem=storage.fs, partitioning=partitioning, schema=_READ_SCHEMA,
+              ignore_prefixes=list(HIDDEN))
+    dataset = pads.dataset(storage.root, exclude_invalid_files=True, **kw)
+    bad = [f"{path}: not a readable Parquet file (the next run of its experiment moves it aside and runs its "
+           "trial again)" for path in
+           sorted(set(pads.dataset(storage.root, **kw).files) - set(dataset.files))]
+    where = None if experiment is None else pc.field("experiment") == experiment
+    try:
+        table = dataset.to_table(filter=where)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        table = _read_each(dataset, where, bad)  # the slow path, only when some file does not fit the schema
+    if left_out is not None:
+        left_out += bad
+    elif bad:
+        warnings.warn(f"left out {len(bad)} unreadable result file(s): {'; '.join(bad)}", stacklevel=2)
     return table.select(SCHEMA.names).cast(SCHEMA)
+
+
+def _read_each(dataset: pads.Dataset, where: pc.Expression | None, bad: list[str]) -> pa.Table:
+    """The files of ``dataset`` one by one, leaving out (and listing in ``bad``) those that do not fit its schema."""
+    parts = []
+    for fragment in dataset.get_fragments(filter=where):
+        try:
+            parts.append(pads.Scanner.from_fragment(fragment, schema=dataset.schema, filter=where).to_table())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            bad.append(f"{fragment.path}: {str(e).splitlines()[0]}")
+    return pa.concat_tables(parts) if parts else dataset.schema.empty_table()
 
 
 def code_version() -> str:

@@ -85,6 +85,8 @@ def find_cluster(address: str | None) -> str | None:
         return None
     if address and address.startswith("ray://"):
         return address
+    # Private: Ray has no public call that says which cluster ray.init() would attach to without attaching
+    # (RAY_ADDRESS, then the `ray start` record under the temp dir); copying its rules would drift from Ray's.
     from ray._private.services import canonicalize_bootstrap_address
 
     try:
@@ -106,6 +108,8 @@ def connect(address: str | None) -> bool:
         # imported, so also set on the already imported module) says the Ray is a single machine's
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+            # Private: no public switch; the env var alone is read only at import, and it must stay unset for
+            # drivers that attach to a multi-node cluster (their node address must not become 127.0.0.1)
             from ray._private import ray_constants
 
             ray_constants.ENABLE_RAY_CLUSTER = False
@@ -123,6 +127,7 @@ def connect(address: str | None) -> bool:
 
 
 def _types_from_gcs() -> dict[str, NodeType]:
+    # Private: the autoscaler's cluster config has no public reader (Ray Data reads it through this call too)
     from ray._private.state import state
 
     try:

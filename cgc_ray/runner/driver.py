@@ -7,8 +7,7 @@ attaches to, :mod:`cgc_ray.runner.cluster`.
 
 * Nothing is lost and nothing runs twice. Trial ids are content hashes of the
   resolved trial config; a trial whose row is in the results is skipped; a
-  trial's checkpoint lives under the storage URI
-  (``<storage>/_checkpoints/<experiment>/<trial_id>/checkpoint.pt``), so a
+  trial's checkpoint lives in storage (:mod:`cgc_ray.storage`), so a
   retried trial (``FailureConfig``), a trial moved off a lost node or a re-run
   of the whole command resumes from its last finished epoch.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -28,21 +26,13 @@ from cgc_ray.config import (
     check_data_root,
     data_root_missing_here,
     expand_trials,
-    is_uri,
     resolve_paths,
     spec_hash,
     trial_id,
     validate_spec,
 )
 from cgc_ray.config.pretrained import pin_pretrained
-from cgc_ray.results.table import (
-    DONE_STATUSES,
-    code_version,
-    filesystem,
-    row_from_config,
-    trial_status,
-    write_row,
-)
+from cgc_ray.results.table import DONE_STATUSES, code_version, row_from_config, trial_status, write_row
 from cgc_ray.runner.cluster import cluster_view, connect, find_cluster
 from cgc_ray.runner.leases import Leases
 from cgc_ray.runner.resources import (
@@ -52,7 +42,8 @@ from cgc_ray.runner.resources import (
     trial_bundles,
     use_gpu,
 )
-from cgc_ray.runner.worker import ray_storage_path, trial_by_id
+from cgc_ray.runner.worker import trial_by_id
+from cgc_ray.storage import Storage
 
 # ---------------------------------------------------------------- the driver
 
@@ -63,13 +54,9 @@ def _ray_initialized() -> bool:
     return ray.is_initialized()
 
 
-def _is_local(storage: str) -> bool:
-    return not is_uri(storage)
-
-
-def _local_storage_message(storage: str, reason: str) -> str:
+def _local_storage_message(storage: Storage, reason: str) -> str:
     return (
-        f"storage={storage!r} is a local folder but {reason}: rows and checkpoints would land on the disks of "
+        f"storage={storage.uri!r} is a local folder but {reason}: rows and checkpoints would land on the disks of "
         "whichever node runs each trial. Use storage every node reaches: --storage s3://BUCKET/PREFIX (or set "
         "CGC_RAY_STORAGE in the cluster's config), or file:///shared/mount for a filesystem all nodes mount"
     )
@@ -122,20 +109,17 @@ class StorageError(RuntimeError):
     """The storage location cannot be written (a file in the way, no permission, bad credentials)."""
 
 
-def check_storage(storage: str) -> None:
-    """Fail at once, in one line naming the location and the reason, if ``storage`` cannot be written."""
+def check_storage(location: str) -> Storage:
+    """The storage at ``location``, resolved; fails at once, in one line naming it and why, if it cannot be written."""
     import pyarrow as pa
 
     try:
-        fs, base = filesystem(storage)
-        fs.create_dir(base, recursive=True)
-        probe = f"{base}/.cgc-ray-probe-{uuid.uuid4().hex}"
-        with fs.open_output_stream(probe) as f:
-            f.write(b"ok")
-        fs.delete_file(probe)
+        storage = Storage(location)
+        storage.check_writable()
     except (OSError, pa.ArrowException, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"storage {storage!r} cannot be written: {reason}") from None
+        raise StorageError(f"storage {location!r} cannot be written: {reason}") from None
+    return storage
 
 
 def _quiet_tune() -> None:
@@ -163,9 +147,9 @@ def run_experiment(
     checks that one trial fits the cluster's nodes or node types.
     """
     spec = resolve_paths(validate_spec(spec))  # idempotent; the CLI resolved against the user's folder already
-    if autoscale and _is_local(spec.storage):
-        raise ResourceError(_local_storage_message(spec.storage, "--autoscale adds nodes"))
-    check_storage(spec.storage)
+    storage = check_storage(spec.storage)
+    if autoscale and storage.is_local:
+        raise ResourceError(_local_storage_message(storage, "--autoscale adds nodes"))
     spec = _run_pretrainings(spec, address=address, progress=progress, autoscale=autoscale)
     if _ray_initialized():  # a caller's Ray (a notebook, the tests): this process is already attached
         view = cluster_view(own=False)
@@ -175,17 +159,17 @@ def run_experiment(
     _check_data_where_we_can(spec, on_this_node=on_this_node)
     trials = expand_trials(spec)
     ids = [trial_id(t) for t in trials]
-    done = {t for t, status in trial_status(spec.storage, spec.name).items() if status in DONE_STATUSES}
+    done = {t for t, status in trial_status(storage, spec.name).items() if status in DONE_STATUSES}
     skipped = [i for i in ids if i in done]
-    leases = Leases(spec.storage, spec.name).start()
+    leases = Leases(storage, spec.name).start()
     try:
         mine, held = leases.claim([i for i in ids if i not in done])
         held_by = {t: f"{b.get('host')}:{b.get('pid')}" for t, b in held.items()}
         pending = [(t, i) for t, i in zip(trials, ids) if i in set(mine)]
         if not pending:
             return ExperimentResult(ids, skipped, [], {}, held=held_by)
-        return _run_pending(spec, pending, ids, skipped, held_by, view, address=address, progress=progress,
-                            max_concurrent=max_concurrent, autoscale=autoscale)
+        return _run_pending(spec, storage, pending, ids, skipped, held_by, view, address=address,
+                            progress=progress, max_concurrent=max_concurrent, autoscale=autoscale)
     finally:
         leases.release()
 
@@ -201,17 +185,17 @@ def _run_pretrainings(spec: ExperimentSpec, **run_options: Any) -> ExperimentSpe
     return spec
 
 
-def _run_pending(spec: ExperimentSpec, pending: list, ids: list[str], skipped: list[str], held: dict[str, str],
-                 view, *, address: str | None, progress: bool, max_concurrent: int | None,
+def _run_pending(spec: ExperimentSpec, storage: Storage, pending: list, ids: list[str], skipped: list[str],
+                 held: dict[str, str], view, *, address: str | None, progress: bool, max_concurrent: int | None,
                  autoscale: bool) -> ExperimentResult:
     from ray import tune
 
     if view is None:
         view = cluster_view(own=connect(address))
-    if view.multi_node and _is_local(spec.storage):
+    if view.multi_node and storage.is_local:
         reason = (f"this cluster has {len(view.nodes)} nodes" if len(view.nodes) > 1
                   else f"its autoscaler can add nodes ({', '.join(view.node_types)})")
-        raise ResourceError(_local_storage_message(spec.storage, reason))
+        raise ResourceError(_local_storage_message(storage, reason))
     gpu = use_gpu(spec, view, autoscale=autoscale)
     nodes = view.placement_nodes()
     if not (autoscale and not view.node_types):  # without the node types, nodes may still be coming
@@ -253,20 +237,20 @@ def _run_pending(spec: ExperimentSpec, pending: list, ids: list[str], skipped: l
         ),
         run_config=tune.RunConfig(
             name=spec.name,  # Ray's run state, one folder per experiment (results are keyed by trial id)
-            storage_path=ray_storage_path(spec.storage),
+            storage_path=storage.ray_path,
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries),
             callbacks=callbacks,
             verbose=0,
         ),
     )
     grid = tuner.fit()
-    status = trial_status(spec.storage, spec.name)
+    status = trial_status(storage, spec.name)
     failed = {}
     for r in grid:
         tid = r.config["trial_id"]
         if status.get(tid) not in DONE_STATUSES:
             failed[tid] = _last_line(r.error) if r.error else "no result row was written"
-            _write_failed_row(spec, by_id[tid], failed[tid])
+            _write_failed_row(storage, spec.name, by_id[tid], failed[tid])
     ran = [t for t in by_id if status.get(t) in DONE_STATUSES]
     diverged = [t for t in ran if status[t] == "diverged"]
     metrics = {r.config["trial_id"]: dict(r.metrics or {}) for r in grid}
@@ -278,9 +262,9 @@ def _last_line(error: BaseException) -> str:
     return text.splitlines()[-1] if text else type(error).__name__
 
 
-def _write_failed_row(spec: ExperimentSpec, config: dict[str, Any], error: str) -> None:
+def _write_failed_row(storage: Storage, experiment: str, config: dict[str, Any], error: str) -> None:
     """A ``failed`` row, so the report shows the trial; the next run tries it again (not a done status)."""
     row = row_from_config(config["spec"], {}, trial_id=config["trial_id"], spec_hash=config["spec_hash"], epochs=0,
                           wall_time_s=0.0, node=socket.gethostname(), code_version=config["code_version"],
                           status="failed", error=error)
-    write_row(spec.storage, spec.name, row)
+    write_row(storage, experiment, row)

@@ -1,8 +1,8 @@
 """Which driver runs which trial: claims in storage, so two drivers on one storage never run a trial twice.
 
-Layout: ``<storage>/_leases/<experiment>/<trial_id>.json`` holds the claiming
-driver's id; ``<storage>/_leases/<experiment>/_drivers/<driver_id>.json`` is that
-driver's heartbeat (host, pid, last beat), rewritten every
+Layout, in the experiment's lease folder (:meth:`cgc_ray.storage.Storage.leases_dir`):
+``<trial_id>.json`` holds the claiming driver's id; ``_drivers/<driver_id>.json``
+is that driver's heartbeat (host, pid, last beat), rewritten every
 :data:`HEARTBEAT_S` seconds while it runs.
 
 A claim is live while its driver's heartbeat is younger than :data:`STALE_S`
@@ -10,13 +10,13 @@ and, for a driver on this host, while its process exists (so re-running a
 killed command takes its trials over at once). A driver skips trials whose
 claim is live and takes over stale ones.
 
-Claims are created exclusively where the filesystem can (``O_EXCL`` on local
-and mounted filesystems). Object stores (S3, GCS via pyarrow) have no
-exclusive create: there a claim is written, then read back after a short
-pause, and the driver keeps it only if its own id is still there (the last
-writer wins, and both drivers see the same winner), which leaves a window of
-that pause for a tie; each trial's row is still written atomically, so a tie
-costs compute, never a duplicated row.
+Claims are created exclusively where the filesystem can (``O_EXCL`` on a
+:attr:`~cgc_ray.storage.Storage.posix` root: a folder or a ``file://`` mount).
+Object stores (S3, GCS via pyarrow) have no exclusive create: there a claim
+is written, then read back after a short pause, and the driver keeps it only
+if its own id is still there (the last writer wins, and both drivers see the
+same winner), which leaves a window of that pause for a tie; each trial's row
+is still written atomically, so a tie costs compute, never a duplicated row.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from cgc_ray.results.table import filesystem
+from cgc_ray.storage import Storage
 
 HEARTBEAT_S = 20.0
 STALE_S = 90.0
@@ -45,11 +45,6 @@ def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
             return json.loads(f.read().decode())
     except (FileNotFoundError, OSError, ValueError):
         return None
-
-
-def _write_json(fs: pafs.FileSystem, path: str, data: dict[str, Any]) -> None:
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(data).encode())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -66,14 +61,14 @@ def _pid_alive(pid: int) -> bool:
 class Leases:
     """This driver's claims on the trials of one experiment (see the module docstring)."""
 
-    storage: str
+    storage: Storage | str
     experiment: str
     driver: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
-        self.fs, base = filesystem(self.storage)
-        self.dir = f"{base}/_leases/{self.experiment}"
-        self.local = isinstance(self.fs, pafs.LocalFileSystem)  # a path or file://: O_EXCL works
+        self.storage = Storage.of(self.storage)
+        self.fs = self.storage.fs
+        self.dir = self.storage.leases_dir(self.experiment)
         self.mine: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -81,8 +76,8 @@ class Leases:
     # ---------------------------------------------------------------- heartbeat
 
     def _beat(self) -> None:
-        _write_json(self.fs, f"{self.dir}/_drivers/{self.driver}.json",
-                    {"driver": self.driver, "host": socket.gethostname(), "pid": os.getpid(), "beat": time.time()})
+        beat = {"driver": self.driver, "host": socket.gethostname(), "pid": os.getpid(), "beat": time.time()}
+        self.storage.write_bytes(f"{self.dir}/_drivers/{self.driver}.json", json.dumps(beat).encode())
 
     def start(self) -> "Leases":
         self.fs.create_dir(f"{self.dir}/_drivers", recursive=True)
@@ -112,7 +107,7 @@ class Leases:
     def _create(self, path: str) -> bool:
         """Exclusively create the claim file; False if it exists."""
         record = json.dumps({"driver": self.driver}).encode()
-        if self.local:
+        if self.storage.posix:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -120,28 +115,23 @@ class Leases:
             with os.fdopen(fd, "wb") as f:
                 f.write(record)
             return True
-        if self.fs.get_file_info(path).type != pafs.FileType.NotFound:
+        if self.storage.exists(path):
             return False
-        with self.fs.open_output_stream(path) as f:
-            f.write(record)
+        self.storage.write_bytes(path, record)
         time.sleep(_CONFIRM_S)
         return (_read_json(self.fs, path) or {}).get("driver") == self.driver
 
     def _take_over(self, path: str, stale: str) -> bool:
         """Replace the stale claim of driver ``stale``; exactly one of several drivers trying succeeds locally."""
         record = json.dumps({"driver": self.driver}).encode()
-        if self.local:
+        if self.storage.posix:
             try:  # whoever creates the marker for this stale owner wins the takeover
                 os.close(os.open(f"{path}.from-{stale}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
             except FileExistsError:
                 return False
-            tmp = f"{path}.{self.driver}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(record)
-            os.replace(tmp, path)
+            self.storage.write_bytes(path, record)
             return True
-        with self.fs.open_output_stream(path) as f:
-            f.write(record)
+        self.storage.write_bytes(path, record)
         time.sleep(_CONFIRM_S)
         return (_read_json(self.fs, path) or {}).get("driver") == self.driver
 
@@ -177,12 +167,6 @@ class Leases:
         for tid in sorted(self.mine):
             path = f"{self.dir}/{tid}.json"
             if (_read_json(self.fs, path) or {}).get("driver") == self.driver:
-                try:
-                    self.fs.delete_file(path)
-                except OSError:
-                    pass
-        try:
-            self.fs.delete_file(f"{self.dir}/_drivers/{self.driver}.json")
-        except OSError:
-            pass
+                self.storage.delete_quietly(path)
+        self.storage.delete_quietly(f"{self.dir}/_drivers/{self.driver}.json")
         self.mine.clear()

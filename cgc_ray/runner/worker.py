@@ -6,9 +6,8 @@
 * A trial with several workers nests a Ray Train ``TorchTrainer`` (DDP; gloo
   on CPU, NCCL on GPU) and forwards its reports to Tune with
   ``TuneReportCallback``; rank 0 writes checkpoints, every rank reports.
-* The checkpoint lives under the storage URI
-  (``<storage>/_checkpoints/<experiment>/<trial_id>/checkpoint.pt``), so a
-  retried trial, a trial moved off a lost node or a re-run of the command
+* The checkpoint lives in storage (:meth:`cgc_ray.storage.Storage.checkpoint_path`),
+  so a retried trial, a trial moved off a lost node or a re-run of the command
   resumes from its last finished epoch.
 """
 
@@ -23,68 +22,49 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cgc_ray.config import ExperimentSpec, SpecError, unresolved_paths, validate_spec
-from cgc_ray.results.table import (
-    DETAIL_COLUMNS,
-    checkpoint_path,
-    filesystem,
-    result_metrics,
-    row_from_config,
-    write_row,
-)
-
-
-def ray_storage_path(storage: str) -> str:
-    """Ray's own run state (logs, trial state) beside the results."""
-    if "://" in storage:
-        return storage.rstrip("/") + "/_ray"
-    return str(Path(storage).expanduser().resolve() / "_ray")
-
-
+from cgc_ray.results.table import DETAIL_COLUMNS, result_metrics, row_from_config, write_row
+from cgc_ray.storage import CHECKPOINT_NAME, Storage
 
 # ---------------------------------------------------------------- checkpoints in storage
 
 
 @dataclass
 class CheckpointStore:
-    """A trial's checkpoint under the storage URI, with a local working copy.
+    """A trial's checkpoint in storage, with a local working copy.
 
-    For a local storage path the working copy is the stored file itself; for
-    a remote URI (s3://...) it is pulled before training and pushed after
-    every epoch.
+    For a local storage folder the working copy is the stored file itself; for
+    a URI (``s3://``, ``file://``) it is pulled before training and pushed,
+    atomically, whenever the trial writes one.
     """
 
-    storage: str
+    storage: Storage | str
     experiment: str
     trial_id: str
 
     def __post_init__(self) -> None:
-        self.fs, _ = filesystem(self.storage)
-        self.remote = checkpoint_path(self.storage, self.experiment, self.trial_id)
-        self.is_local = "://" not in self.storage
+        self.storage = Storage.of(self.storage)
+        self.remote = self.storage.checkpoint_path(self.experiment, self.trial_id)
+        self.is_local = self.storage.is_local
         self.workdir = Path(self.remote).parent if self.is_local else Path(tempfile.mkdtemp(prefix="cgc-ckpt-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     @property
     def local_path(self) -> Path:
-        return self.workdir / "checkpoint.pt"
+        return self.workdir / CHECKPOINT_NAME
 
     def pull(self) -> None:
         if self.is_local:
             return
-        import pyarrow.fs as pafs
-
-        if self.fs.get_file_info(self.remote).type == pafs.FileType.File:
-            pafs.copy_files(self.remote, str(self.local_path), source_filesystem=self.fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+        if self.storage.posix:  # temporary files of pushes whose workers were killed (object stores have none)
+            self.storage.remove_stale_temps(self.storage.files(self.remote.rpartition("/")[0]))
+        if self.storage.exists(self.remote):
+            self.storage.download(self.remote, self.local_path)
 
     def push(self) -> None:
+        """Upload the working copy; a push that fails (or is killed) leaves the previous checkpoint."""
         if self.is_local or not self.local_path.exists():
             return
-        import pyarrow.fs as pafs
-
-        self.fs.create_dir(str(Path(self.remote).parent), recursive=True)
-        pafs.copy_files(str(self.local_path), self.remote, source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
+        self.storage.upload(self.local_path, self.remote)
 
     def cleanup(self) -> None:
         if not self.is_local:
@@ -122,7 +102,7 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _train(spec: ExperimentSpec, tid: str, device: Any, *, distributed: bool, rank: int,
+def _train(spec: ExperimentSpec, storage: Storage, tid: str, device: Any, *, distributed: bool, rank: int,
            send: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Train one trial on this process (one rank under DDP); the final metrics, or what diverged.
 
@@ -136,7 +116,7 @@ def _train(spec: ExperimentSpec, tid: str, device: Any, *, distributed: bool, ra
     from cgc_ray.train.trial import run_trial
 
     _worker_threads(spec)
-    store = CheckpointStore(spec.storage, spec.name, tid)
+    store = CheckpointStore(storage, spec.name, tid)
     store.pull()
     first: dict[str, int] = {}  # the first epoch this attempt finished
 
@@ -169,11 +149,11 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     spec = validate_spec(config["spec"])
     rank = ray.train.get_context().get_world_rank()
-    return _train(spec, config["trial_id"], ray.train.torch.get_device(), distributed=True, rank=rank,
-                  send=lambda m: ray.train.report({**m, "rank": rank}))
+    return _train(spec, Storage(spec.storage), config["trial_id"], ray.train.torch.get_device(),
+                  distributed=True, rank=rank, send=lambda m: ray.train.report({**m, "rank": rank}))
 
 
-def _run_ddp(spec: ExperimentSpec, tid: str, config: dict[str, Any], gpu: bool) -> dict[str, Any]:
+def _run_ddp(spec: ExperimentSpec, storage: Storage, tid: str, config: dict[str, Any], gpu: bool) -> dict[str, Any]:
     """Nest a TorchTrainer in the Tune function; rank 0's per-epoch reports reach Tune."""
     from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
@@ -192,7 +172,7 @@ def _run_ddp(spec: ExperimentSpec, tid: str, config: dict[str, Any], gpu: bool) 
         ),
         run_config=TrainRunConfig(
             name=f"{spec.name}-{tid}",
-            storage_path=ray_storage_path(spec.storage),
+            storage_path=storage.ray_path,
             callbacks=[TuneReportCallback()],
         ),
     )
@@ -202,10 +182,10 @@ def _run_ddp(spec: ExperimentSpec, tid: str, config: dict[str, Any], gpu: bool) 
     return final
 
 
-def _run_single(spec: ExperimentSpec, tid: str, gpu: bool) -> dict[str, Any]:
+def _run_single(spec: ExperimentSpec, storage: Storage, tid: str, gpu: bool) -> dict[str, Any]:
     from ray import tune
 
-    return _train(spec, tid, _trial_device(gpu), distributed=False, rank=0,
+    return _train(spec, storage, tid, _trial_device(gpu), distributed=False, rank=0,
                   send=lambda m: tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))}))
 
 
@@ -220,7 +200,11 @@ def _trial_fn(config: dict[str, Any]) -> None:
     tid = config["trial_id"]
     gpu = bool(config["use_gpu"])
     start = time.time()
-    final = _run_ddp(spec, tid, config, gpu) if spec.scaling.num_workers > 1 else _run_single(spec, tid, gpu)
+    storage = Storage(spec.storage)  # the spec crossed into Ray as a dict: the storage, as its location string
+    if spec.scaling.num_workers > 1:
+        final = _run_ddp(spec, storage, tid, config, gpu)
+    else:
+        final = _run_single(spec, storage, tid, gpu)
     diverged = bool(final.get("diverged"))
     row = row_from_config(
         config["spec"],
@@ -237,7 +221,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
         diverged_step=final.get("diverged_step"),
         details={k: final[k] for k in DETAIL_COLUMNS if final.get(k) is not None},
     )
-    write_row(spec.storage, spec.name, row)
+    write_row(storage, spec.name, row)
     tune.report({"row_written": 1, "status": row["status"], **({} if diverged else result_metrics(final)),
                  "epoch": row["epochs"], "node_id": final["node_id"], "resumed_from_epoch": final["resumed_from_epoch"]})
 

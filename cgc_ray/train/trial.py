@@ -26,19 +26,17 @@ from cgc_ray.config import (
     check_data_root,
     is_uri,
     loader_workers,
-    method_config_kwargs,
     validate_against_data,
     validate_spec,
 )
 from cgc_ray.data.dataset import BoxDataset, collate
-from cgc_ray.method.cgc import MethodConfig
+from cgc_ray.models.checkpoint import trial_record
 from cgc_ray.models.resnet import build_model
 from cgc_ray.config.pretrained import parse_trial_ref
-from cgc_ray.results.table import checkpoint_path, filesystem
-from cgc_ray.train.engine import Callback, fit
+from cgc_ray.storage import CHECKPOINT_NAME, Storage, resolve
+from cgc_ray.train.engine import Callback, Evaluator, FitPlan, fit
+from cgc_ray.train.task import Placement, build_task
 from cgc_ray.train.optim import build_optimizer, build_scheduler
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def data_root(spec: ExperimentSpec) -> str:
@@ -204,43 +202,49 @@ def class_spread_sample(records: Sequence[D.ImageRecord], n: int | None, seed: i
     return out
 
 
-def evaluation_loaders(records: Sequence[D.ImageRecord], *, image_size: int, batch: int, workers: int, seed: int,
-                       metrics: Sequence[str], cgc_batch: int, iauc_images: int | None,
-                       iauc_protocol: str) -> tuple[DataLoader, dict[str, Any]]:
-    """(the evaluation loader, ``engine.evaluate`` options): held-out CGC-loss groups of ``cgc_batch`` from
-    :func:`heldout_order` (whole groups; one group of all when fewer images), IAUC on
-    :func:`class_spread_sample` of ``iauc_images``."""
-    make = lambda recs, b, drop: _loader(BoxDataset(recs, train=False, image_size=image_size), b, train=False,
-                                         seed=seed, workers=workers, distributed=False, drop_last=drop)
-    options: dict[str, Any] = {"iauc_protocol": iauc_protocol}
+def evaluator(spec: ExperimentSpec, records: Sequence[D.ImageRecord], *, batch: int,
+              metrics: Sequence[str] | None = None) -> Evaluator:
+    """What is evaluated on ``records`` (``metrics``, None: ``spec.metrics``), in batches of ``batch``:
+    held-out CGC-loss groups of ``evaluation.cgc_batch`` from :func:`heldout_order` (whole groups; one group
+    of all when fewer images), IAUC on :func:`class_spread_sample` of ``evaluation.iauc_images``."""
+    ev, seed, metrics = spec.evaluation, spec.seed, tuple(spec.metrics if metrics is None else metrics)
+    make = lambda recs, b, drop: _loader(BoxDataset(recs, train=False, image_size=spec.data.image_size), b,
+                                         train=False, seed=seed, workers=loader_workers(spec), distributed=False,
+                                         drop_last=drop)
+    heldout = iauc = None
     if "cgc_loss" in metrics:
-        options["heldout_loader"] = make(heldout_order(records, seed), min(cgc_batch, len(records)),
-                                         len(records) >= cgc_batch)
+        heldout = make(heldout_order(records, seed), min(ev.cgc_batch, len(records)), len(records) >= ev.cgc_batch)
     if "iauc" in metrics:
-        options["iauc_loader"] = make(class_spread_sample(records, iauc_images, seed), batch, False)
-    return make(records, batch, False), options
+        iauc = make(class_spread_sample(records, ev.iauc_images, seed), batch, False)
+    return Evaluator(make(records, batch, False), layer=spec.model.layer, metrics=metrics,
+                     iauc_protocol=ev.iauc_protocol, seed=seed, every=spec.eval_every, heldout_loader=heldout,
+                     iauc_loader=iauc)
+
+
+def worker_batch(spec: ExperimentSpec, distributed: bool) -> int:
+    """Images per batch on one worker: ``data.batch_size`` / world size (at least 2, for the contrastive loss)."""
+    world = torch.distributed.get_world_size() if distributed else 1
+    return max(2, spec.data.batch_size // world)
 
 
 def build_loaders(spec: ExperimentSpec, td: TrialData, *, distributed: bool = False):
-    """(train, val, unlabeled, evaluate options); the per-worker batch is data.batch_size / world size."""
-    world = torch.distributed.get_world_size() if distributed else 1
-    batch = max(2, spec.data.batch_size // world)
+    """(train, unlabeled or None): the training loaders, in batches of :func:`worker_batch`."""
+    batch = worker_batch(spec, distributed)
     small = spec.data.dataset == "synthetic"
     center = spec.method.view == "center" and spec.method.name != "baseline"
     mk = lambda recs, train: BoxDataset(recs, train=train, image_size=spec.data.image_size,
                                           scale=spec.data.train_crop_scale, cache_in_memory=small, center_view=center)
-    # drop_last: a last batch of one image breaks the contrastive loss (an authors' defect)
+    # A final batch of one image breaks the contrastive loss (an authors' defect): drop that batch and nothing
+    # else. Each rank's sampler holds ceil(N / world) images (DistributedSampler pads); with drop_last it holds
+    # floor(N / world), so every rank drops the same at most world images and runs the same number of steps.
+    per_rank = -(-len(td.train) // (torch.distributed.get_world_size() if distributed else 1))
     train = _loader(mk(td.train, True), batch, train=True, seed=spec.seed, workers=loader_workers(spec),
-                    distributed=distributed, drop_last=len(td.train) > batch)
-    ev = spec.evaluation
-    val, options = evaluation_loaders(td.val, image_size=spec.data.image_size, batch=batch, seed=spec.seed,
-                                      workers=loader_workers(spec), metrics=spec.metrics, cgc_batch=ev.cgc_batch,
-                                      iauc_images=ev.iauc_images, iauc_protocol=ev.iauc_protocol)
+                    distributed=distributed, drop_last=per_rank % batch == 1)
     unl = None
     if td.unlabeled is not None:
         unl = _loader(mk(td.unlabeled, True), batch, train=True, seed=spec.seed + 1,
                       workers=loader_workers(spec), distributed=distributed, drop_last=True)
-    return train, val, unl, options
+    return train, unl
 
 
 def local_weights(spec: ExperimentSpec) -> str | None:
@@ -251,32 +255,33 @@ def local_weights(spec: ExperimentSpec) -> str | None:
         return None
     if weights.startswith("trial:"):
         experiment, tid = parse_trial_ref(weights)
-        weights = checkpoint_path(spec.storage, experiment, tid)
-        if not is_uri(spec.storage) and not Path(weights).is_file():
-            raise SpecError(f"model.weights={spec.model.weights!r}: no checkpoint at {weights}; run that "
-                            "pretraining first (an experiment: reference runs it for you)")
-        if is_uri(spec.storage):
-            weights = _fetch(spec.storage, weights)
-    elif is_uri(weights):
-        weights = _fetch(weights, None)
+        storage = Storage(spec.storage)
+        weights = storage.checkpoint_path(experiment, tid)
+        if storage.posix:  # this machine's files (a folder or a file:// mount): read in place
+            if not Path(weights).is_file():
+                raise SpecError(f"model.weights={spec.model.weights!r}: no checkpoint at {weights}; run that "
+                                "pretraining first (an experiment: reference runs it for you)")
+            return weights
+        return _fetch(storage.uri, storage.fs, weights)
+    if is_uri(weights):
+        fs, path = resolve(weights)
+        return _fetch(weights, fs, path)
     return weights
 
 
-def _fetch(uri: str, path: str | None) -> str:
-    """A local copy of a file in a pyarrow filesystem (``path`` inside ``uri``'s, or ``uri`` itself)."""
+def _fetch(uri: str, fs, path: str) -> str:
+    """A local copy of the file ``path`` in ``fs`` (the filesystem of ``uri``), fetched once into the cache."""
     import hashlib
 
     import pyarrow.fs as pafs
 
-    fs, inner = filesystem(uri)
-    inner = path or inner
-    local = D.cache_dir() / "weights" / hashlib.sha256(f"{uri}|{inner}".encode()).hexdigest()[:16] / Path(inner).name
+    local = D.cache_dir() / "weights" / hashlib.sha256(f"{uri}|{path}".encode()).hexdigest()[:16] / Path(path).name
     if not local.is_file():
         local.parent.mkdir(parents=True, exist_ok=True)
-        if fs.get_file_info(inner).type != pafs.FileType.File:
-            raise SpecError(f"model.weights: no file at {inner} in {uri}")
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise SpecError(f"model.weights: no file at {path} in {uri}")
         tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-        pafs.copy_files(inner, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         os.replace(tmp, local)
     return str(local)
 
@@ -300,7 +305,10 @@ def run_trial(
     start = time.perf_counter()
     device = torch.device(device)
     td = trial_data(spec)
-    train, val, unl, eval_options = build_loaders(spec, td, distributed=distributed)
+    train, unl = build_loaders(spec, td, distributed=distributed)
+    is_main = not distributed or torch.distributed.get_rank() == 0
+    # rank 0 evaluates the whole validation set (on the bare module, see engine.fit)
+    ev = evaluator(spec, td.val, batch=worker_batch(spec, distributed)) if is_main else None
     torch.manual_seed(spec.seed)
     model = build_model(spec.model.arch, td.num_classes, weights=local_weights(spec)).to(device)
     if distributed:
@@ -308,21 +316,16 @@ def run_trial(
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     opt = build_optimizer(spec, model.module if distributed else model)
     sched = build_scheduler(spec, opt, len(train))
-    method = MethodConfig(**method_config_kwargs(spec, num_classes=td.num_classes))
-    is_main = not distributed or torch.distributed.get_rank() == 0
-    # rank 0 evaluates the whole validation set (on the bare module, see engine.fit)
-    metrics = fit(
-        model, train, val if is_main else None, opt, method, device,
-        epochs=spec.optim.epochs, scheduler=sched, scheduler_interval="step", unlabeled_loader=unl,
-        checkpoint_path=Path(trial_dir) / CHECKPOINT_NAME, callback=report, seed=spec.seed,
-        amp=spec.scaling.amp and device.type == "cuda",
-        channels_last=spec.scaling.channels_last and device.type == "cuda",
-        eval_metrics=spec.metrics, eval_every=spec.eval_every, checkpoint_every=spec.failure.checkpoint_every,
-        is_main=is_main, heldout=MethodConfig(**method_config_kwargs(spec, heldout_metric=True)),
-        eval_options=eval_options,
-        checkpoint_extra={"arch": spec.model.arch, "num_classes": td.num_classes, "dataset": spec.data.dataset,
-                          "image_size": spec.data.image_size},
-    )
+    on_gpu = device.type == "cuda"  # autocast and channels_last pay off on GPUs only
+    placement = Placement.on(device, amp=spec.scaling.amp and on_gpu,
+                             channels_last=spec.scaling.channels_last and on_gpu)
+    task = build_task(spec, num_classes=td.num_classes, placement=placement, unlabeled=unl)
+    plan = FitPlan(epochs=spec.optim.epochs, checkpoint_path=Path(trial_dir) / CHECKPOINT_NAME,
+                   checkpoint_every=spec.failure.checkpoint_every, is_main=is_main, scheduler_interval="step",
+                   record=trial_record(method=spec.method.model_dump(mode="json"), layer=spec.model.layer,
+                                       arch=spec.model.arch, num_classes=td.num_classes, dataset=spec.data.dataset,
+                                       image_size=spec.data.image_size))
+    metrics = fit(model, task, opt, train, plan, scheduler=sched, evaluator=ev, callback=report)
     metrics.update(wall_time_s=time.perf_counter() - start, episode_seed=td.episode_seed,
                    n_train=len(td.train), n_val=len(td.val), eval_split=td.eval_split,
                    labelled_split=td.labelled_split)
