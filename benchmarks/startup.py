@@ -20,7 +20,8 @@ Measured, each in a fresh Python process (so its peak RSS is its own, from
   or attached; imports are timed apart);
 - ``report``: ``cgc-ray report`` (the CLI's ``main``), its text thrown away.
 
-Wall times are medians of ``--reps`` runs; peak RSS is the largest.
+Wall and CPU times (``time.process_time``: what a busy machine inflates least)
+are medians of ``--reps`` runs; peak RSS is the largest.
 """
 
 from __future__ import annotations
@@ -80,23 +81,23 @@ def driver(storage: str, rows: int) -> dict:
 
     imports = time.perf_counter() - t0
     spec = _spec(storage, rows)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = run_experiment(spec, progress=False, address="local")
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert len(res.skipped) == len(res.trial_ids) == rows and not res.ran, (len(res.skipped), rows, res.ran)
-    return {"wall_s": wall, "imports_s": imports, "peak_mib": _peak_mib()}
+    return {"wall_s": wall, "cpu_s": cpu, "imports_s": imports, "peak_mib": _peak_mib()}
 
 
 def report(storage: str, rows: int) -> dict:
     from contextlib import redirect_stdout
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     from cgc_ray.cli.main import main
 
     with open(os.devnull, "w") as null, redirect_stdout(null):
         code = main(["report", "--storage", storage])
     assert code == 0, code
-    return {"wall_s": time.perf_counter() - t0, "peak_mib": _peak_mib()}
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "peak_mib": _peak_mib()}
 
 
 CHILDREN = {"write": write_rows, "driver": driver, "report": report}
@@ -118,7 +119,8 @@ def _child(kind: str, storage: str, rows: int, code: str | None) -> dict:
 
 def _measure(kind: str, storage: str, rows: int, code: str | None, reps: int) -> dict:
     runs = [_child(kind, storage, rows, code) for _ in range(reps)]
-    return {"wall_s": statistics.median(r["wall_s"] for r in runs), "peak_mib": max(r["peak_mib"] for r in runs),
+    return {"wall_s": statistics.median(r["wall_s"] for r in runs), "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+            "peak_mib": max(r["peak_mib"] for r in runs),
             **({"imports_s": statistics.median(r["imports_s"] for r in runs)} if "imports_s" in runs[0] else {})}
 
 
@@ -150,11 +152,14 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": args.rows, **results}, indent=1))
         return
-    print(f"{args.rows} finished rows, {os.cpu_count()} CPUs, median of {args.reps} (peak RSS: the largest)")
+    load = os.getloadavg()[0]
+    print(f"{args.rows} finished rows, {os.cpu_count()} CPUs (load {load:.1f} at the end), median of {args.reps}; "
+          "wall (CPU) seconds, peak RSS the largest")
     for label, r in results.items():
         d, rep = r["driver"], r["report"]
-        print(f"{label:>14}: driver ready {d['wall_s']:6.2f} s ({d['peak_mib']:5.0f} MiB; imports "
-              f"{d['imports_s']:.2f} s apart)   report {rep['wall_s']:6.2f} s ({rep['peak_mib']:5.0f} MiB)")
+        print(f"{label:>14}: driver ready {d['wall_s']:6.2f} s ({d['cpu_s']:5.2f} s CPU, {d['peak_mib']:5.0f} MiB; "
+              f"imports {d['imports_s']:.2f} s apart)   report {rep['wall_s']:6.2f} s ({rep['cpu_s']:5.2f} s CPU, "
+              f"{rep['peak_mib']:5.0f} MiB)")
 
 
 if __name__ == "__main__":

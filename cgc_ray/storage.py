@@ -24,23 +24,26 @@ Two facts about a root, each decided here and nowhere else:
   atomically, ``O_EXCL`` creates exclusively and ``open()`` reads them. Elsewhere (S3, GCS) an object
   appears only when its upload completes.
 
-Every write of a whole file goes through :meth:`Storage.write_atomic`, so a reader never sees a
-partial file under its final name.
+Every write of a whole file goes through :meth:`Storage.write_atomic` (or, for a file that must not
+be replaced, :meth:`Storage.create_exclusive`), so a reader never sees a partial file under its final
+name. Reads and listings are retried (:meth:`Storage.read_bytes`, :meth:`Storage.files`): a timeout
+is not an answer about a file.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
-import re
+import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from cgc_ray.config.base import check_name
 from cgc_ray.config.paths import is_uri
 
 __all__ = ["CHECKPOINT_NAME", "HIDDEN", "Storage", "resolve"]
@@ -48,9 +51,12 @@ __all__ = ["CHECKPOINT_NAME", "HIDDEN", "Storage", "resolve"]
 CHECKPOINT_NAME = "checkpoint.pt"
 HIDDEN = (".", "_")  # name prefixes that Parquet readers (and cgc-ray's own) skip
 STALE_TEMP_S = 3600.0  # a temporary file this old belongs to a writer that died
+# A read or listing that fails this often in a row is an error, not a hiccup (an S3 timeout, a stale NFS
+# handle): the pauses between attempts, 0.2 + 0.4 + 0.8 s, outlast a brief network or server blip.
+READ_ATTEMPTS = 4
+_RETRY_S = 0.2
 _PARTITION = "experiment="
-# a folder or file name under the root: no separators, no hidden prefix, no whitespace or control characters
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_T = TypeVar("_T")
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
@@ -64,11 +70,19 @@ def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
-def _name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
-        raise ValueError(f"{kind} {value!r} cannot be a folder or file name under the storage root; "
-                         "use letters, digits, _ . - (starting with a letter or digit)")
-    return value
+def _retrying(attempt: Callable[[], _T]) -> _T:
+    """``attempt()``, tried up to :data:`READ_ATTEMPTS` times while it raises OSError.
+
+    FileNotFoundError is an answer, not a hiccup: it is raised at once.
+    """
+    for i in range(READ_ATTEMPTS - 1):
+        try:
+            return attempt()
+        except FileNotFoundError:
+            raise
+        except OSError:
+            time.sleep(_RETRY_S * 2**i)
+    return attempt()
 
 
 class Storage:
@@ -97,27 +111,27 @@ class Storage:
 
     def experiment_dir(self, experiment: str) -> str:
         """``experiment=<name>``: the Hive partition holding the experiment's trial rows."""
-        return f"{self.root}/{_PARTITION}{_name('experiment name', experiment)}"
+        return f"{self.root}/{_PARTITION}{check_name('experiment name', experiment)}"
 
     def row_path(self, experiment: str, trial_id: str) -> str:
-        return f"{self.experiment_dir(experiment)}/{_name('trial_id', trial_id)}.parquet"
+        return f"{self.experiment_dir(experiment)}/{check_name('trial_id', trial_id)}.parquet"
 
     def corrupt_dir(self, experiment: str) -> str:
         """Where unreadable row files of the experiment are set aside."""
         return f"{self.experiment_dir(experiment)}/_corrupt"
 
     def checkpoint_path(self, experiment: str, trial_id: str) -> str:
-        return f"{self.root}/_checkpoints/{_name('experiment name', experiment)}/{_name('trial_id', trial_id)}/" \
-               f"{CHECKPOINT_NAME}"
+        experiment, trial_id = check_name("experiment name", experiment), check_name("trial_id", trial_id)
+        return f"{self.root}/_checkpoints/{experiment}/{trial_id}/{CHECKPOINT_NAME}"
 
     def summary_path(self, experiment: str) -> str:
-        return f"{self.root}/_summary/{_name('experiment name', experiment)}.parquet"
+        return f"{self.root}/_summary/{check_name('experiment name', experiment)}.parquet"
 
     def leases_dir(self, experiment: str) -> str:
-        return f"{self.root}/_leases/{_name('experiment name', experiment)}"
+        return f"{self.root}/_leases/{check_name('experiment name', experiment)}"
 
     def figures_dir(self, experiment: str) -> str:
-        return f"{self.root}/_figures/{_name('experiment name', experiment)}"
+        return f"{self.root}/_figures/{check_name('experiment name', experiment)}"
 
     @property
     def ray_path(self) -> str:
@@ -142,10 +156,10 @@ class Storage:
         when its upload completes, so there ``write`` writes ``path`` itself. Returns ``path``.
         """
         parent, _, name = path.rpartition("/")
-        self.fs.create_dir(parent, recursive=True)
-        if not self.posix:
+        if not self.posix:  # no folders to make: a key's prefix is its folder (creating one is a request)
             write(path)
             return path
+        self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
         try:
             write(tmp)
@@ -170,6 +184,29 @@ class Storage:
     def download(self, path: str, local: str | Path) -> None:
         pafs.copy_files(path, str(local), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
 
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` unless it exists; True if this call created it. A :attr:`posix` root only.
+
+        ``data`` is written to a temporary file first, which is then hard-linked to ``path``: the link
+        fails if ``path`` exists (so of several creators exactly one wins, on NFS too), and ``path``
+        never exists empty or half written. A failure at any step (a full disk, a kill) leaves ``path``
+        absent, never half made; a killed writer's temporary file is removed by :meth:`remove_stale_temps`.
+        """
+        if not self.posix:
+            raise NotImplementedError(f"{self.uri}: an object store has no exclusive create through pyarrow")
+        parent, _, name = path.rpartition("/")
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            self.delete_quietly(tmp)
+        return True
+
     def delete_quietly(self, path: str) -> None:
         try:
             self.fs.delete_file(path)
@@ -178,9 +215,28 @@ class Storage:
 
     # ---------------------------------------------------------------- reading and tidying
 
-    def files(self, directory: str) -> list[pafs.FileInfo]:
-        """The files directly in ``directory`` (none if it does not exist)."""
-        infos = self.fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    def read_bytes(self, path: str) -> bytes:
+        """The whole file at ``path``, read in full; FileNotFoundError at once if it does not exist.
+
+        A read error, or a read that returns fewer bytes than the file holds, is tried again
+        (:data:`READ_ATTEMPTS` in all); the last attempt's OSError is raised.
+        """
+        def attempt() -> bytes:
+            with self.fs.open_input_file(path) as f:
+                size, data = f.size(), f.read()
+            if len(data) != size:
+                raise OSError(f"short read of {path}: {len(data)} of its {size} bytes")
+            return data
+
+        return _retrying(attempt)
+
+    def files(self, directory: str, *, recursive: bool = False) -> list[pafs.FileInfo]:
+        """The files in ``directory`` (with ``recursive``, in its subfolders too; none if it does not exist).
+
+        A listing that fails is tried again (:data:`READ_ATTEMPTS` in all).
+        """
+        selector = pafs.FileSelector(directory, allow_not_found=True, recursive=recursive)
+        infos = _retrying(lambda: self.fs.get_file_info(selector))
         return [i for i in infos if i.type == pafs.FileType.File]
 
     def exists(self, path: str) -> bool:
@@ -200,11 +256,20 @@ class Storage:
                 if (now - mtime).total_seconds() > STALE_TEMP_S:
                     self.delete_quietly(info.path)
 
-    def set_aside(self, path: str, experiment: str, now: _dt.datetime) -> str:
-        """Move the row file ``path`` of ``experiment`` into its ``_corrupt`` folder; returns where it went."""
-        aside = f"{self.corrupt_dir(experiment)}/{path.rpartition('/')[2]}.{now:%Y%m%dT%H%M%S}"
+    def set_aside(self, path: str, experiment: str, now: _dt.datetime) -> str | None:
+        """Move the row file ``path`` of ``experiment`` into its ``_corrupt`` folder; where it went.
+
+        Under a name of its own, so two drivers setting files aside never collide; None when ``path``
+        is already gone (another driver moved it first).
+        """
+        aside = f"{self.corrupt_dir(experiment)}/{path.rpartition('/')[2]}.{now:%Y%m%dT%H%M%S}.{uuid.uuid4().hex[:8]}"
         self.fs.create_dir(self.corrupt_dir(experiment), recursive=True)
-        self.fs.move(path, aside)
+        try:
+            self.fs.move(path, aside)
+        except OSError:  # FileNotFoundError locally; an object store's copy of a missing key may say less
+            if self.exists(path):
+                raise
+            return None
         return aside
 
     def check_writable(self) -> None:

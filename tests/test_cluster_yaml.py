@@ -19,9 +19,13 @@ import ray.autoscaler
 import yaml
 from ray.autoscaler._private.aws.config import (
     DEFAULT_RAY_INSTANCE_PROFILE,
+    _configure_iam_role,
     _create_default_inbound_rules,
 )
 from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.autoscaler.tags import TAG_RAY_CLUSTER_NAME
+
+from cgc_ray.results.table import COMMIT_ENV, code_version
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_PATH = REPO / "cluster" / "gpu.yaml"
@@ -32,7 +36,7 @@ RAY_PORTS = (6379, 8265, 10001)
 VENV = "~/cgc-ray-venv"
 COMMAND_KEYS = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
                 "head_start_ray_commands", "worker_start_ray_commands")
-ENV_VARS = ("CGC_RAY_STORAGE", "CGC_RAY_DATA_ROOT", "CGC_RAY_GIT_DIR")
+ENV_VARS = ("CGC_RAY_STORAGE", "CGC_RAY_DATA_ROOT")
 DLAMI_PARAMETER = re.compile(r"/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-2[24]\.04/[\w.-]+/ami-id")
 
 
@@ -252,10 +256,7 @@ def test_cluster_defaults_exported(config, node_env):
     home, _, env = node_env
     assert re.fullmatch(r"s3://[^/]+/\S+", env["CGC_RAY_STORAGE"]), env["CGC_RAY_STORAGE"]
     assert os.path.isabs(env["CGC_RAY_DATA_ROOT"])
-    # The git dir is the .git mount, expanded (the driver runs git --git-dir "$CGC_RAY_GIT_DIR").
-    mounts = config["file_mounts"]
-    assert mounts["~/cgc-ray.git"] == ".git"
-    assert env["CGC_RAY_GIT_DIR"] == f"{home}/cgc-ray.git" == "~/cgc-ray.git".replace("~", str(home), 1)
+    assert "CGC_RAY_GIT_DIR" not in env and COMMIT_ENV not in env  # the commit comes with each submit
 
 
 def _rsync_excluded(pattern, path):
@@ -280,28 +281,54 @@ def _glob(pat):
     return "".join({"**": ".*", "*": "[^/]*", "?": "[^/]"}.get(p, re.escape(p)) for p in parts)
 
 
-def test_git_mount_survives_rsync_exclude(config):
+def test_no_git_folder_reaches_the_nodes(config):
+    """.git holds ``config`` (credential helpers, tokens in remote URLs) and hooks (code): no node gets it."""
+    for remote, local in config["file_mounts"].items():
+        assert ".git" not in Path(local).parts and ".git" not in Path(remote.removeprefix("~/")).name, (remote, local)
     excludes = config["rsync_exclude"]
-    # The "." mount leaves .git out; the matcher agrees with rsync where it matters.
-    assert any(_rsync_excluded(p, ".git") for p in excludes)
+    assert any(_rsync_excluded(p, ".git") for p in excludes)  # the "." mount leaves it out, at any depth
+    assert any(_rsync_excluded(p, "vendor/lib/.git") for p in excludes)
+    # the matcher agrees with rsync where it matters
     assert _rsync_excluded("**/.git", "sub/.git") and not _rsync_excluded("**/.git", "refs/heads/main")
     assert _rsync_excluded("results", "refs/heads/results") and not _rsync_excluded("/results", "refs/heads/results")
-    # Inside the .git mount nothing is dropped: every path rsync sees there (relative to .git).
-    git_dir = REPO / ".git"
-    assert git_dir.is_dir(), "the .git mount needs a normal clone (.git a folder, not a worktree's .git file)"
-    for root, dirs, files in os.walk(git_dir):
-        for name in dirs + files:
-            rel = (Path(root) / name).relative_to(git_dir).as_posix()
-            assert not [p for p in excludes if _rsync_excluded(p, rel)], rel
-            assert name != ".gitignore", f"rsync_filter would read {rel}"
+    assert not any("CGC_RAY_GIT_DIR=" in c and "echo" in c for c in config["setup_commands"])
 
 
-# --- (c) least privilege for workers -------------------------------------------------------------
+def test_the_documented_run_command_records_the_local_commit(monkeypatch):
+    """The docs' command reads the commit on the operator's machine; the driver records it from the env."""
+    line = re.search(r'^ray exec cluster/gpu\.yaml (".*CGC_RAY_COMMIT=.*")$', DOCS.read_text(encoding="utf-8"),
+                     flags=re.M)[1]
+    shown = subprocess.run(["bash", "-c", f"printf '%s' {line}"], cwd=REPO, check=True, capture_output=True,
+                           text=True, timeout=10).stdout  # what `ray exec` receives, after the local shell
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, check=True, capture_output=True, text=True,
+                          timeout=10).stdout.strip()
+    assignment, program, script = shown.split()
+    assert assignment == f"{COMMIT_ENV}={head}" and program == "python"
+    assert (REPO / script.removeprefix("~/cgc-ray/")).is_file(), script
+    monkeypatch.setenv(COMMIT_ENV, head)
+    assert code_version().endswith(f"+g{head[:12]}")
+    monkeypatch.setenv(COMMIT_ENV, "main (dirty)")
+    with pytest.raises(ValueError, match="CGC_RAY_COMMIT=.* is not a commit id"):
+        code_version()
+
+
+# --- IMDSv2 ---------------------------------------------------------------------------------------
+
+def test_every_node_requires_imdsv2(config):
+    prepared = prepare_config(config)
+    for name, t in prepared["available_node_types"].items():
+        options = t["node_config"].get("MetadataOptions", {})
+        assert options.get("HttpTokens") == "required", (name, options)
+        assert options.get("HttpEndpoint", "enabled") == "enabled", (name, options)  # Ray and pyarrow need it
+
+
+# --- (c) least privilege: the workers' role and the head's ---------------------------------------
 
 def _statements(path):
     doc = json.loads(path.read_text())
     assert doc["Version"] == "2012-10-17"
     for s in doc["Statement"]:
+        assert s["Effect"] == "Allow" and "NotAction" not in s and "NotResource" not in s, s
         yield s, _as_list(s["Action"]), _as_list(s["Resource"])
 
 
@@ -314,52 +341,114 @@ def _storage(node_env):
     return bucket, prefix
 
 
-def test_workers_do_not_get_the_autoscaler_profile(config):
-    head = config["available_node_types"][config["head_node_type"]]
-    assert "IamInstanceProfile" not in head["node_config"]  # the head keeps Ray's default: it runs the autoscaler
-    arns = {t["node_config"]["IamInstanceProfile"]["Arn"] for t in _workers(config).values()}
-    assert len(arns) == 1, arns
-    (arn,) = arns
-    assert re.fullmatch(r"arn:aws:iam::\w+:instance-profile/[\w+=,.@-]+", arn), arn
-    assert not arn.endswith(f"/{DEFAULT_RAY_INSTANCE_PROFILE}")
+def _profiles(config):
+    """(the head's instance profile ARN, the set of the workers')."""
+    head = config["available_node_types"][config["head_node_type"]]["node_config"]
+    return head["IamInstanceProfile"]["Arn"], {t["node_config"]["IamInstanceProfile"]["Arn"]
+                                               for t in _workers(config).values()}
+
+
+def _role_of(profile_arn):
+    """The role a profile of ours holds: the same name (docs/CLUSTER.md creates them so)."""
+    account, name = re.fullmatch(r"arn:aws:iam::(\w+):instance-profile/([\w+=,.@-]+)", profile_arn).groups()
+    return f"arn:aws:iam::{account}:role/{name}"
+
+
+def test_head_and_workers_each_get_their_own_profile_not_the_autoscalers(config):
+    head, workers = _profiles(config)
+    assert len(workers) == 1, workers
+    (worker,) = workers
+    assert head != worker
+    for arn in (head, worker):
+        assert re.fullmatch(r"arn:aws:iam::\w+:instance-profile/[\w+=,.@-]+", arn), arn
+        assert not arn.endswith(f"/{DEFAULT_RAY_INSTANCE_PROFILE}")
+    # `ray up` then creates and uses no ray-autoscaler-v1: Ray returns before any IAM call
+    prepared = prepare_config(config)
+    assert _configure_iam_role(prepared) is prepared
+    assert "IamInstanceProfile" not in prepared.get("head_node", {})
+
+
+def _check_s3_on_the_results_prefix(s, actions, resources, bucket, prefix):
+    write = {"s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+    assert all(a.startswith("s3:") and "*" not in a for a in actions), actions  # no s3:*
+    assert "*" not in resources
+    for r in resources:
+        assert r.startswith(f"arn:aws:s3:::{bucket}"), r
+        if write & set(actions):
+            assert r == f"arn:aws:s3:::{bucket}/{prefix}/*", r
+        if "s3:ListBucket" in actions:  # listing the bucket only under the prefix
+            assert r == f"arn:aws:s3:::{bucket}"
+            allowed = s["Condition"]["StringLike"]["s3:prefix"]
+            assert all(p == prefix or p.startswith(f"{prefix}/") for p in _as_list(allowed)), allowed
+        else:
+            assert r in (f"arn:aws:s3:::{bucket}/{prefix}", f"arn:aws:s3:::{bucket}/{prefix}/*"), r
+
+
+S3_GRANTS = {"s3:GetObject", "s3:ListBucket", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
 
 
 def test_worker_policy_is_s3_on_the_results_prefix_only(node_env):
     bucket, prefix = _storage(node_env)
-    write = {"s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
     granted = set()
     for s, actions, resources in _statements(WORKER_POLICY):
-        assert s["Effect"] == "Allow" and "NotAction" not in s and "NotResource" not in s
-        assert all(a.startswith("s3:") and "*" not in a for a in actions), actions  # no ec2:, iam:, s3:*
-        assert "*" not in resources
+        _check_s3_on_the_results_prefix(s, actions, resources, bucket, prefix)  # no ec2:, iam:
         granted |= set(actions)
-        for r in resources:
-            assert r.startswith(f"arn:aws:s3:::{bucket}"), r
-            if write & set(actions):
-                assert r == f"arn:aws:s3:::{bucket}/{prefix}/*", r
-            if "s3:ListBucket" in actions:  # listing the bucket only under the prefix
-                assert r == f"arn:aws:s3:::{bucket}"
-                allowed = s["Condition"]["StringLike"]["s3:prefix"]
-                assert all(p == prefix or p.startswith(f"{prefix}/") for p in _as_list(allowed)), allowed
-            else:
-                assert r in (f"arn:aws:s3:::{bucket}/{prefix}", f"arn:aws:s3:::{bucket}/{prefix}/*"), r
-    assert {"s3:GetObject", "s3:ListBucket", *write} <= granted
+    assert granted == S3_GRANTS
+
+
+def test_head_policy_acts_on_this_clusters_nodes_and_results_only(config, node_env):
+    """No wildcard action; ``*`` only for EC2's describe calls (they take no resource); launch, tag and
+    terminate only instances tagged with this cluster's name, launch only with the worker profile; pass
+    only the worker role; S3 on the results prefix only."""
+    bucket, prefix = _storage(node_env)
+    region, cluster = config["provider"]["region"], config["cluster_name"]
+    head, (worker,) = _profiles(config)
+    account = re.fullmatch(r"arn:aws:iam::(\w+):.*", worker)[1]
+    instances = f"arn:aws:ec2:{region}:{account}:instance/*"
+    ours = {f"aws:RequestTag/{TAG_RAY_CLUSTER_NAME}": cluster}
+    granted = set()
+    for s, actions, resources in _statements(HEAD_POLICY):
+        assert all("*" not in a for a in actions), actions
+        granted |= set(actions)
+        cond = s.get("Condition", {})
+        if "*" in resources:
+            assert resources == ["*"] and all(a.startswith("ec2:Describe") for a in actions), s
+        elif actions[0].startswith("s3:"):
+            _check_s3_on_the_results_prefix(s, actions, resources, bucket, prefix)
+        elif actions == ["iam:PassRole"]:
+            assert resources == [_role_of(worker)] != [_role_of(head)]
+            assert cond == {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}
+        elif actions == ["ec2:TerminateInstances"]:
+            assert resources == [instances]
+            assert cond == {"StringEquals": {f"ec2:ResourceTag/{TAG_RAY_CLUSTER_NAME}": cluster}}
+        elif actions == ["ec2:CreateTags"]:
+            assert resources == [instances]
+            assert cond in ({"StringEquals": {"ec2:CreateAction": "RunInstances", **ours}},
+                            {"StringEquals": {f"ec2:ResourceTag/{TAG_RAY_CLUSTER_NAME}": cluster},
+                             "ForAllValues:StringNotEquals": {"aws:TagKeys": [TAG_RAY_CLUSTER_NAME]}}), cond
+        elif actions == ["ec2:RunInstances"] and instances in resources:
+            assert resources == [instances]
+            assert cond == {"StringEquals": ours, "ArnEquals": {"ec2:InstanceProfile": worker}}
+        elif actions == ["ec2:RunInstances"]:  # what a launch uses besides the instance: never an instance
+            kinds = {re.fullmatch(rf"arn:aws:ec2:{region}:(?:{account})?:([a-z-]+)/\*", r)[1] for r in resources}
+            assert kinds <= {"image", "key-pair", "network-interface", "security-group", "subnet", "volume"}, kinds
+        else:
+            assert actions == ["ssm:GetParameters"], s
+    assert granted >= {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances",
+                       "iam:PassRole"} | S3_GRANTS
 
 
 def test_head_may_launch_workers_with_their_role_and_image(config):
     """The autoscaler on the head passes the worker role and resolves the image parameter."""
-    (arn,) = {t["node_config"]["IamInstanceProfile"]["Arn"] for t in _workers(config).values()}
-    account, name = re.fullmatch(r"arn:aws:iam::(\w+):instance-profile/(.+)", arn).groups()
+    _, (worker,) = _profiles(config)
     image = config["available_node_types"][config["head_node_type"]]["node_config"]["ImageId"]
-    needed = {("iam:PassRole", f"arn:aws:iam::{account}:role/{name}")}
+    needed = {("iam:PassRole", _role_of(worker))}
     if image.startswith("resolve:ssm:"):
         region = config["provider"]["region"]
         needed.add(("ssm:GetParameters", f"arn:aws:ssm:{region}::parameter{image[len('resolve:ssm:'):]}"))
-    granted = set()
-    for s, actions, resources in _statements(HEAD_POLICY):
-        assert "*" not in resources and all("*" not in a for a in actions)
-        granted |= {(a, r) for a in actions for r in resources}
-    assert needed == granted
+    granted = {(a, r) for _, actions, resources in _statements(HEAD_POLICY) for a in actions for r in resources}
+    assert needed <= granted
+    assert {(a, r) for a, r in granted if a.startswith(("iam:", "ssm:"))} == needed
 
 
 # --- (d) one current GPU image on every node type ------------------------------------------------
@@ -398,8 +487,9 @@ def test_docs_gpu_counts_instances_and_commands_match_the_yaml(config):
     ddp = {int(n) for n in re.findall(r"scaling\.num_workers=(\d+)", text)}
     assert ddp and ddp <= {g for g in gpus if g > 1}  # one DDP trial fills one multi-GPU node
     assert set(re.findall(r"\b[a-z]+\d+[a-z]*\.\d*x?large\b", text)) <= instances
-    assert set(re.findall(r"\b(?:CGC|RAY)_[A-Z_]+\b", text)) >= {"RAY_AUTH_MODE", *ENV_VARS}
-    # The plain submit takes no arguments; every script the docs name exists.
-    assert re.search(r"^ray submit cluster/gpu\.yaml experiments/\w+\.py$", text, flags=re.M)
+    assert set(re.findall(r"\b(?:CGC|RAY)_[A-Z_]+\b", text)) >= {"RAY_AUTH_MODE", COMMIT_ENV, *ENV_VARS}
+    # The plain run takes no arguments but the commit; every script the docs name exists.
+    assert re.search(r'^ray exec cluster/gpu\.yaml "CGC_RAY_COMMIT=\$\(git rev-parse HEAD\) '
+                     r'python ~/cgc-ray/experiments/\w+\.py"$', text, flags=re.M)
     for script in re.findall(r"experiments/\w+\.py", text):
         assert (REPO / script).is_file(), script

@@ -152,7 +152,7 @@ def test_a_gpu_trial_through_ray_writes_its_row(ray_session, tmp_path):
 
     gpus = ray_session.cluster_resources().get("GPU", 0)
     assert gpus >= 1, f"the test Ray sees {gpus} GPUs although torch sees {torch.cuda.device_count()}"
-    spec = _gpu_spec(tmp_path, "scaling.gpus_per_worker=0.25")
+    spec = _gpu_spec(tmp_path, "scaling.gpus_per_worker=0.25", "failure.keep_checkpoint=full")  # scaler kept
     res = run_experiment(spec, progress=False)
     (tid,) = res.trial_ids
     assert res.ran == [tid] and res.failed == {} and res.diverged == []

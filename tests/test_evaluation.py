@@ -200,11 +200,11 @@ def checkpoint(tmp_path):
     return path, model.eval()
 
 
-def _evaluate(weights, cub, *, protocol="fast", short_side=448, **settings):
+def _evaluate(weights, cub, **settings):
     """evaluate_checkpoint on the test split of the CUB fixture; ``settings``: dotted path (``__`` for ".") -> value."""
     spec = checkpoint_spec(weights, {"data.dataset": "cub200", "data.root": str(cub), "data.eval_split": "test",
                                      **{k.replace("__", "."): v for k, v in settings.items()}})
-    return evaluate_checkpoint(spec, protocol=protocol, short_side=short_side)
+    return evaluate_checkpoint(spec)
 
 
 def test_fast_protocol_matches_a_manual_evaluation(cub, checkpoint):
@@ -261,8 +261,8 @@ def test_authors_protocol_ch_and_plain_state_dict(cub, checkpoint, tmp_path):
     path, model = checkpoint
     plain = tmp_path / "plain.pth"
     torch.save(model.state_dict(), plain)
-    result = _evaluate(plain, cub, model__arch="resnet_small", metrics=["top1", "ch"], protocol="authors",
-                       data__image_size=32, short_side=40)
+    result = _evaluate(plain, cub, model__arch="resnet_small", metrics=["top1", "ch"],
+                       evaluation__ch_protocol="authors", data__image_size=32, evaluation__ch_short_side=40)
     expected = content_heatmap_authors(model, records("cub200", cub, "test"), short_side=40)
     assert result["ch"] == pytest.approx(expected.mean().item(), abs=1e-6) and result["n_ch"] == 3
     assert result["ch_protocol"] == "authors" and result["config"]["method"]["name"] == "unknown"
@@ -277,8 +277,8 @@ def test_a_head_for_another_dataset_is_refused(cub, tmp_path):
     torch.save(build_model("resnet_small", 10).state_dict(), plain)
     with pytest.raises(ValueError, match="classify 10 classes but the evaluated dataset has 3"):
         _evaluate(plain, cub, model__arch="resnet_small", metrics=["top1"])
-    with pytest.raises(ValueError, match="protocol"):
-        _evaluate(plain, cub, model__arch="resnet_small", protocol="paper")
+    with pytest.raises(ValueError, match="ch_protocol"):
+        _evaluate(plain, cub, model__arch="resnet_small", evaluation__ch_protocol="paper")
 
 
 def test_result_row_units_and_trial_id(cub, checkpoint):
@@ -298,12 +298,13 @@ def test_cli_evaluate_prints_and_writes_one_row_per_protocol(cub, checkpoint, tm
     path, _ = checkpoint
     store = tmp_path / "results"
     args = ["evaluate", str(path), "--dataset", "cub200", "--data-root", str(cub), "--metrics", "top1,ch",
-            "--image-size", "32", "--short-side", "40", "--num-workers", "0", "--device", "cpu",
+            "--image-size", "32", "--num-workers", "0", "--device", "cpu",
             "--storage", str(store), "--format", "json"]
     assert main(args) == 0
     shown = json.loads(capsys.readouterr().out)
     assert main(args) == 0  # the same evaluation again replaces its row
-    assert main(args + ["--protocol", "authors"]) == 0
+    assert main(args + ["--protocol", "authors", "--short-side", "40"]) == 0
+    assert main(args + ["--short-side", "40"]) == 2  # the fast protocol has no short side: said, not ignored
     table = read_rows(str(store), "evaluate").to_pylist()
     assert len(table) == 2
     fast = next(r for r in table if r["trial_id"] == shown["trial_id"])

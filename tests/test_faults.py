@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, result_row
+from fixtures_storage import flaky_storage, full_disk_for_claims, kill
+
+import cgc_ray.storage as storage_module
 
 from cgc_ray.cli.main import main as cli_main
 from cgc_ray.config import (
@@ -17,10 +20,13 @@ from cgc_ray.config import (
     load_spec,
     trial_id,
 )
+from cgc_ray.results import table
 from cgc_ray.results.report import report
 from cgc_ray.results.table import read_rows, trial_status, write_row
-from cgc_ray.runner import leases as L
+from cgc_ray.runner import driver
 from cgc_ray.runner.driver import StorageError, check_storage, run_experiment
+from cgc_ray.runner.leases import Leases
+from cgc_ray.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
 UNREACHABLE_S3 = "s3://bucket/prefix?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
@@ -68,6 +74,141 @@ def test_leftover_temporary_files_of_dead_writers_are_removed(tmp_path):
     assert not old.exists() and new.exists()  # a writer may still be writing the recent one
 
 
+def test_a_row_that_cannot_be_read_is_not_taken_for_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage_module, "_RETRY_S", 0.01, raising=False)
+    path, tid = _row_file(tmp_path, _spec(tmp_path, "sweep.grid={}"))
+    storage, handler = flaky_storage(tmp_path, path.name, fails=2)
+    assert trial_status(storage, "lambda_ablation") == {tid: "finished"}  # two timeouts, then read: retried
+    handler.fails = 100  # the storage keeps failing
+    with pytest.warns(UserWarning, match=f"{path} could not be read .*neither run again nor overwritten"):
+        assert trial_status(storage, "lambda_ablation") == {tid: table.UNREADABLE}
+    assert path.exists() and not (path.parent / "_corrupt").exists()  # the finished row stays where it is
+
+
+def test_two_drivers_setting_one_bad_file_aside_at_once_do_not_crash(tmp_path, monkeypatch):
+    path, tid = _row_file(tmp_path, _spec(tmp_path, "sweep.grid={}"))
+    path.write_bytes(path.read_bytes()[:40])
+    real = Storage.set_aside
+
+    def the_other_driver_first(self, where, experiment, now):  # it moves the file between our read and our move
+        real(self, where, experiment, now)
+        return real(self, where, experiment, now)
+
+    monkeypatch.setattr(Storage, "set_aside", the_other_driver_first)
+    assert trial_status(str(tmp_path), "lambda_ablation") == {}
+    assert len(list((path.parent / "_corrupt").iterdir())) == 1
+
+
+def test_a_row_written_while_a_bad_file_is_set_aside_is_not_moved(tmp_path, monkeypatch):
+    path, tid = _row_file(tmp_path, _spec(tmp_path, "sweep.grid={}"))
+    good = path.read_bytes()
+    path.write_bytes(good[:40])
+    real = Storage.set_aside
+
+    def finished_meanwhile(self, where, experiment, now):  # another driver's row lands between our read and move
+        Path(where).write_bytes(good)
+        return real(self, where, experiment, now)
+
+    monkeypatch.setattr(Storage, "set_aside", finished_meanwhile)
+    trial_status(str(tmp_path), "lambda_ablation")
+    monkeypatch.undo()
+    assert trial_status(str(tmp_path), "lambda_ablation") == {tid: "finished"}
+
+
+def test_the_end_of_run_check_writes_no_failed_row_over_a_row_it_cannot_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage_module, "_RETRY_S", 0.01, raising=False)
+    spec = _spec(tmp_path, "sweep.grid={}")
+    path, tid = _row_file(tmp_path, spec)  # finished, by a driver this run lost the trial to, or a run before
+    storage, _ = flaky_storage(tmp_path, path.name, fails=10**6)
+    leases = Leases(storage, spec.name).start()
+    try:
+        claims = leases.claim([tid])
+        config = {"spec": expand_trials(spec)[0].model_dump(mode="json"), "trial_id": tid, "spec_hash": "x",
+                  "code_version": "test"}
+        with pytest.warns(UserWarning, match="could not be read"):
+            res = driver._settle(storage, spec.name, [tid], {}, leases, claims, {tid: config},
+                                 {tid: "RuntimeError: boom"}, {})
+    finally:
+        leases.release()
+    assert res.failed == {} and res.ran == [] and "row file could not be read" in res.unsettled[tid]
+    assert trial_status(str(tmp_path), spec.name) == {tid: "finished"}  # still the finished row
+
+
+def test_a_trial_whose_holder_dies_during_the_run_is_named_not_hidden(tmp_path):
+    spec = _spec(tmp_path, "sweep.grid={}", "sweep.grid.seed=[0, 1]")
+    ids = [trial_id(t) for t in expand_trials(spec)]
+    other = Leases(str(tmp_path), spec.name).start()
+    other.claim(ids[:1])
+    this = Leases(str(tmp_path), spec.name).start()
+    try:
+        claims = this.claim(ids)
+        assert claims.got == ids[1:] and list(claims.held) == ids[:1]
+        kill(other)  # ... and the other driver dies while this one runs its own trial (here: fails it)
+        config = {"spec": expand_trials(spec)[1].model_dump(mode="json"), "trial_id": ids[1], "spec_hash": "x",
+                  "code_version": "test"}
+        res = driver._settle(Storage(str(tmp_path)), spec.name, ids, {}, this, claims, {ids[1]: config},
+                             {ids[1]: "RuntimeError: boom"}, {})
+    finally:
+        this.release()
+    assert res.failed == {ids[1]: "RuntimeError: boom"} and res.held == {}
+    assert res.unsettled == {ids[0]: f"driver {other.driver} held it and is no longer live; run again to take it over"}
+    assert trial_status(str(tmp_path), spec.name) == {ids[1]: "failed"}
+
+
+def test_a_run_that_cannot_claim_a_trial_exits_non_zero_and_names_it(tmp_path, monkeypatch, capsys):
+    """A stale claim whose takeover fails on a full disk: the trial is neither done, held nor failed."""
+    from cgc_ray.cli import experiment
+
+    monkeypatch.setattr(driver, "connect", lambda *a, **k: pytest.fail("no trial can run: Ray must not start"))
+    overrides = [*TINY, "sweep.grid={}"]
+    (trial,) = expand_trials(_spec(tmp_path, *overrides[len(TINY):]))
+    dead = Leases(str(tmp_path), trial.name).start()
+    dead.claim([trial_id(trial)])
+    kill(dead)
+    full_disk_for_claims(monkeypatch)
+    code = experiment.main("lambda_ablation", ["--storage", str(tmp_path), "--no-progress", "--no-report",
+                                               *[a for o in overrides for a in ("--set", o)]])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "0 failed, 0 held by another driver, 1 not run" in err
+    assert f"not run {trial_id(trial)}: its claim could not be written: [Errno 28] No space left on device" in err
+
+
+# ---------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("name", ["abc\n", "a b", "a=b", "a\\b", "../up", ".hidden", ""])
+def test_names_are_matched_whole(name, tmp_path):
+    from cgc_ray.config import SpecError
+
+    with pytest.raises((SpecError, ValueError), match="cannot be a folder or file name"):
+        load_spec({**PRESETS["lambda_ablation_demo"], "name": name})
+    with pytest.raises(ValueError, match="cannot be a folder or file name"):
+        Storage(str(tmp_path)).row_path(name, "0123456789ab")
+
+
+@pytest.mark.parametrize("name", ["abc\n", "a b", "a=b", "a\\b"])
+def test_evaluate_refuses_an_experiment_name_before_any_work(name, capsys, monkeypatch):
+    import cgc_ray.explain.evaluation as ev
+
+    monkeypatch.setattr(ev, "checkpoint_spec", lambda *a, **k: pytest.fail("the name is checked first"))
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["evaluate", "some.pt", "--dataset", "synthetic", "--experiment", name])
+    assert exit_.value.code == 2 and "cannot be a folder or file name" in capsys.readouterr().err
+
+
+def test_references_with_a_trailing_newline_are_refused():
+    from cgc_ray.config import SpecError
+    from cgc_ray.config.model import TV_WEIGHTS_RE
+    from cgc_ray.config.pretrained import parse_trial_ref
+
+    assert TV_WEIGHTS_RE.match("ResNet50_Weights.IMAGENET1K_V1") and not TV_WEIGHTS_RE.match(
+        "ResNet50_Weights.IMAGENET1K_V1\n")
+    assert parse_trial_ref("trial:exp/0123456789ab") == ("exp", "0123456789ab")
+    with pytest.raises(SpecError, match="a trial reference is"):
+        parse_trial_ref("trial:exp/0123456789ab\n")
+
+
 # ---------------------------------------------------------------- storage that cannot be written
 
 
@@ -103,53 +244,7 @@ def test_unreachable_object_store_one_clean_line(capsys):
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
-# ---------------------------------------------------------------- leases
-
-
-def test_a_live_drivers_claims_are_left_to_it(tmp_path):
-    a = L.Leases(str(tmp_path), "exp").start()
-    b = L.Leases(str(tmp_path), "exp").start()
-    try:
-        got_a, held_a = a.claim(["t1", "t2"])
-        got_b, held_b = b.claim(["t1", "t2", "t3"])
-        assert (got_a, held_a) == (["t1", "t2"], {})
-        assert got_b == ["t3"] and set(held_b) == {"t1", "t2"} and held_b["t1"]["driver"] == a.driver
-    finally:
-        a.release()
-        b.release()
-    assert not any((tmp_path / "_leases" / "exp").glob("t*.json"))
-
-
-def test_claims_of_a_dead_driver_are_taken_over_once(tmp_path):
-    dead = L.Leases(str(tmp_path), "exp").start()
-    dead.claim(["t1"])
-    dead._stop.set()  # it stops beating; and its process is gone:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    beat = tmp_path / "_leases" / "exp" / "_drivers" / f"{dead.driver}.json"
-    beat.write_text(beat.read_text().replace(f'"pid": {os.getpid()}', f'"pid": {proc.stdout.strip()}'))
-    b, c = L.Leases(str(tmp_path), "exp").start(), L.Leases(str(tmp_path), "exp").start()
-    try:
-        got_b, _ = b.claim(["t1"])
-        got_c, held_c = c.claim(["t1"])
-        assert got_b == ["t1"] and got_c == [] and held_c["t1"]["driver"] == b.driver
-    finally:
-        b.release()
-        c.release()
-
-
-def test_a_silent_driver_elsewhere_goes_stale(tmp_path, monkeypatch):
-    other = L.Leases(str(tmp_path), "exp").start()
-    other.claim(["t1"])
-    other._stop.set()
-    beat = tmp_path / "_leases" / "exp" / "_drivers" / f"{other.driver}.json"
-    beat.write_text(beat.read_text().replace(f'"host": "{os.uname().nodename}"', '"host": "another-node"'))
-    b = L.Leases(str(tmp_path), "exp").start()
-    try:
-        assert b.claim(["t1"]) == ([], {"t1": pytest.approx(b.owner(other.driver))})  # a fresh beat: live
-        monkeypatch.setattr(L, "STALE_S", -1.0)  # ... until it is older than STALE_S
-        assert b.claim(["t1"])[0] == ["t1"]
-    finally:
-        b.release()
+# ---------------------------------------------------------------- leases (the claims themselves: test_leases.py)
 
 
 @pytest.mark.slow
@@ -198,6 +293,37 @@ def test_a_failing_trial_gets_a_failed_row_and_runs_again_next_time(ray_session,
     assert run_experiment(spec, progress=False).skipped == []  # a failed trial is tried again
     # Ray's own run state: one folder per experiment, however often it runs
     assert [p.name for p in (tmp_path / "_ray").iterdir() if p.is_dir()] == ["lambda_ablation"]
+
+
+def test_a_trial_whose_lease_is_taken_over_mid_run_is_stopped_and_writes_no_row(ray_session, tmp_path, monkeypatch):
+    """Another driver takes the trial over after its first checkpoint: this driver notices at its next heartbeat,
+    Tune stops the trial at its next epoch, no row is written, and the trial is reported held by the other."""
+    import threading
+
+    from cgc_ray.runner import leases as L
+
+    monkeypatch.setattr(L, "HEARTBEAT_S", 0.2)
+    spec = _spec(tmp_path, "sweep.grid={}", "optim.epochs=40", "failure.checkpoint_every=1", "failure.max_retries=0")
+    tid = trial_id(expand_trials(spec)[0])
+    checkpoint = Path(Storage(str(tmp_path)).checkpoint_path(spec.name, tid))
+    other = L.Leases(str(tmp_path), spec.name)
+
+    def take_over_after_the_first_epoch():
+        while not checkpoint.exists():
+            time.sleep(0.05)
+        other.start()
+        other._create(tid, 1)  # a takeover: the next generation of the trial's claim
+
+    thief = threading.Thread(target=take_over_after_the_first_epoch, daemon=True)
+    thief.start()
+    try:
+        res = run_experiment(spec, progress=False)
+    finally:
+        thief.join(5)
+        other.release()
+    assert res.held == {tid: f"{os.uname().nodename}:{os.getpid()}"} and res.failed == {} and res.unsettled == {}
+    assert res.metrics[tid]["epoch"] < 40  # stopped early, not trained to the end
+    assert trial_status(str(tmp_path), spec.name) == {}  # and no row
 
 
 def test_checkpoint_every_sets_how_often_a_trial_checkpoints(tmp_path):

@@ -23,8 +23,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "data": ({"numpy", "PIL", "scipy", "pyarrow", "torch", "torchvision", "matplotlib"}, {"data"}),
     "method": ({"torch", "torchvision", "numpy", "scipy"}, {"method"}),
     "models": ({"torch", "torchvision", "numpy"}, {"models", "method.cam"}),
-    # the storage root and its layout (a module, not a package): pyarrow, and the URI rule of config.paths
-    "storage": ({"pyarrow"}, {"storage", "config.paths"}),
+    # the storage root and its layout (a module, not a package): pyarrow, the URI rule of config.paths and the
+    # name rule of config.base
+    "storage": ({"pyarrow"}, {"storage", "config.paths", "config.base"}),
     "train": ({"torch", "numpy", "pyarrow"}, {"train", "method", "models", "data", "config", "storage"}),
     "explain": ({"torch", "torchvision", "numpy", "PIL", "matplotlib"},
                 {"explain", "method", "models", "data", "train", "config", "results.table", "storage"}),

@@ -80,16 +80,22 @@ def test_checkpoint_store_pulls_and_pushes_through_a_uri_filesystem(tmp_path):
     assert not a.is_local and a.remote == f"{tmp_path}/store/_checkpoints/exp/abc123/checkpoint.pt"
     a.pull()  # nothing stored yet: no file appears
     assert not a.local_path.exists()
-    a.local_path.write_bytes(b"epoch-1")
+    import torch
+
+    from cgc_ray.models.checkpoint import save_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(a.local_path, model, torch.optim.SGD(model.parameters(), lr=0.1), None, 1)
+    epoch_1 = a.local_path.read_bytes()
     a.push()
-    assert Path(a.remote).read_bytes() == b"epoch-1"
+    assert Path(a.remote).read_bytes() == epoch_1
     a.cleanup()
     assert not a.workdir.exists()
 
     b = CheckpointStore(uri, "exp", "abc123")  # another attempt, elsewhere
     assert b.workdir != a.workdir
     b.pull()
-    assert b.local_path.read_bytes() == b"epoch-1"
+    assert b.local_path.read_bytes() == epoch_1
     b.cleanup()
 
     local = CheckpointStore(str(tmp_path / "plain"), "exp", "t1")

@@ -53,7 +53,7 @@ def _err(overrides, base=None):
         ("data.percent=150", ["data.percent", "less than or equal to 100"]),
         ("optim.schedule.milestones=[60, 30]", ["milestones", "strictly increasing"]),
         ("optim.warmup_epochs=90", ["optim.warmup_epochs=90", "optim.epochs=90"]),
-        ("name=my/exp", ["name='my/exp'", "directory"]),
+        ("name=my/exp", ["name 'my/exp'", "cannot be a folder or file name"]),
         ("model.weights=ResNet50_Weights.IMAGENET1K_V1", ["resnet50", "model.arch='resnet18'"]),
     ],
 )
@@ -105,8 +105,8 @@ def test_override_does_not_mutate_input():
 def test_unknown_override_path_lists_valid_keys():
     msg = _err(["method.lamda=1"])
     assert "'method.lamda'" in msg
-    assert ("valid keys there: anchor, cam_class, crop_scale, forward, lam, lam_normalization, name, negatives, "
-            "no_neg_scale, resolution, tau, view") in msg
+    assert ("valid keys there: anchor, cam_class, cam_transform, ce_views, crop_scale, forward, lam, "
+            "lam_normalization, name, negatives, negatives_group, no_neg_scale, resolution, tau, view, zero_cam") in msg
     msg = _err(["optimizer.lr=1"])
     assert "<top level>" in msg and "optim" in msg
 
@@ -176,6 +176,9 @@ CHANGES = {
     "method.forward": ["method.forward=separate"], "method.view": ["method.view=center"],
     "method.no_neg_scale": ["method.no_neg_scale=sum"], "method.cam_class": ["method.cam_class=label"],
     "method.lam_normalization": ["method.lam_normalization=imagenet"],
+    "method.ce_views": ["method.view=center", "method.ce_views=3"],
+    "method.negatives_group": ["method.negatives_group=32"],
+    "method.zero_cam": ["method.zero_cam=uniform"], "method.cam_transform": ["method.cam_transform=upsampled"],
     "optim.lr": ["optim.lr=0.01"], "optim.head_lr": ["optim.head_lr=1.0"], "optim.momentum": ["optim.momentum=0.5"],
     "optim.weight_decay": ["optim.weight_decay=0"], "optim.nesterov": ["optim.nesterov=true"],
     "optim.epochs": ["optim.epochs=10"], "optim.warmup_epochs": ["optim.warmup_epochs=5"],
@@ -184,11 +187,17 @@ CHANGES = {
     "scaling.cpus_per_worker": ["scaling.cpus_per_worker=4"], "scaling.gpus_per_worker": ["scaling.gpus_per_worker=0.5"],
     "scaling.use_gpu": ["scaling.use_gpu=false"], "scaling.amp": ["scaling.amp=false"],
     "scaling.channels_last": ["scaling.channels_last=false"], "failure.max_retries": ["failure.max_retries=0"],
-    "failure.checkpoint_every": ["failure.checkpoint_every=5"], "sweep.grid": ["sweep.grid.seed=[0]"],
+    "failure.checkpoint_every": ["failure.checkpoint_every=5"],
+    "failure.keep_checkpoint": ["failure.keep_checkpoint=full"], "sweep.grid": ["sweep.grid.seed=[0]"],
     "sweep.variants": ["sweep.variants=[{}]"],
     "metrics": ["metrics=[top1]"], "eval_every": ["eval_every=5"],
     "evaluation.iauc_images": ["evaluation.iauc_images=100"], "evaluation.iauc_protocol": ["evaluation.iauc_protocol=fast"],
     "evaluation.cgc_batch": ["evaluation.cgc_batch=16"],
+    "evaluation.iauc_input": ["evaluation.iauc_input=squash"],
+    "evaluation.ch_protocol": ["evaluation.ch_protocol=authors"],
+    "evaluation.ch_short_side": ["evaluation.ch_protocol=authors", "evaluation.ch_short_side=224"],
+    "evaluation.saliency": ["evaluation.saliency=cmwp"],
+    "evaluation.saliency_window": ["evaluation.saliency=cmwp", "evaluation.saliency_window=7"],
 }
 
 
@@ -261,9 +270,9 @@ def test_imagenet_presets(name, arch, lam):
     assert (s.data.dataset, s.model.arch, s.model.weights, s.method.lam) == ("imagenet", arch, None, lam)
     assert s.optim.epochs == 90
     assert (s.optim.schedule.name, s.optim.schedule.milestones, s.optim.schedule.gamma) == ("step", (30, 60), 0.1)
-    # without negatives at the authors' λ (tests/test_presets_sources.py), CGC at the paper's
+    # without negatives at CGC's λ, the l2 summed over pixels (tests/test_presets_sources.py)
     assert [(t.method.name, t.method.lam) for t in expand_trials(s)] == [
-        ("baseline", lam), ("cgc", lam), ("cgc_no_neg", 1000.0)]
+        ("baseline", lam), ("cgc", lam), ("cgc_no_neg", lam)]
     assert {"top1", "top5", "ch", "iauc", "cgc_loss"} <= set(s.metrics)
 
 
@@ -306,7 +315,7 @@ def test_semisup_preset():
 
 # (most epochs, most trials) per demo: each runs in minutes on two cores; the few-shot demo's trials train on
 # 5 to 50 images, the pretraining is one trial on both cores, the ablation is the one long demo
-_DEMO_SCALE = {"fewshot_demo": (30, 60), "pretrain_demo": (30, 1), "ablation_demo": (40, 50),
+_DEMO_SCALE = {"fewshot_demo": (30, 60), "pretrain_demo": (30, 1), "ablation_demo": (40, 60),
                "ablation_more_demo": (20, 12), "ablation_base_demo": (20, 6), "semisup_demo": (10, 20)}
 _FINETUNED = {"fewshot_demo", "finegrained_demo", "semisup_demo"}
 

@@ -181,24 +181,26 @@ def main(experiment: str | None, argv: Sequence[str] | None = None, *, descripti
         results = load(spec.storage, spec.name)
         write_summary(spec.storage, spec.name, results.groups, results.paired)
     print(f"{spec.name}: {len(res.trial_ids)} trials, {len(res.skipped)} already done, {len(res.ran)} ran now "
-          f"({len(res.diverged)} diverged), {len(res.failed)} failed, {len(res.held)} held by another driver",
-          file=sys.stderr)
+          f"({len(res.diverged)} diverged), {len(res.failed)} failed, {len(res.held)} held by another driver, "
+          f"{len(res.unsettled)} not run", file=sys.stderr)
     for tid, err in res.failed.items():
         print(f"  failed {tid}: {err}", file=sys.stderr)
     for tid, where in sorted(res.held.items()):
         print(f"  {tid} is run by the driver at {where}", file=sys.stderr)
+    for tid, why in sorted(res.unsettled.items()):
+        print(f"  not run {tid}: {why}", file=sys.stderr)
     if not args.no_report:
         from cgc_ray.results.report import report
 
         sys.stdout.write(report(spec.storage, spec.name, "rich"))
-    return 1 if res.failed else 0
+    return 1 if res.failed or res.unsettled else 0  # a trial neither done, failed nor held is never hidden
 
 
 def plan(spec: ExperimentSpec) -> str:
     """``--dry-run``: the spec as YAML, then (a second YAML document) every trial a run would consider.
 
     Each trial is one line: its id, its values of the swept fields, ``row`` (the status of its row in
-    the storage, or null) and ``runs`` (false where a run skips it: a finished or diverged row). The
+    the storage, or null) and ``runs`` (false where a run skips it: a finished, diverged or unreadable row). The
     pretrainings that ``experiment:`` weights name come first, as the driver runs them first. Starts
     no Ray; reads the storage as a run does (so, as a run would, it moves a corrupt row file aside).
     """
@@ -226,12 +228,12 @@ def _plan_entries(spec: ExperimentSpec, swept: list[str], **label: str) -> list[
     """One dict per trial of ``spec``: its id, its value of each ``swept`` path, its row's status, whether it runs."""
     from cgc_ray.config import expand_trials, trial_id
     from cgc_ray.config.base import get_path
-    from cgc_ray.results.table import DONE_STATUSES, trial_status
+    from cgc_ray.results.table import DONE_STATUSES, UNREADABLE, trial_status
 
     rows = trial_status(spec.storage, spec.name)
     out = []
     for trial in expand_trials(spec):
         tid, tree = trial_id(trial), trial.model_dump(mode="json")
         out.append({**label, "trial_id": tid, **{path: get_path(tree, path) for path in swept},
-                    "row": rows.get(tid), "runs": rows.get(tid) not in DONE_STATUSES})
+                    "row": rows.get(tid), "runs": rows.get(tid) not in (*DONE_STATUSES, UNREADABLE)})
     return out

@@ -5,7 +5,7 @@
     cgc-ray report [--storage URI] [--experiment NAME] [--format rich|markdown|csv|json] [--plot DIR]
     cgc-ray explain CHECKPOINT [CHECKPOINT ...] --dataset NAME [--consistency] --out FIGURE.png
     cgc-ray evaluate CHECKPOINT --dataset NAME --data-root DIR [--metrics top1,ch,iauc,cgc_loss]
-                     [--protocol fast|authors]
+                     [--protocol fast|authors] [--saliency gradcam|cmwp|mwp] [--iauc-input center_crop|squash]
     cgc-ray --version
 
 Each subcommand is registered by an ``_add_<name>(subparsers)`` function listed
@@ -218,7 +218,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     # the spec it is scored under: the checkpoint's recorded settings and the spec's defaults where a flag is unset
     flags = {"model.arch": args.arch, "model.layer": args.layer, "data.image_size": args.image_size,
-             "data.batch_size": args.batch_size}
+             "data.batch_size": args.batch_size, "evaluation.ch_protocol": args.protocol,
+             "evaluation.ch_short_side": args.short_side, "evaluation.saliency": args.saliency,
+             "evaluation.saliency_window": args.saliency_window, "evaluation.iauc_input": args.iauc_input}
     spec = checkpoint_spec(args.checkpoint, {
         "data.dataset": args.dataset, "data.root": args.data_root, "data.eval_split": args.split,
         "data.synthetic.variant": args.synthetic_variant, "evaluation.iauc_images": args.iauc_images,
@@ -226,12 +228,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         "metrics": [m.strip() for m in args.metrics.split(",") if m.strip()],
         "data.num_workers": args.num_workers, "scaling.cpus_per_worker": args.num_workers + 1,
         **{path: value for path, value in flags.items() if value is not None}})
-    options = {k: getattr(args, k) for k in ("protocol", "short_side", "limit") if getattr(args, k) is not None}
-    result = evaluate_checkpoint(spec, device=device, **options)
+    result = evaluate_checkpoint(spec, device=device, limit=args.limit)
     row = result_row(result)
     path = write_row(storage, args.experiment, row)
-    shown = {k: row[k] for k in ("trial_id", "dataset", "arch", "method", "top1", "top5", "ch", "iauc", "cgc_loss")}
-    shown.update(ch_protocol=result["ch_protocol"], n_eval=int(result["n_eval"]), split=args.split, written=path)
+    shown = {k: row[k] for k in ("trial_id", "dataset", "arch", "method", "top1", "top5", "ch", "iauc", "cgc_loss",
+                                 "ch_protocol", "ch_saliency")}
+    shown.update(n_eval=int(result["n_eval"]), split=args.split, written=path)
     if args.format == "json":
         print(json.dumps(shown, indent=2))
     else:
@@ -243,6 +245,16 @@ def _evaluate(args: argparse.Namespace) -> int:
             table.add_row(k, "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
         Console().print(table)
     return 0
+
+
+def _experiment_name(value: str) -> str:
+    """``--experiment``: a folder name under the storage (the spec's rule), checked before any work is done."""
+    from cgc_ray.config.base import check_name
+
+    try:
+        return check_name("experiment name", value)
+    except ValueError as e:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
@@ -266,13 +278,19 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
                    help="architecture (default: the one recorded in the checkpoint, else resnet18)")
     p.add_argument("--metrics", default=",".join(_choices("metrics")),
                    help="comma-separated subset of the spec's metrics (default: all, %(default)s)")
-    p.add_argument("--protocol", default=None,
-                   help="CH protocol: 'fast' (the default) batched centre crops at --image-size, or 'authors' "
-                   "(batch 1, --short-side without crop, heatmap at the original size)")
+    p.add_argument("--protocol", choices=_choices("evaluation.ch_protocol"), default=None,
+                   help="CH protocol (evaluation.ch_protocol): 'fast' (the default) batched centre crops at "
+                   "--image-size, or 'authors' (batch 1, --short-side without crop, heatmap at the original size)")
+    p.add_argument("--saliency", choices=_choices("evaluation.saliency"), default=None,
+                   help="the map CH scores (evaluation.saliency): gradcam (the default, the paper's CH), or "
+                   "contrastive excitation backprop 'cmwp' (Table 4) / 'mwp', at layer3")
+    p.add_argument("--saliency-window", type=int, default=None,
+                   help="cmwp/mwp: TorchRay's k x k stride-1 pooled head (the authors' Table 4: 7; default: the "
+                   "model's own head)")
     p.add_argument("--image-size", type=int, default=None,
                    help="evaluation crop size (default: the size the checkpoint was trained at, else the spec's)")
     p.add_argument("--short-side", type=int, default=None,
-                   help="authors' protocol resize (default: the authors' short side, docs/PAPER.md §3)")
+                   help="--protocol authors: the short side images are resized to (default: the authors' 448)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--iauc-images", type=int, default=_spec_field("evaluation.iauc_images").default,
                    help="images scored for IAUC, a seeded sample spread over every class (default: all, as Table 2)")
@@ -280,6 +298,9 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
                    default=_spec_field("evaluation.iauc_protocol").default,
                    help="IAUC protocol: 'authors' (their script: GT-class saliency, their blur kernel, their pixel "
                         "order) or 'fast' (batched, predicted class) (default: %(default)s)")
+    p.add_argument("--iauc-input", choices=_choices("evaluation.iauc_input"), default=None,
+                   help="IAUC images: 'center_crop' (the default, Resize 256 + CenterCrop 224 at 224 px) or "
+                        "'squash' (the whole image resized square, the authors' RISE script)")
     p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the checkpoint's, else layer4)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only N images spread over the split")
     p.add_argument("--num-workers", type=int, default=2)
@@ -287,7 +308,8 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--storage", default=None,
                    help="where the row is written: a path or a pyarrow URI such as s3://bucket/prefix "
                         "(default: $CGC_RAY_STORAGE, else ./results)")
-    p.add_argument("--experiment", default="evaluate", help="experiment name of the row (default: %(default)s)")
+    p.add_argument("--experiment", default="evaluate", type=_experiment_name,
+                   help="experiment name of the row: letters, digits, _ . - (default: %(default)s)")
     p.add_argument("--format", choices=("rich", "json"), default="rich")
     p.set_defaults(handler=_evaluate)
 

@@ -37,7 +37,7 @@ from cgc_ray.config.paths import (
     unresolved_paths,
 )
 from cgc_ray.config.presets import PRESETS
-from cgc_ray.config.method import HELDOUT_METRIC, effective_lam
+from cgc_ray.config.method import HELDOUT_METRIC, contrast_group, effective_lam
 from cgc_ray.config.spec import (
     DataSpec,
     EvaluationSpec,
@@ -72,6 +72,7 @@ __all__ = [
     "apply_overrides",
     "check_data_root",
     "data_root_missing_here",
+    "contrast_group",
     "effective_lam",
     "effective_method",
     "expand_trials",

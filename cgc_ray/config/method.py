@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from cgc_ray.config.section import Section
 
@@ -51,6 +51,26 @@ class MethodSpec(Section):
     images a batch), so one λ means the same weight of CGC against CE on
     datasets of any size.
 
+    The authors' step (``config.presets.AUTHORS_STEP`` sets these with
+    ``forward="separate"``, ``view="center"``, ``anchor="authors"``;
+    tests/test_authors_step.py checks it gives their loss and gradients):
+    ``ce_views``: cross-entropy of the training view alone (1), or the sum over
+    the training, centre and T views (3, the authors: their λ weighs CGC
+    against three CE terms; needs ``view="center"``).
+    ``negatives_group``: None contrasts a query with this worker's whole batch
+    (with ``negatives="global"``, every worker's); N cuts each worker's batch
+    into groups of N consecutive images, as the authors' DataParallel cuts it
+    into GPU chunks (64 a GPU on their 4-GPU ImageNet command): each group
+    runs its forwards (BatchNorm statistics), negatives and loss means alone,
+    and the step's loss is the mean over groups.
+    ``zero_cam``: an all-zero heatmap stays zero (similarity 0 with every
+    map, ``zero``) or becomes uniform (``uniform``, the authors: every map
+    m becomes m / (sum m + 1e-8) + 1e-8 before T).
+    ``cam_transform``: T crops the h x w Grad-CAM straight to the compared
+    size (``direct``), or the map is first upsampled bilinearly to the image
+    size and T slices its box of that map (``upsampled``, the authors'; needs
+    ``resolution="image"``).
+
     Every field but those in ``BASELINE_FIELDS`` is read by the CGC term only:
     a baseline computes the same whatever they are, so its trial id leaves
     them out (``cgc_ray.config.identity.CGC_ONLY_FIELDS``). A new field that a
@@ -71,6 +91,12 @@ class MethodSpec(Section):
     no_neg_scale: Literal["sum", "mean"] = "mean"
     cam_class: Literal["pred", "label"] = "pred"
     lam_normalization: Literal["none", "imagenet"] = "none"
+    # added after trial ids existed: "legacy" is the value that computes what the code did before, which
+    # identity() leaves out so earlier ids stay valid (cgc_ray.config.identity)
+    ce_views: Literal[1, 3] = Field(1, json_schema_extra={"legacy": 1})
+    negatives_group: int | None = Field(None, ge=2, json_schema_extra={"legacy": None})
+    zero_cam: Literal["zero", "uniform"] = Field("zero", json_schema_extra={"legacy": "zero"})
+    cam_transform: Literal["direct", "upsampled"] = Field("direct", json_schema_extra={"legacy": "direct"})
 
     @field_validator("crop_scale")
     @classmethod
@@ -79,6 +105,20 @@ class MethodSpec(Section):
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"method.crop_scale must satisfy 0 < low <= high <= 1, got ({lo}, {hi})")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MethodSpec:
+        if self.ce_views == 3 and self.view != "center":
+            raise ValueError("method.ce_views=3 sums cross-entropy over the training, centre and T views; "
+                             f"it needs method.view='center' (got {self.view!r}), or set method.ce_views=1")
+        if self.negatives_group is not None and self.negatives == "global":
+            raise ValueError(f"method.negatives_group={self.negatives_group} contrasts within groups of one "
+                             "worker's batch, method.negatives='global' across all workers; choose one "
+                             "(negatives_group=null or negatives='local')")
+        if self.cam_transform == "upsampled" and self.resolution != "image":
+            raise ValueError("method.cam_transform='upsampled' upsamples heatmaps to the image size; it needs "
+                             f"method.resolution='image' (got {self.resolution!r}), or set cam_transform='direct'")
+        return self
 
     @property
     def uses_cgc(self) -> bool:
@@ -94,15 +134,24 @@ HELDOUT_METRIC = MethodSpec(name="cgc", negatives="local", view="train", cam_cla
 IMAGENET_LOSS_RATIO = math.log(1000) / math.log(256)  # CE / L_CGC at the start, ImageNet at batch 256
 
 
+def contrast_group(spec: ExperimentSpec) -> int:
+    """Images a query's heatmap is contrasted with, itself included: every worker's batch with global
+    negatives, else this worker's batch, or ``method.negatives_group`` of it (a full batch's groups)."""
+    m = spec.method
+    if m.negatives == "global":
+        return spec.data.batch_size
+    per_worker = spec.data.batch_size // spec.scaling.num_workers
+    return per_worker if m.negatives_group is None else min(m.negatives_group, per_worker)
+
+
 def effective_lam(spec: ExperimentSpec, num_classes: int) -> float:
     """``method.lam``, rescaled per ``method.lam_normalization`` for a dataset of ``num_classes`` classes.
 
     ``imagenet``: λ · (ln K / ln B) / (ln 1000 / ln 256), B the images a query
-    is contrasted with (this worker's batch, or every worker's with global
-    negatives): the two loss terms start near ln K and ln B.
+    is contrasted with (:func:`contrast_group`): the two loss terms start near
+    ln K and ln B.
     """
     m = spec.method
     if m.lam_normalization == "none":
         return m.lam
-    batch = spec.data.batch_size if m.negatives == "global" else spec.data.batch_size // spec.scaling.num_workers
-    return m.lam * (math.log(num_classes) / math.log(batch)) / IMAGENET_LOSS_RATIO
+    return m.lam * (math.log(num_classes) / math.log(contrast_group(spec))) / IMAGENET_LOSS_RATIO

@@ -12,7 +12,7 @@ from cgc_ray.config.section import Section
 from cgc_ray.models.archs import ARCHS
 
 ArchName = Literal[ARCHS]
-TV_WEIGHTS_RE = re.compile(r"^ResNet(\d+)_Weights\.\w+$")
+TV_WEIGHTS_RE = re.compile(r"^ResNet(\d+)_Weights\.\w+\Z")  # \Z: "$" also matches before a final newline
 
 
 class ModelSpec(Section):

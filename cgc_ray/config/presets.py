@@ -69,6 +69,13 @@ _IMAGENET: Sourced = {
     "optim.schedule": ({"name": "step", "milestones": [30, 60], "gamma": 0.1},
                        "paper: lr x0.1 every 30 epochs (docs/PAPER.md §2); authors: train_eval_cgc.py:495"),
     "metrics": (["top1", "top5", "ch", "iauc", "cgc_loss"], _METRICS),
+    # CH and IAUC as the authors measured them: TorchRay's CH script on the whole image (-b 1 --input_resize 448:
+    # README.md:69 ImageNet, :74 CUB, :79 SwAV 1 %) and RISE's insertion game on images squashed to 224 x 224
+    "evaluation.ch_protocol": ("authors", "authors: README.md:69,74,79, TorchRay's *_gradcam_energy_inside_bbox.py "
+                                          "-b 1 on the whole image, the ground-truth class, the union of its boxes"),
+    "evaluation.ch_short_side": (448, "authors: README.md:69,74,79 --input_resize 448"),
+    "evaluation.iauc_input": ("squash", "authors: RISE/evaluate_auc_metrics.py:55 ImageFolder(val, preprocess), "
+                                        "RISE/utils.py:46-47 preprocess = Resize((224, 224))"),
     # the authors train in fp32: fp16 autocast through the CAM is not shown to give their loss and gradients
     "scaling.amp": (False, "authors: fp32, train_eval_cgc.py has no autocast or half precision"),
     # one GPU per trial worker with 8 CPUs: 7 DataLoader processes feed it (cluster/gpu.yaml's 4-GPU type has
@@ -78,19 +85,41 @@ _IMAGENET: Sourced = {
 }
 _RECIPE = ("data.batch_size", "optim.lr", "optim.momentum", "optim.weight_decay", "optim.epochs", "optim.schedule")
 
+# The authors' training step (UCDvision/CGC at a66d872): what their train_eval_cgc.py computes per step, which
+# is what the paper's numbers came from. tests/test_authors_step.py shows the product computes it (same loss and
+# parameter gradients as an independent re-implementation of their step). The paper presets train with it; the
+# demos keep the spec's defaults (the paper's equation, one CE term), their own experiment. The README ("The
+# authors' step") says what it means for λ: three CE terms, so a paper λ weighs CGC ~3x less than with one.
+_MODEL_PY = "models/resnet_multigpu_cgc.py"
+AUTHORS_STEP: Sourced = {
+    "method.ce_views": (3, f"authors: {_MODEL_PY}:252, xe_loss = CE(xe) + CE(images) + CE(aug)"),
+    "method.forward": ("separate", f"authors: {_MODEL_PY}:229,232,238, one forward_vanilla per view"),
+    "method.view": ("center", "authors: datasets/imagefolder_cgc_ssl.py:152-159, T's crop drawn on and applied "
+                              "to the Resize(256) + CenterCrop(224) view"),
+    "method.anchor": ("authors", f"authors: {_MODEL_PY}:257-261, positive aug.orig_aug, negatives aug.aug"),
+    # the paper's cost note names 2 Titan-RTX (128 a chunk); the one released ImageNet command runs 4 GPUs
+    "method.negatives_group": (64, "authors: README.md:36, CUDA_VISIBLE_DEVICES=0,1,2,3 with -b 256 under "
+                                   "nn.DataParallel (train_eval_cgc.py:236): chunks of 64 a GPU"),
+    "method.zero_cam": ("uniform", "authors: models/utils.py:44, m / (m.sum() + 1e-8) + 1e-8"),
+    "method.cam_transform": ("upsampled", "authors: models/utils.py:40, F.interpolate to 224, then :64-68 slice "
+                                          "the crop box of that map and resize it"),
+}
+
 # Tables 1, 5 and 11: the baseline, CGC and CGC without negatives, one sweep. Without negatives, the authors'
-# term is F.mse_loss of the two l2-normalised maps (models/resnet_multigpu_cgc.py:255): a mean over 224 x 224
-# pixels, method.no_neg_scale "mean", about 4e-6 on a fresh network. At the paper's λ 1 it changes nothing;
-# their script's --lambda defaults to 1000 (train_eval_gc_l2_no_contrast_baseline.py:114; they released no
-# command for it). At initialisation λ 1000 gives the term about 1 % of the cross-entropy's gradient (λ 1:
-# 0.001 %; tests/test_presets_sources.py measures it); at the demos' 64 px the mean is over 12x fewer pixels,
-# so the same λ weighs the term 12x more there.
-_NO_NEG = {"method.name": "cgc_no_neg", "method.lam": 1000.0, "method.no_neg_scale": "mean"}
+# term is F.mse_loss of the two l2-normalised maps (models/resnet_multigpu_cgc.py:255), a mean over 224 x 224
+# pixels, ~4e-6 on a fresh network; the paper (Table 5) swaps the term and states no other λ. Their scripts'
+# --lambda default of 1000 (train_eval_gc_l2_no_contrast_baseline.py:114) is no setting: train_eval_cgc.py
+# has the same default, which its own README command overrides to 0.5. So the term here is the squared l2
+# distance summed over pixels (method.no_neg_scale "sum", 2 - 2 cos, independent of the image size) at the
+# CGC λ of the preset: at initialisation it moves the weights 0.3-0.4x as much as the three CE terms, where
+# the mean moved them 1e-5x as much at λ 1 and <1 % at λ 1000 (tests/test_presets_sources.py measures them).
+_NO_NEG = {"method.name": "cgc_no_neg", "method.no_neg_scale": "sum"}
 _THREE_METHODS: Sourced = {
     "sweep.variants": ([{"method.name": "baseline"}, {}, _NO_NEG],
                        "paper: Tables 1, 5, 11 (baseline, CGC, CGC without negatives); without negatives: "
-                       "authors: models/resnet_multigpu_cgc.py:255 F.mse_loss, "
-                       "train_eval_gc_l2_no_contrast_baseline.py:114 --lambda default 1000"),
+                       "paper: Table 5, the l2 distance of the normalised maps at the CGC λ (no other λ "
+                       "stated); assumed: summed over pixels, as the authors' mean at their λ would not move "
+                       "the weights (models/resnet_multigpu_cgc.py:255)"),
 }
 
 # Fine-grained and few-shot: ImageNet-pretrained ResNet50, all layers fine-tuned (the paper). The recipe is
@@ -104,6 +133,10 @@ _R50_IMAGENET: Sourced = {
                       "authors: models/resnet_multigpu_cgc.py:19, --pretrained loads torchvision's "
                       "resnet50-19c8e357.pth (IMAGENET1K_V1)"),
 }
+# train_eval_cgc.py's step (it has --dataset cub etc.), on as many GPUs as their ImageNet command
+_FINETUNE_STEP = _with_source(AUTHORS_STEP, ("method.negatives_group",), (
+    "assumed: the 64 images a GPU of the authors' ImageNet command (README.md:36); they released no fine-grained "
+    "or few-shot command"))
 _FINEGRAINED_LAM = {"cub200": 0.25, "cars196": 0.25, "aircraft": 0.5, "flowers102": 0.5}
 _FEWSHOT_LAM = {"cub200": 0.8, "cars196": 0.8, "aircraft": 0.6, "flowers102": 0.8}
 
@@ -115,22 +148,30 @@ def _add(key: str, name: str, *layers: Sourced) -> None:
     PRESETS[key], SOURCES[key] = _preset(name, *layers)
 
 
-_add("imagenet_r18", "imagenet", _IMAGENET, _THREE_METHODS)
-_add("imagenet_r50", "imagenet", _IMAGENET, _THREE_METHODS, {
+_add("imagenet_r18", "imagenet", _IMAGENET, AUTHORS_STEP, _THREE_METHODS)
+_add("imagenet_r50", "imagenet", _IMAGENET, AUTHORS_STEP, _THREE_METHODS, {
     "model.arch": ("resnet50", "paper: Table 1"),
     "method.lam": (0.5, "paper: λ 0.5 for ResNet50 (docs/PAPER.md §2); authors: README.md:36 --lambda 0.5"),
 })
-_add("imagenet100_r50", "imagenet100", _IMAGENET, _THREE_METHODS, _with_source(_IMAGENET, _RECIPE, (
+_add("imagenet100_r50", "imagenet100", _IMAGENET, AUTHORS_STEP, _THREE_METHODS, _with_source(_IMAGENET, _RECIPE, (
     "assumed: the ImageNet recipe; docs/PAPER.md §2 records none for ImageNet-100")), {
     "data.dataset": ("imagenet100", "paper: Table 11"),
     "model.arch": ("resnet50", "paper: Table 11"),
     "method.lam": (0.5, "assumed: ResNet50's ImageNet λ; docs/PAPER.md §2 records none for ImageNet-100"),
 })
-_add("lambda_ablation", "lambda_ablation", _IMAGENET, {
+_add("lambda_ablation", "lambda_ablation", _IMAGENET, AUTHORS_STEP, {
     "sweep.grid": ({"method.lam": [0.0, 0.01, 0.1, 0.5, 1.0, 2.0]}, "paper: Table 10"),
 })
 _SEMISUP = "train_imagenet_1pc_swav_cgc_unlabeled.py"  # README.md:44 is the authors' command for Table 9
-_add("semisup", "semisup", _IMAGENET, {
+_SWAV_PY = "models/swav_resnet_cgc.py"
+_add("semisup", "semisup", _IMAGENET, AUTHORS_STEP, {
+    # the same step on the unlabelled batch (models/utils.py, datasets/imagefolder_cgc_ssl.py via line 24, 290),
+    # one CE term on the labelled batch, DataParallel on 2 GPUs
+    "method.ce_views": (1, f"authors: {_SWAV_PY}:368, xe_loss = CE of the labelled batch alone"),
+    "method.forward": ("separate", f"authors: {_SWAV_PY}:340,343,348, one forward_vanilla per view"),
+    "method.anchor": ("authors", f"authors: {_SWAV_PY}:360-364, positive aug.orig_aug, negatives aug.aug"),
+    "method.negatives_group": (64, f"authors: README.md:44, CUDA_VISIBLE_DEVICES=0,1 with -b 128 under "
+                                   f"nn.DataParallel ({_SEMISUP}:246): chunks of 64 a GPU"),
     "data.dataset": ("imagenet", "paper: Table 9"),
     "data.percent": (1.0, "paper: Table 9, 1 % of ImageNet train labelled"),
     # the standard 1percent.txt list (in the ImageNet folder, or data.split_file), never a random draw
@@ -151,14 +192,15 @@ _add("semisup", "semisup", _IMAGENET, {
     "sweep.grid": ({"method.name": ["baseline", "cgc"]}, "paper: Table 9"),
 })
 for _ds, _lam in _FINEGRAINED_LAM.items():
-    _add(f"finegrained_{_ds}", "finegrained", _IMAGENET, _FINETUNE_RECIPE, _R50_IMAGENET, {
+    _add(f"finegrained_{_ds}", "finegrained", _IMAGENET, AUTHORS_STEP, _FINETUNE_STEP, _FINETUNE_RECIPE,
+         _R50_IMAGENET, {
         "data.dataset": (_ds, "paper: Table 6"),
         "method.lam": (_lam, "paper: λ for full fine-grained data (docs/PAPER.md §2)"),
         "sweep.grid": ({"method.name": ["baseline", "cgc"], "seed": [0, 1, 2]}, "paper: Table 6, 3 trials"),
         "scaling.cpus_per_worker": (4, _RESOURCES + ": one trial per single-GPU node (4 CPUs)"),
     })
 for _ds, _lam in _FEWSHOT_LAM.items():
-    _add(f"fewshot_{_ds}", "fewshot", _IMAGENET, _FINETUNE_RECIPE, _R50_IMAGENET, {
+    _add(f"fewshot_{_ds}", "fewshot", _IMAGENET, AUTHORS_STEP, _FINETUNE_STEP, _FINETUNE_RECIPE, _R50_IMAGENET, {
         "data.dataset": (_ds, "paper: Tables 7, 8"),
         "data.shots": (1, "paper: n in {1, 5, 10} images per class (the sweep sets it)"),
         "method.lam": (_lam, "paper: λ for few-shot (docs/PAPER.md §2)"),
@@ -194,14 +236,27 @@ _DEMO = {
     "optim": {"lr": 0.05, "nesterov": True, "weight_decay": 1e-4, "epochs": 20, "schedule": {"name": "onecycle"}},
     "scaling": {"cpus_per_worker": 1, "gpus_per_worker": 0.25, "amp": True},
     "metrics": ["top1", "ch", "cgc_loss"],
+    # the batched centre-crop CH and IAUC: fast at 64 px, and the demos are compared with each other
+    "evaluation": {"ch_protocol": "fast", "iauc_input": "center_crop"},
     "eval_every": 5,
 }
 
+
+
+def _our_step(tree: dict[str, Any]) -> dict[str, Any]:
+    """A paper preset without the settings of :data:`AUTHORS_STEP`: the spec's defaults (the paper's equation,
+    one CE term), the step the demos were tuned and measured with (README, "Where the accuracy goes")."""
+    out = copy.deepcopy(tree)
+    for path in AUTHORS_STEP:
+        out["method"].pop(path.removeprefix("method."), None)
+    return out
+
+
 PRESETS.update(
     {
-        "imagenet_demo": _merge(PRESETS["imagenet_r18"], _DEMO),
+        "imagenet_demo": _merge(_our_step(PRESETS["imagenet_r18"]), _DEMO),
         "lambda_ablation_demo": _merge(
-            _merge(PRESETS["lambda_ablation"], _DEMO),
+            _merge(_our_step(PRESETS["lambda_ablation"]), _DEMO),
             {"method": {"lam": 0.5}, "sweep": {"grid": {"method.lam": [0.0, 0.5, 1.0], "seed": [0, 1]}}},
         ),
     }
@@ -236,19 +291,19 @@ _FINETUNE_DEMO = {  # all layers fine-tuned from the pretrained backbone, a smal
 }
 PRESETS.update(
     {
-        "finegrained_demo": _merge(_merge(_merge(PRESETS["finegrained_cub200"], _DEMO), _FINETUNE_DEMO), {
+        "finegrained_demo": _merge(_merge(_merge(_our_step(PRESETS["finegrained_cub200"]), _DEMO), _FINETUNE_DEMO), {
             "method": {"lam": 1.0},
             "optim": {"epochs": 10},
             "sweep": {"grid": {"seed": [0, 1, 2]}},
         }),
-        "fewshot_demo": _merge(_merge(_merge(PRESETS["fewshot_cub200"], _DEMO), _FINETUNE_DEMO), {
+        "fewshot_demo": _merge(_merge(_merge(_our_step(PRESETS["fewshot_cub200"]), _DEMO), _FINETUNE_DEMO), {
             # the rest of each class (60 - shots) is the evaluation set, as the paper's protocol
             "data": {"shots": 5, "batch_size": 64, "synthetic": {"n_train_per_class": 60}},
             "method": {"lam": 0.5},
             "optim": {"epochs": 30},
             "sweep": {"grid": {"data.shots": [1, 5, 10], "data.episode": list(range(10))}},
         }),
-        "semisup_demo": _merge(_merge(_merge(PRESETS["semisup"], _DEMO), _FINETUNE_DEMO), {
+        "semisup_demo": _merge(_merge(_merge(_our_step(PRESETS["semisup"]), _DEMO), _FINETUNE_DEMO), {
             # 5 % labelled (15 per class), all 300 per class unlabelled for the CGC term; 10 seeds (each a new
             # labelled draw and init): a trial takes seconds and the seed-to-seed spread is ±5 points
             "data": {"percent": 5.0, "batch_size": 32, "labelled": "random"},
@@ -269,17 +324,20 @@ _ABLATION_BASE = _merge(PRESETS["lambda_ablation_demo"], {
     "sweep": {"grid": {"seed": [0, 1, 2, 3, 4]}},
 })
 _ABLATION_BASE["sweep"]["grid"] = {"seed": [0, 1, 2, 3, 4]}
+_AUTHORS_VARIANT = {path: value for path, (value, _) in AUTHORS_STEP.items()}
 PRESETS["ablation_demo"] = _merge(_ABLATION_BASE, {"sweep": {"variants": [
     {},
     {"method.name": "baseline"},
     {"method.forward": "separate"},
     {"method.view": "center"},
-    {"method.forward": "separate", "method.view": "center"},  # the authors' step
+    {"method.forward": "separate", "method.view": "center"},  # the authors' forwards and view alone
     {"method.lam": 0.1},
     {"method.lam": 1.0},
     {"optim.epochs": 40},
     {"optim.epochs": 40, "method.name": "baseline"},
     {"method.lam": 1.0, "method.lam_normalization": "imagenet"},
+    _AUTHORS_VARIANT,  # the authors' whole step (three CE terms: λ weighs CGC ~3x less), at λ 0.5 and 1
+    {**_AUTHORS_VARIANT, "method.lam": 1.0},
 ]}})
 PRESETS["ablation_more_demo"] = _merge(_ABLATION_BASE, {"sweep": {"grid": {"seed": [0, 1]}, "variants": [
     {"method.crop_scale": [0.08, 1.0]},

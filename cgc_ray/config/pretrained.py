@@ -29,7 +29,7 @@ from cgc_ray.config.spec import ExperimentSpec, load_spec, validate_spec
 
 EXPERIMENT = "experiment:"
 TRIAL = "trial:"
-_TRIAL_RE = re.compile(r"^trial:(?P<experiment>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<trial_id>[0-9a-f]{12})$")
+_TRIAL_RE = re.compile(r"^trial:(?P<experiment>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<trial_id>[0-9a-f]{12})\Z")
 _DEFAULT_STORAGE = ExperimentSpec.model_fields["storage"].default
 
 
@@ -62,6 +62,9 @@ def pretraining_spec(ref: str, storage: str) -> ExperimentSpec:
     if len(trials) != 1:
         raise SpecError(f"model.weights={ref!r}: the pretraining must be one trial, its sweep gives {len(trials)}; "
                         "pick one with --set on its spec")
+    if trials[0].failure.keep_checkpoint == "none":
+        raise SpecError(f"model.weights={ref!r}: its spec sets failure.keep_checkpoint=none, which leaves no "
+                        "checkpoint to fine-tune from; set it to model (the default) or full")
     return trials[0]
 
 

@@ -24,14 +24,13 @@ the contrastive softmax.
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from cgc_ray.config.base import SpecError, StoragePath, set_path
+from cgc_ray.config.base import SpecError, StoragePath, check_name, set_path
 from cgc_ray.config.data import DataSpec
 from cgc_ray.config.method import MethodSpec
 from cgc_ray.config.model import ModelSpec
@@ -45,8 +44,6 @@ __all__ = ["DataSpec", "EvaluationSpec", "ExperimentSpec", "FailureSpec", "Metho
 
 MetricName = Literal["top1", "top5", "ch", "iauc", "cgc_loss"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
 
 class EvaluationSpec(Section):
     """How the metrics are computed (docs/PAPER.md §3).
@@ -56,14 +53,49 @@ class EvaluationSpec(Section):
     ``iauc_protocol``: ``authors`` reproduces the authors' script (Grad-CAM of
     the ground-truth class, their Gaussian kernel with zero padding, pixels in
     ``np.flip(argsort)`` order); ``fast`` is batched (Grad-CAM of the predicted
-    class, torchvision's blur, a stable order). ``cgc_batch``: images per
+    class, torchvision's blur, a stable order). ``iauc_input``: the images IAUC
+    scores, ``center_crop`` (short side to 256/224 of ``data.image_size``, centre
+    crop) or ``squash`` (the whole image resized to ``data.image_size`` square,
+    the authors' RISE script). ``cgc_batch``: images per
     held-out CGC-loss group (the paper's 32), drawn from a seeded permutation
     of the evaluation images, so the value does not depend on file order.
+
+    ``ch_protocol``: how CH is measured. ``fast``: batched centre crops at
+    ``data.image_size``, boxes clipped to the crop. ``authors``: the paper's
+    (TorchRay's script with ``--input_resize 448``): batch 1, the whole image
+    resized to ``ch_short_side`` on its short side, the map resized to the
+    original image and summed over the union of the ground-truth class's boxes.
+    ``saliency``: the map CH scores, ``gradcam`` of ``model.layer`` (the paper's
+    CH), or excitation backprop at layer3, ``cmwp`` (contrastive, Table 4) or
+    ``mwp`` (``method.metrics.content_heatmap_saliency``: an all-zero (c)MWP map
+    is left out, as in the authors' Table 4 script). ``saliency_window``: for
+    (c)MWP, TorchRay's k x k stride-1 pooled head (the authors' Table 4: 7);
+    None, the model's own head.
+
+    The fields added after trials existed declare as ``legacy`` the value
+    that reproduces those trials (``config.identity``): at it they stay out of
+    the trial id.
     """
 
     iauc_images: int | None = Field(None, ge=1)
     iauc_protocol: Literal["authors", "fast"] = "authors"
+    iauc_input: Literal["center_crop", "squash"] = Field("center_crop", json_schema_extra={"legacy": "center_crop"})
     cgc_batch: int = Field(32, ge=2)
+    ch_protocol: Literal["fast", "authors"] = Field("fast", json_schema_extra={"legacy": "fast"})
+    ch_short_side: int = Field(448, ge=32, json_schema_extra={"legacy": 448})
+    # the names of method.metrics.SALIENCIES (config imports no torch; tests/test_table3_table4.py holds them equal)
+    saliency: Literal["gradcam", "cmwp", "mwp"] = Field("gradcam", json_schema_extra={"legacy": "gradcam"})
+    saliency_window: int | None = Field(None, ge=1, json_schema_extra={"legacy": None})
+
+    @model_validator(mode="after")
+    def _settings_apply(self) -> "EvaluationSpec":
+        if self.ch_protocol == "fast" and self.ch_short_side != type(self).model_fields["ch_short_side"].default:
+            raise ValueError(f"evaluation.ch_short_side={self.ch_short_side} is the authors' protocol's resize; "
+                             "set evaluation.ch_protocol=authors, or leave ch_short_side at its default")
+        if self.saliency == "gradcam" and self.saliency_window is not None:
+            raise ValueError(f"evaluation.saliency_window={self.saliency_window} applies to excitation backprop; "
+                             "set evaluation.saliency=cmwp (or mwp), or saliency_window=null")
+        return self
 
 
 class ExperimentSpec(Section):
@@ -92,12 +124,7 @@ class ExperimentSpec(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(
-                f"name={v!r} must start with a letter or digit and use only letters, digits, '_', '.', '-' "
-                "(it becomes a directory name)"
-            )
-        return v
+        return check_name("name", v)  # it becomes a folder name
 
     @field_validator("metrics")
     @classmethod

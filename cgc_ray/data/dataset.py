@@ -14,7 +14,7 @@ from .formats import ImageRecord
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_RESIZES = ("center_crop", "short_side")
+EVAL_RESIZES = ("center_crop", "short_side", "squash")
 
 
 def read_image(path: str) -> Image.Image:
@@ -24,6 +24,12 @@ def read_image(path: str) -> Image.Image:
             return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot read image {path}: {e}") from e
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header (the pixels are not decoded)."""
+    with Image.open(path) as im:
+        return im.size
 
 
 # Decoded images of cache_in_memory datasets, kept for the life of the process: the trials a reused
@@ -115,7 +121,8 @@ class BoxDataset(Dataset):
     train=False, eval_resize="center_crop": short side -> round-down(S * resize_ratio)
     (256 for S=224), centre crop S. eval_resize="short_side": short side -> S and
     no crop, so the image is S on its short side only (the authors' CH protocol at
-    S=448; use batch size 1 or a collate that handles sizes).
+    S=448; use batch size 1 or a collate that handles sizes). eval_resize="squash":
+    the whole image resized to S x S, aspect ratio lost (the authors' IAUC input).
 
     Training augmentations draw from the torch global RNG (in DataLoader
     workers, seeded per worker by the loader's generator), which the trial's
@@ -183,6 +190,9 @@ class BoxDataset(Dataset):
             nw, nh = _short_side_size(W, H, S)
             out = img.resize((nw, nh), Image.BILINEAR)
             return self._to_tensor(out), rec.label, transform_boxes(boxes, (0, 0, W, H), (nw, nh), False)
+        if self.eval_resize == "squash":
+            out = img.resize((S, S), Image.BILINEAR)
+            return self._to_tensor(out), rec.label, transform_boxes(boxes, (0, 0, W, H), (S, S), False)
         x, b = self._center(img, boxes)
         return x, rec.label, b
 

@@ -2,11 +2,13 @@
 
 Walking ImageNet's 1.28 M files takes minutes, so the parsed index is kept as
 Parquet under the cache folder (``registry.cache_dir() / "index"``), keyed on
-the folder, split and modification times: a second start reads one file.
+the folder, split, and the times (and sizes) of what it was built from: a
+second start reads one file, and a changed folder replaces its old index.
 """
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import json
 import os
@@ -135,26 +137,39 @@ def _imagenet_classes(d: Path, name: str) -> tuple[list[str], dict[str, str]]:
 
 
 def _fingerprint(paths: Iterable[Path]) -> list:
-    """Modification times of folders (and their immediate sub-folders) and files the index depends on."""
+    """What the index depends on: [path, modification time, size] of its files, and [path, modification time]
+    of its folders and their immediate sub-folders (a folder's time changes when an entry is added or removed)."""
     out = []
     for p in paths:
         if p is None or not p.exists():
             continue
-        out.append([str(p), p.stat().st_mtime_ns])
+        st = p.stat()
         if p.is_dir():
+            out.append([str(p), st.st_mtime_ns])
             out.extend([e.path, e.stat().st_mtime_ns] for e in os.scandir(p) if e.is_dir())
+        else:
+            out.append([str(p), st.st_mtime_ns, st.st_size])
     return sorted(out)
 
 
 def _cached(key: dict, cache_dir: Path | None, build: Callable[[], list[ImageRecord]]) -> list[ImageRecord]:
-    """Records from a Parquet index keyed on `key` (root, split, mtimes); built and written on a miss."""
+    """Records from a Parquet index keyed on ``key`` (name, split, root, fingerprint); built and written on a miss.
+
+    The file is ``<name>-<split>-<hash of the root>-<hash of the key>.parquet``: when the folder changes,
+    the new index replaces the indexes of the same name, split and root, so the cache keeps one per
+    dataset folder and split.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir or registry.cache_dir() / "index") / f"{key['name']}-{key['split']}-{digest}.parquet"
-    if path.is_file():
+    folder = Path(cache_dir or registry.cache_dir() / "index")
+    stem = f"{key['name']}-{key['split']}-{hashlib.sha1(key['root'].encode()).hexdigest()[:10]}"
+    path = folder / f"{stem}-{hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]}.parquet"
+    try:
         t = pq.read_table(path).to_pydict()
+    except FileNotFoundError:  # not built yet, or dropped by a process that saw the folder change first
+        t = None
+    if t is not None:
         return [
             ImageRecord(
                 p,
@@ -174,10 +189,16 @@ def _cached(key: dict, cache_dir: Path | None, build: Callable[[], list[ImageRec
             "height": pa.array([r.size[1] if r.size else None for r in recs], pa.int32()),
         }
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)  # atomic, so concurrent workers never read a half-written index
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)  # atomic, so concurrent workers never read a half-written index
+    finally:
+        tmp.unlink(missing_ok=True)
+    for stale in folder.glob(f"{glob.escape(stem)}-*.parquet"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
     return recs
 
 
@@ -212,7 +233,8 @@ def imagenet_records(root, split: str, *, name: str = "imagenet", cache_dir=None
     LOC_<split>_solution.csv, 1-based inclusive -> 0-based continuous.
     The parsed index is cached as Parquet in `cache_dir`
     (default $CGC_RAY_CACHE_DIR/index or ~/.cache/cgc-ray/index), keyed on the
-    folder, split and modification times, so a second start does not re-walk.
+    folder, split and what :func:`_fingerprint` reads, so a second start does
+    not re-walk and a changed folder is walked again (its old index deleted).
     """
     _check_split(name, split)
     d = _imagenet_dir(root, name)

@@ -12,6 +12,10 @@ fields are the settings' one home (with their meaning and defaults); this
 module imports no pydantic, only reads the fields. What the spec's method
 section does not hold is passed beside it: the Grad-CAM ``layer``
 (``model.layer``).
+
+With ``method.negatives_group`` the batch is cut into :func:`groups`, each
+computed alone (its forwards, BatchNorm statistics and negatives) as one GPU
+chunk of the authors' DataParallel; L_CGC is the mean over groups.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from cgc_ray.method.loss import cgc_loss
 
 if TYPE_CHECKING:  # for type checkers only: at run time any object with these fields will do
     from cgc_ray.config import MethodSpec
+
+UNIFORM_EPS = 1e-8  # the authors' m / (sum m + eps) + eps (models/utils.py, compute_gradcam_mask)
 
 
 class HeatmapPair(NamedTuple):
@@ -47,12 +53,35 @@ class HeatmapPair(NamedTuple):
 
 
 class CGCTerm(NamedTuple):
-    """L_CGC of a batch; ``logits`` of every view (``logits[0]``: the training view x, B x K fp32);
-    ``zeros``: the number of all-zero heatmaps g(·) of the image T was applied to."""
+    """L_CGC of a batch (the mean over its groups); ``logits`` of every view (``logits[0]``: the training
+    view x, B x K fp32); ``zeros``: the number of all-zero heatmaps g(·) of the image T was applied to;
+    ``groups``: the batch's groups (:func:`groups`), over which cross-entropy is averaged alike."""
 
     loss: Tensor
     logits: tuple[Tensor, ...]
     zeros: Tensor
+    groups: tuple[slice, ...]
+
+
+def groups(batch: int, size: int | None) -> tuple[slice, ...]:
+    """Consecutive groups of ``size`` images of a batch (None: one group of all). A last group of one image
+    joins the one before it: the contrastive loss needs two (the authors' code crashes on such a chunk)."""
+    if size is None or size >= batch:
+        return (slice(0, batch),)
+    starts = list(range(0, batch, size))
+    if batch - starts[-1] == 1:
+        starts.pop()
+    return tuple(slice(a, b) for a, b in zip(starts, starts[1:] + [batch]))
+
+
+def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """B x h x w -> B x size, bilinear (align_corners False, as ``F.interpolate``'s default the authors use)."""
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _uniform_when_zero(maps: Tensor) -> Tensor:
+    """m / (sum m + eps) + eps per map (B x h x w): the authors' normalisation, which makes a zero map uniform."""
+    return maps / (maps.sum(dim=(1, 2), keepdim=True) + UNIFORM_EPS) + UNIFORM_EPS
 
 
 def _views_forward(model: nn.Module, views: list[Tensor], method: MethodSpec, layer: str,
@@ -90,7 +119,9 @@ def heatmap_pair(
     x: the training view, B x 3 x H x W. The image T is applied to is x
     (``method.view`` "train") or ``x_center`` ("center"). The class t of both
     heatmaps is the top-1 prediction on that image (or ``y`` with
-    ``method.cam_class`` "label"). Both heatmaps carry gradients.
+    ``method.cam_class`` "label"). Both heatmaps carry gradients; they are
+    made per ``method.cam_transform`` and ``method.zero_cam``. The batch is
+    one group: :func:`cgc_term` cuts a batch into ``method.negatives_group``.
     ``closed_form=False`` forces the autograd Grad-CAM path (for benchmarks).
     """
     if method.view == "center" and x_center is None:
@@ -117,10 +148,12 @@ def heatmap_pair(
         else:
             g_x, g_Tx = (cam(feats[i], logits[i], t) for i in (i_src, len(views) - 1))  # B x h x w each
         size = (H, W) if method.resolution == "image" else tuple(g_x.shape[-2:])
-        q = T.apply(g_x, params, size)  # T_i(g(x_i)), B x size
-        k = g_Tx if size == tuple(g_Tx.shape[-2:]) else F.interpolate(
-            g_Tx[:, None], size=size, mode="bilinear", align_corners=False
-        )[:, 0]  # g(T_i(x_i)), B x size
+        upsampled = method.cam_transform == "upsampled"  # T slices the box of the image-size map (the authors)
+        m_x, m_Tx = (_upsample(g, size) for g in (g_x, g_Tx)) if upsampled else (g_x, g_Tx)
+        if method.zero_cam == "uniform":
+            m_x, m_Tx = _uniform_when_zero(m_x), _uniform_when_zero(m_Tx)
+        q = T.apply(m_x, params, size, within_box=upsampled)  # T_i(g(x_i)), B x size
+        k = m_Tx if size == tuple(m_Tx.shape[-2:]) else _upsample(m_Tx, size)  # g(T_i(x_i)), B x size
     return HeatmapPair(q, k, tuple(v.float() for v in logits_all.split(B)), t, g_x)
 
 
@@ -137,22 +170,29 @@ def cgc_term(
     amp_dtype: torch.dtype | None = None,
     closed_form: bool | None = None,
 ) -> CGCTerm:
-    """L_CGC of the batch x (B x 3 x H x W): T drawn per image from ``generator``, then :func:`heatmap_pair`
-    (whose arguments these are) and the contrastive loss of ``method`` (or its l2 ablation)."""
+    """L_CGC of the batch x (B x 3 x H x W): T drawn per image from ``generator``, then per group
+    (:func:`groups` of ``method.negatives_group``) :func:`heatmap_pair` (whose arguments these are) and the
+    contrastive loss of ``method`` (or its l2 ablation); the mean over groups."""
     src = x_center if method.view == "center" and x_center is not None else x
     B, _, H, W = src.shape
     params = T.sample_params(B, (H, W), scale=method.crop_scale, generator=generator, device=x.device)
-    pair = heatmap_pair(model, x, method, params, layer=layer, y=y, x_center=x_center, create_graph=create_graph,
-                        amp_dtype=amp_dtype, closed_form=closed_form)
-    with torch.autocast(x.device.type, enabled=False):
-        loss = cgc_loss(
-            pair.k,
-            pair.q,
-            tau=method.tau,
-            negatives=method.name != "cgc_no_neg",
-            anchor=method.anchor,
-            global_negatives=method.negatives == "global",
-            l2_reduction=method.no_neg_scale,
-        )
-    zeros = (pair.g_x.flatten(1).sum(dim=1) == 0).sum()
-    return CGCTerm(loss, pair.logits, zeros)
+    parts = groups(B, method.negatives_group)
+    losses, logits, zeros = [], [], []
+    for s in parts:
+        pair = heatmap_pair(model, x[s], method, T.CropFlip(params.boxes[s], params.flip[s]), layer=layer,
+                            y=None if y is None else y[s], x_center=None if x_center is None else x_center[s],
+                            create_graph=create_graph, amp_dtype=amp_dtype, closed_form=closed_form)
+        with torch.autocast(x.device.type, enabled=False):
+            losses.append(cgc_loss(
+                pair.k,
+                pair.q,
+                tau=method.tau,
+                negatives=method.name != "cgc_no_neg",
+                anchor=method.anchor,
+                global_negatives=method.negatives == "global",
+                l2_reduction=method.no_neg_scale,
+            ))
+        logits.append(pair.logits)
+        zeros.append((pair.g_x.flatten(1).sum(dim=1) == 0).sum())
+    view_logits = tuple(torch.cat(v) for v in zip(*logits))  # per view, B x K in batch order
+    return CGCTerm(torch.stack(losses).mean(), view_logits, torch.stack(zeros).sum(), parts)

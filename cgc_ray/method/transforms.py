@@ -88,11 +88,14 @@ def sample_params(
     return CropFlip(boxes.to(device, non_blocking=True), flip.to(device, non_blocking=True))
 
 
-def _grid(params: CropFlip, out_size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+def _grid(params: CropFlip, out_size: tuple[int, int], dtype: torch.dtype,
+          src_size: tuple[int, int] | None = None) -> Tensor:
     """Sampling grid B x H' x W' x 2 for ``F.grid_sample(align_corners=False)``.
 
     Output pixel centre u in (0, 1) of the crop maps to x1 + u (x2 - x1) of the
-    source; a flip mirrors u.
+    source; a flip mirrors u. With ``src_size`` (H, W) the points are clamped to
+    the centres of the box's own edge pixels, so an enlarged crop repeats its
+    border as a slice-then-resize does, instead of reading the pixels beyond it.
     """
     Ho, Wo = out_size
     dev = params.boxes.device
@@ -102,22 +105,31 @@ def _grid(params: CropFlip, out_size: tuple[int, int], dtype: torch.dtype) -> Te
     u = torch.where(params.flip[:, None], 1 - u[None], u[None])  # B x W'
     x = b[:, 0:1] + u * (b[:, 2:3] - b[:, 0:1])  # B x W'
     y = b[:, 1:2] + v[None] * (b[:, 3:4] - b[:, 1:2])  # B x H'
+    if src_size is not None:
+        Hs, Ws = src_size
+        x = torch.minimum(torch.maximum(x, b[:, 0:1] + 0.5 / Ws), b[:, 2:3] - 0.5 / Ws)
+        y = torch.minimum(torch.maximum(y, b[:, 1:2] + 0.5 / Hs), b[:, 3:4] - 0.5 / Hs)
     gx = (2 * x - 1)[:, None, :].expand(-1, Ho, -1)
     gy = (2 * y - 1)[:, :, None].expand(-1, -1, Wo)
     return torch.stack([gx, gy], dim=-1)
 
 
-def apply(x: Tensor, params: CropFlip, out_size: tuple[int, int] | None = None) -> Tensor:
+def apply(x: Tensor, params: CropFlip, out_size: tuple[int, int] | None = None, *,
+          within_box: bool = False) -> Tensor:
     """T(x): crop each item's box, resize it to ``out_size`` (bilinear), flip.
 
     x: B x C x H x W images or B x H x W heatmaps (any resolution); returns the
-    same layout at ``out_size`` (default: x's own size).
+    same layout at ``out_size`` (default: x's own size). ``within_box``: read
+    nothing outside the box (its edge pixels repeat), as the authors' slice of
+    the map then ``F.interpolate`` does; for boxes on x's pixel grid this is
+    that computation exactly. Default: bilinear over the whole source.
     """
     if x.shape[0] != len(params):
         raise ValueError(f"batch of {x.shape[0]} but {len(params)} transform parameters")
     maps = x.dim() == 3
     src = x[:, None] if maps else x
     out_size = tuple(out_size or src.shape[-2:])
-    grid = _grid(params, out_size, src.dtype if src.is_floating_point() else torch.float32)
+    grid = _grid(params, out_size, src.dtype if src.is_floating_point() else torch.float32,
+                 tuple(src.shape[-2:]) if within_box else None)
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out[:, 0] if maps else out

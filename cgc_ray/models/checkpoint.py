@@ -2,13 +2,17 @@
 
 Writing: :func:`save_checkpoint` stores model, optimiser, scheduler, scaler,
 epoch (the last finished one), every RNG state, the metrics and an ``extra``
-dict (arch, number of classes, method, dataset), atomically. The model is saved
+dict (arch, number of classes, method, dataset), atomically: a temporary file in
+the same folder, synced, renamed over the old one, so a killed or failed save
+leaves the previous checkpoint whole. :func:`keep_model_only` drops the training
+state of a finished run (``failure.keep_checkpoint``). The model is saved
 unwrapped, so it loads into a plain torchvision model:
 ``model.load_state_dict(torch.load(p, weights_only=True)["model"])``.
 
 Reading, for every consumer:
 
-- :func:`load_checkpoint` restores a training run (resume);
+- :func:`resume_checkpoint` restores a training run; a file that does not parse
+  (a copy cut short) is set aside and the run starts from scratch;
 - :func:`read_state_dict` returns the weights of any accepted source: a
   cgc-ray checkpoint, a plain state_dict (``module.`` / ``_orig_mod.``
   prefixes stripped), ``swav:PATH`` (SwAV's projection head and prototypes
@@ -25,12 +29,16 @@ Reading, for every consumer:
 
 from __future__ import annotations
 
+import datetime
+import glob
 import hashlib
 import io
 import os
 import pickle
 import random
 import re
+import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +53,7 @@ from cgc_ray.models.resnet import ARCHS, build_model
 CHECKPOINT_FORMAT = "cgc-ray-checkpoint/1"
 SWAV_DROPPED_PREFIXES = ("projection_head.", "prototypes.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_ENUM_NAME = re.compile(r"^(?P<cls>[A-Za-z0-9_]+_Weights)\.(?P<member>[A-Za-z0-9_]+)$")
+_ENUM_NAME = re.compile(r"^(?P<cls>[A-Za-z0-9_]+_Weights)\.(?P<member>[A-Za-z0-9_]+)\Z")
 
 
 # ---------------------------------------------------------------- training state
@@ -78,6 +86,58 @@ def _set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator]
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def _temp_name(path: Path) -> Path:
+    """``.<name>.<pid>.<unique>.tmp`` beside ``path``: the pid says whether its writer still lives."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def remove_dead_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of writes of ``path`` whose writer died (killed mid-save); returns them."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+\.tmp")
+    dead = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+            if (m := pattern.fullmatch(p.name)) and not pid_alive(int(m[1]))]
+    for p in dead:
+        p.unlink(missing_ok=True)
+    return dead
+
+
+def _save_atomic(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file in ``path``'s folder, flushed to disk, then renamed over ``path``.
+
+    The file under ``path`` is the old one or the new one, whole, even if the process is killed or the
+    disk fills; a failed save removes its temporary file (a killed one: :func:`remove_dead_temps`).
+    The folder is synced too, so the rename itself survives a power loss.
+    """
+    remove_dead_temps(path)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -108,28 +168,54 @@ def save_checkpoint(
         "metrics": metrics or {},
         "extra": extra or {},
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    _save_atomic(state, path)
 
 
-def load_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-    *,
-    generators: dict[str, torch.Generator] | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    map_location: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """Restore what ``save_checkpoint`` wrote; returns the checkpoint dict (epoch, metrics, extra)."""
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that was read and does not parse: cut short (a killed copy) or garbled."""
+
+
+def _read(path: Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict[str, Any]:
+    """The dict a checkpoint file holds. A read error (``OSError``: I/O, permissions, a vanished file) is
+    raised as it is, since it says nothing about the file; bytes that do not parse raise UnreadableCheckpoint."""
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError (zip), EOFError, UnpicklingError, ...
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else 'no data'})") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a cgc-ray checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return state
+
+
+def check_readable(path: str | os.PathLike) -> None:
+    """Raise UnreadableCheckpoint if ``path`` does not parse as a checkpoint (its tensors are mapped, not read)."""
+    _read(Path(path), mmap=True)
+
+
+def set_aside(path: str | os.PathLike) -> Path | None:
+    """Rename an unreadable checkpoint to ``<name>.corrupt-<UTC time>`` beside it; None if it is gone already
+    (another rank of the same trial moved it)."""
+    path = Path(path)
+    aside = path.with_name(f"{path.name}.{corrupt_suffix()}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return None
+    return aside
+
+
+def corrupt_suffix() -> str:
+    """``corrupt-<UTC time>``: what an unreadable checkpoint's name gets when it is set aside."""
+    return f"corrupt-{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%S.%fZ}"
+
+
+def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any,
+             generators: dict[str, torch.Generator] | None, scaler: torch.amp.GradScaler | None) -> None:
     unwrap(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -137,8 +223,64 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"], generators or {})
+    if state["rng"] is not None:  # a model-only checkpoint (keep_model_only) has none
+        _set_rng_state(state["rng"], generators or {})
+
+
+def resumable(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint dict holds the training state (optimiser, RNG) that resuming needs."""
+    return state.get("optimizer") is not None
+
+
+def resume_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    *,
+    epochs: int,
+    generators: dict[str, torch.Generator] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any] | None:
+    """Restore a run of ``epochs`` epochs from ``path``: the checkpoint dict, or None to train from scratch.
+
+    None when there is no file; when it does not parse (it is set aside as ``<name>.corrupt-<time>``,
+    with a warning: a truncated file must not fail every retry); or when it is a model-only checkpoint
+    (:func:`keep_model_only`) of an unfinished run (with a warning). A model-only checkpoint of the
+    last epoch restores the model alone: the run is over. Nothing is restored unless the dict is returned.
+    """
+    path = Path(path)
+    try:
+        state = _read(path, map_location)
+    except FileNotFoundError:  # none yet, or another rank of this trial set it aside a moment ago
+        return None
+    except UnreadableCheckpoint as e:
+        aside = set_aside(path)
+        warnings.warn(f"{e}; {'moved to ' + str(aside) if aside else 'already moved aside'}, and the trial "
+                      "trains from scratch", RuntimeWarning, stacklevel=2)
+        return None
+    if resumable(state):
+        _restore(state, model, optimizer, scheduler, generators, scaler)
+        return state
+    if state["epoch"] + 1 < epochs:
+        warnings.warn(f"checkpoint {path} holds the model of epoch {state['epoch'] + 1} of {epochs} without its "
+                      "optimiser state, so it cannot resume; the trial trains from scratch", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    unwrap(model).load_state_dict(state["model"])
     return state
+
+
+def keep_model_only(path: str | os.PathLike) -> None:
+    """Rewrite the checkpoint ``path`` without its training state (optimiser, schedule, scaler, RNG), atomically.
+
+    What stays is what every reader but resume needs (:func:`read_state_dict`, :func:`read_header`,
+    :func:`load_classifier`): the model, epoch, metrics and ``extra``. Half the size with SGD momentum.
+    """
+    path = Path(path)
+    state = _read(path)
+    _save_atomic({**state, "optimizer": None, "scheduler": None, "scaler": None, "rng": None}, path)
 
 
 def trial_record(*, method: dict[str, Any], layer: str, arch: str, num_classes: int, dataset: str,

@@ -52,7 +52,7 @@ from cgc_ray.results.labels import (
 )
 from cgc_ray.results.stats import Group, Paired, Stat, analyze, cgc_settings_that_differ, is_method_setting
 from cgc_ray.results.summary import records
-from cgc_ray.results.table import METRIC_COLUMNS, read_rows
+from cgc_ray.results.table import METRIC_COLUMNS, PATH_COLUMN, read_rows
 from cgc_ray.storage import Storage
 
 __all__ = ["FORMATS", "LAYOUTS", "Results", "load", "render", "report"]
@@ -61,6 +61,10 @@ Format = Literal["rich", "markdown", "csv", "json"]
 FORMATS: tuple[str, ...] = Format.__args__
 
 _DECIMALS = {"top1": 2, "top5": 2, "ch": 2, "iauc": 4, "cgc_loss": 3, "zero_cam_frac": 3}
+# What the report reads of every row: what the statistics use. A row's config_json is read only where its group
+# needs it (cgc_ray.results.stats.analyze): a sweep's 10,000 configs need not be held, nor parsed.
+_COLUMNS = ["experiment", "trial_id", "schema_version", "group_key", "status", "lam", "seed", "episode",
+            "finished_at", *METRIC_COLUMNS]
 
 
 # --------------------------------------------------------------------------- cells
@@ -287,6 +291,8 @@ def _json_safe(recs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 class Results:
     """What a report shows: the rows read, their groups and pairs, each experiment's layout, what was left out.
 
+    ``table``: the rows, with the columns the statistics use, and ``config_json`` where it was read (one row
+    per group and λ, and rows that predate group keys); ``stats.analyze`` takes it as it is.
     ``left_out``: one line per row file that could not be used (unreadable, or no trial's config), naming it.
     """
 
@@ -331,8 +337,20 @@ def load(storage: str, experiment: str | None = None) -> Results:
     root = Storage.of(storage)
     _check_root(root, storage)
     unreadable: list[str] = []
-    table = read_rows(root, experiment, left_out=unreadable)
-    analysis = analyze(table)
+    table = read_rows(root, experiment, columns=[*_COLUMNS, PATH_COLUMN], left_out=unreadable)
+    paths = table[PATH_COLUMN].to_pylist()
+    configs: dict[int, Any] = {}
+
+    def read_configs(rows: Sequence[int]) -> list[Any]:
+        got = read_rows(root, columns=[PATH_COLUMN, "config_json"], files=[paths[i] for i in rows],
+                        left_out=unreadable)
+        by_path = dict(zip(got[PATH_COLUMN].to_pylist(), got["config_json"].to_pylist()))
+        configs.update((i, by_path.get(paths[i])) for i in rows)
+        return [configs[i] for i in rows]
+
+    analysis = analyze(table, read_configs)
+    table = table.drop_columns([PATH_COLUMN]).append_column(
+        "config_json", pa.array([configs.get(i) for i in range(table.num_rows)], pa.string()))
     left_out = [f"left out {line}" for line in unreadable]
     left_out += [f"left out {_where(root, s.experiment, s.trial_id)}: {s.reason}" for s in analysis.skipped]
     return Results(storage, experiment, table, analysis.groups, analysis.paired, layouts(table), left_out)

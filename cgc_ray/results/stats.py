@@ -15,25 +15,35 @@ One grouping rule for every table, plot and format:
   configuration (each λ on its own), with mean, sample std (ddof 1), n and the
   95 % Student-t interval ``mean ± t_{0.975, n−1} · std / √n``.
 
-A row whose ``config_json`` is not a trial config (not a JSON object, no
-``method.name``) is left out and named in :attr:`Analysis.skipped`: one odd
-file does not stop the rest from being summarised.
+A replicate counts once: where two rows of a group share every replicate
+field (a row written before an upgrade changed its trial id, and its rerun),
+the newest (``finished_at``) stands for it, in the group and in the pair.
+
+A row's group is read off its ``group_key`` column (written with the row), so
+only one ``config_json`` per group and λ is parsed: it gives the group's labels
+and checks the key, which rules of an older version may have computed
+differently (then each of the key's rows is grouped from its own config, as
+are rows written before the column). A row whose ``config_json`` is needed
+and is not a trial config (not a JSON object, no ``method.name``) is left out
+and named in :attr:`Analysis.skipped`: one odd file does not stop the rest
+from being summarised.
 
 pyarrow + scipy only: importing this module imports neither torch nor Ray.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pyarrow as pa
 
-from cgc_ray.config.base import canonical, flatten
-from cgc_ray.config.identity import CGC_ONLY_FIELDS, NON_IDENTITY_FIELDS, REPLICATE_FIELDS, identity
-from cgc_ray.results.table import METRIC_COLUMNS
+from cgc_ray.config.base import canonical
+from cgc_ray.config.identity import CGC_ONLY_FIELDS, REPLICATE_FIELDS, group_key, stored_identity
+from cgc_ray.results.table import METRIC_COLUMNS, REPLICATE_COLUMNS
 
 __all__ = ["CI_LEVEL", "Analysis", "Group", "Paired", "Skipped", "Stat", "analyze", "cgc_settings_that_differ",
            "context_of", "describe", "is_method_setting", "paired_differences", "row_identity", "summarize",
@@ -43,14 +53,13 @@ CI_LEVEL = 0.95
 
 
 def t_quantile(df: int, level: float = CI_LEVEL) -> float:
-    """Two-sided Student-t critical value ``t_{(1 + level)/2, df}`` (scipy.stats.t)."""
+    """Two-sided Student-t critical value ``t_{(1 + level)/2, df}`` (scipy's ``stdtrit``, which
+    ``scipy.stats.t.ppf`` calls)."""
     if df < 1:
         raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    from scipy.stats import (
-        t,  # imported here: scipy.stats costs a few hundred ms to import
-    )
+    from scipy.special import stdtrit  # imported here, and not scipy.stats: a third of its import time
 
-    return float(t.ppf((1 + level) / 2, df))
+    return float(stdtrit(df, (1 + level) / 2))
 
 
 @dataclass(frozen=True)
@@ -137,19 +146,25 @@ class Analysis:
 
 
 def row_identity(config_json: str) -> dict[str, Any]:
-    """The identity of a row's trial config; a config this version cannot validate falls back to its raw fields.
+    """The identity of a row's trial config (``config.stored_identity``: a config this version cannot validate
+    falls back to its raw fields).
 
     Raises ValueError when ``config_json`` is no trial config at all (not a JSON object, or no ``method.name``).
     """
+    return _identity(_config(config_json))
+
+
+def _config(config_json: Any) -> dict[str, Any]:
     if not isinstance(config_json, str):
         raise ValueError("the row has no config_json, so no trial config")
     config = json.loads(config_json)  # json.JSONDecodeError is a ValueError
     if not isinstance(config, dict):
         raise ValueError(f"config_json is a JSON {type(config).__name__}, not the trial's config (a JSON object)")
-    try:
-        return identity(config)
-    except ValueError:  # a row written by another version of the spec
-        flat = {k: v for k, v in flatten(config).items() if k not in NON_IDENTITY_FIELDS and not k.startswith("sweep.")}
+    return config
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    flat = stored_identity(config)
     if not isinstance(flat.get("method.name"), str):
         raise ValueError(f"config_json has no method.name (a string), so the row belongs to no method: "
                          f"method.name={flat.get('method.name')!r}")
@@ -176,27 +191,100 @@ def cgc_settings_that_differ(label_sets: Iterable[dict[str, Any]], *, with_lam: 
     return [k for k in keys if len({canonical(labels[k]) for labels in cgc if k in labels}) > 1]
 
 
-def _split(ident: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...]]:
-    labels = {k: v for k, v in ident.items() if k not in REPLICATE_FIELDS}
-    return labels, tuple(ident.get(k) for k in sorted(REPLICATE_FIELDS))
-
-
 Buckets = dict[tuple[str, str], tuple[dict[str, Any], list[tuple[tuple[Any, ...], dict]]]]
+# row positions in the table -> their config_json (None where it was not read)
+ConfigReader = Callable[[Sequence[int]], Sequence[Any]]
+# the group_key column is the group's only from this schema version on (results.table.SCHEMA_VERSION 3)
+_KEYED_SINCE = 3
 
 
-def _bucket(table: pa.Table) -> tuple[Buckets, list[Skipped]]:
-    """(experiment, group key) -> (labels, [(replicate key, row)]), and the rows that are no trial's."""
-    out: Buckets = {}
-    skipped = []
-    for row in table.to_pylist():
+class _Labels:
+    """A row config's group: its labels, their ``group_key`` and their canonical text (the order of groups),
+    computed once per config that differs only in its replicate fields."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[dict[str, Any], str, str]] = {}
+
+    def __call__(self, config_json: Any) -> tuple[dict[str, Any], str, str]:
+        config = _config(config_json)
+        # the labels leave the replicate fields out, and a sweep's rows differ in those alone: the config
+        # without them is the memo's key (they are put back before the config is validated)
+        taken = []
+        for path in REPLICATE_FIELDS:
+            *sections, name = path.split(".")
+            node = config
+            for part in sections:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and name in node:
+                taken.append((node, name, node.pop(name)))
+        memo = canonical(config)  # raises on a NaN a hand-made config may hold
+        for node, name, value in taken:
+            node[name] = value
+        if memo not in self._seen:
+            labels = {k: v for k, v in _identity(config).items() if k not in REPLICATE_FIELDS}
+            self._seen[memo] = labels, group_key(labels), canonical(labels)
+        return self._seen[memo]
+
+
+def _table_configs(table: pa.Table) -> ConfigReader:
+    column = table["config_json"] if "config_json" in table.column_names else None
+    return lambda rows: [None if column is None else column[i].as_py() for i in rows]
+
+
+def _bucket(table: pa.Table, read_configs: ConfigReader) -> tuple[Buckets, list[Skipped]]:
+    """(experiment, canonical labels) -> (labels, [(replicate key, row)]), one row per replicate, and the rows
+    that are no trial's. See the module docstring for which rows' configs are read."""
+    rows = table.select([c for c in table.column_names if c != "config_json"]).to_pylist()
+    labels_of = _Labels()
+    keyed: dict[tuple[str, str], list[int]] = {}
+    own: list[int] = []  # rows grouped by their own config
+    for i, row in enumerate(rows):
+        if row.get("group_key") and (row.get("schema_version") or 0) >= _KEYED_SINCE:
+            keyed.setdefault((row["experiment"], row["group_key"]), []).append(i)
+        else:
+            own.append(i)
+    # one row per key and λ: the configs layouts are read from (results.labels.layout_of), and the key's check
+    firsts = {key: list({rows[i].get("lam"): i for i in reversed(at)}.values()) for key, at in keyed.items()}
+    texts = dict(zip([i for at in firsts.values() for i in at],
+                     read_configs([i for at in firsts.values() for i in at])))
+    found: dict[int, tuple[dict[str, Any], str, str]] = {}
+    for key, at in keyed.items():
         try:
-            labels, rep = _split(row_identity(row["config_json"]))
-            key = canonical(labels)  # raises on a NaN a hand-made config may hold
+            checked = [labels_of(texts[i]) for i in firsts[key]]
+        except ValueError:
+            checked = []
+        if checked and all(k == key[1] for _, k, _ in checked):
+            found.update((i, checked[0]) for i in at)
+        else:  # a key other rules wrote (an older version's): each row's own config decides
+            own += at
+    missing = [i for i in own if i not in texts]
+    texts.update(zip(missing, read_configs(missing)))
+    skipped = []
+    for i in own:
+        try:
+            found[i] = labels_of(texts[i])
         except ValueError as e:
-            skipped.append(Skipped(row["experiment"], row["trial_id"], str(e).splitlines()[0]))
-            continue
-        out.setdefault((row["experiment"], key), (labels, []))[1].append((rep, row))
-    return out, skipped
+            skipped.append(Skipped(rows[i]["experiment"], rows[i]["trial_id"], str(e).splitlines()[0]))
+    out: Buckets = {}
+    for i in sorted(found):
+        labels, _, text = found[i]
+        row = rows[i]
+        rep = tuple(row.get(REPLICATE_COLUMNS[f]) for f in sorted(REPLICATE_FIELDS))
+        out.setdefault((row["experiment"], text), (labels, []))[1].append((rep, row))
+    return {k: (labels, _newest_per_replicate(items)) for k, (labels, items) in out.items()}, skipped
+
+
+_NEVER = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+
+
+def _newest_per_replicate(items: list[tuple[tuple[Any, ...], dict]]) -> list[tuple[tuple[Any, ...], dict]]:
+    """One row per replicate key: the newest by ``finished_at`` (then trial id), in the order first seen."""
+    best: dict[tuple[Any, ...], tuple[tuple[Any, ...], dict]] = {}
+    for rep, row in items:  # rep: the values of int columns, so hashable
+        if rep not in best or (row.get("finished_at") or _NEVER, row.get("trial_id") or "") > \
+                (best[rep][1].get("finished_at") or _NEVER, best[rep][1].get("trial_id") or ""):
+            best[rep] = (rep, row)
+    return list(best.values())
 
 
 def _is_finished(row: dict) -> bool:
@@ -212,10 +300,16 @@ def _metrics_present(rows: Iterable[dict]) -> list[str]:
     return [m for m in METRIC_COLUMNS if any(r.get(m) is not None for r in rows)]
 
 
-def analyze(table: pa.Table) -> Analysis:
+def analyze(table: pa.Table, read_configs: ConfigReader | None = None) -> Analysis:
     """The :class:`Group` of every configuration and the :class:`Paired` of every CGC one, from one pass over
-    ``table``; rows that are no trial's are left out and listed."""
-    buckets, skipped = _bucket(table)
+    ``table``; rows that are no trial's are left out and listed.
+
+    ``table``: rows with the columns of ``results.table.SCHEMA`` that the statistics use (experiment, trial_id,
+    schema_version, group_key, status, seed, episode, lam, finished_at, the metrics) and ``config_json`` where
+    it was read. ``read_configs``: the ``config_json`` of the given row positions, for the rows whose group
+    needs it (the module docstring says which); by default the table's own column.
+    """
+    buckets, skipped = _bucket(table, read_configs or _table_configs(table))
     return Analysis(_groups(buckets), _pairs(buckets), skipped)
 
 

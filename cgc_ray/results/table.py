@@ -14,12 +14,19 @@ duplicate rows). A file that is corrupt or truncated anyway (a full disk, a
 copy gone wrong) does not count as done: :func:`trial_status` sets it aside
 with a warning and its trial runs again.
 
-Schema version 2 (:data:`SCHEMA`), columns and units:
+Cheap to ask of thousands of rows: each file's footer names its trial and
+status (key-value metadata ``cgc_ray.trial_id``, ``cgc_ray.status``), so "is it
+done" parses no column; and a row stores its group (``group_key``), so the
+report reads a few columns of every row and the full config of one row per
+group (:func:`read_rows` with ``columns``). Files written before either
+(schema version < 3) are read the slow way.
+
+Schema version 3 (:data:`SCHEMA`), columns and units:
 
 =============== ========= ====================================================
 column          type      meaning
 =============== ========= ====================================================
-schema_version  int32     version of this layout (2)
+schema_version  int32     version of this layout (3)
 experiment      string    experiment name (from the directory name)
 trial_id        string    content hash of what the trial computes (config.trial_id)
 spec_hash       string    hash of the full resolved config (config.spec_hash)
@@ -38,13 +45,19 @@ seed            int64     training seed
 percent         float64   data.percent labelled share in % (null: fully labelled)
 labelled_split  string    semi-supervised labelled set: "list:<file>" or "random:<percent>%"
 eval_split      string    the split the metrics were computed on
+negatives_group int32     images a query's heatmap was contrasted with, itself included (config.contrast_group:
+                          the worker's batch, method.negatives_group of it, or all workers'); null: no CGC term
 weights         string    the initial weights (null: random init)
 config_json     string    full resolved trial config, canonical JSON
+group_key       string    the trial's group: config.group_key of its identity (null before version 3)
 top1, top5      float64   accuracy in % [0, 100]
 ch              float64   content heatmap in % [0, 100]
 iauc            float64   insertion AUC in [0, 1]
 iauc_protocol   string    which IAUC protocol produced ``iauc`` (fast | authors)
 iauc_images     int32     images the IAUC was computed on
+ch_protocol     string    how ``ch`` was measured: fast (centre crop) | authors (whole image, short side 448);
+                          null in rows written before the column: fast
+ch_saliency     string    the map ``ch`` scored: gradcam | cmwp | mwp; null in older rows: gradcam
 cgc_loss        float64   held-out CGC loss (nats)
 zero_cam_frac   float64   share of validation heatmaps that were all zero [0, 1]
 epochs          int32     epochs trained
@@ -55,8 +68,8 @@ finished_at     timestamp UTC time the row was written
 =============== ========= ====================================================
 
 Metric columns are null when the trial did not compute that metric (or did
-not finish). Files of schema version 1 read with nulls in the new columns and
-status null, read as finished.
+not finish). Files of an older schema version read with nulls in the columns
+they lack (version 1: status null, read as finished).
 """
 
 from __future__ import annotations
@@ -66,10 +79,11 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -93,13 +107,16 @@ __all__ = [
     "write_row",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES: tuple[str, ...] = ("finished", "diverged", "failed")
 DONE_STATUSES: frozenset[str] = frozenset({"finished", "diverged"})  # a failed trial runs again
+# trial_status of a row file that could not be read (retried): not done, yet neither run again nor overwritten
+UNREADABLE = "unreadable"
 
 METRIC_COLUMNS: tuple[str, ...] = ("top1", "top5", "ch", "iauc", "cgc_loss", "zero_cam_frac")
 # What a trial reports beside its metrics, stored as they are.
-DETAIL_COLUMNS: tuple[str, ...] = ("labelled_split", "eval_split", "iauc_protocol", "iauc_images")
+DETAIL_COLUMNS: tuple[str, ...] = ("labelled_split", "eval_split", "negatives_group", "iauc_protocol",
+                                   "iauc_images", "ch_protocol", "ch_saliency")
 # Stored in % in the table; the engine computes them as fractions.
 PERCENT_METRICS: tuple[str, ...] = ("top1", "top5", "ch")
 
@@ -124,11 +141,15 @@ SCHEMA = pa.schema(
         pa.field("percent", pa.float64()),
         pa.field("labelled_split", pa.string()),
         pa.field("eval_split", pa.string()),
+        pa.field("negatives_group", pa.int32()),
         pa.field("weights", pa.string()),
         pa.field("config_json", pa.string(), nullable=False),
+        pa.field("group_key", pa.string()),
         *[pa.field(m, pa.float64()) for m in METRIC_COLUMNS],
         pa.field("iauc_protocol", pa.string()),
         pa.field("iauc_images", pa.int32()),
+        pa.field("ch_protocol", pa.string()),
+        pa.field("ch_saliency", pa.string()),
         pa.field("epochs", pa.int32(), nullable=False),
         pa.field("wall_time_s", pa.float64(), nullable=False),
         pa.field("node", pa.string(), nullable=False),
@@ -141,6 +162,15 @@ SCHEMA = pa.schema(
 FILE_SCHEMA = SCHEMA.remove(SCHEMA.get_field_index("experiment"))
 # Reading: every column nullable (older files lack the newer ones), experiment from the folder name.
 _READ_SCHEMA = pa.schema([f.with_nullable(True) for f in SCHEMA])
+# A file's footer names its trial and status (write_row), so trial_status decodes no column.
+_TRIAL_KEY, _STATUS_KEY = b"cgc_ray.trial_id", b"cgc_ray.status"
+# read_rows(columns=[..., PATH_COLUMN]): the path of each row's file.
+PATH_COLUMN = "path"
+# config.REPLICATE_FIELDS -> the column holding each, so the report pairs rows without their config.
+REPLICATE_COLUMNS: dict[str, str] = {"seed": "seed", "data.episode": "episode"}
+# Files per pyarrow dataset in read_rows: a dataset keeps state for every file it has read (10,000 one-row
+# files at once held 1 GB), which each chunk frees.
+_CHUNK_FILES = 256
 
 def result_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Engine metrics (fractions) in the table's units: top1/top5/ch in %; NaN or missing left out (null)."""
@@ -169,15 +199,16 @@ def row_from_config(
     details: Mapping[str, Any] | None = None,
     finished_at: _dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """Build a row from a resolved trial config (``spec.model_dump(mode="json")``).
+    """Build a row from a resolved trial config (``spec.model_dump(mode="json")``), its group key included.
 
     ``metrics`` may hold any subset of :data:`METRIC_COLUMNS` (others are
     null); unknown metric names raise, so a typo cannot silently drop a number.
     ``details``: what the trial reports beside its metrics (``labelled_split``,
-    ``eval_split``, ``iauc_protocol``, ``iauc_images``). The ``method`` column
-    is the effective method (``config.effective_method``: λ = 0 trains a baseline).
+    ``eval_split``, ``negatives_group``, ``iauc_protocol``, ``iauc_images``, ``ch_protocol``,
+    ``ch_saliency``). The ``method`` column is the effective method (``config.effective_method``:
+    λ = 0 trains a baseline).
     """
-    from cgc_ray.config.identity import effective_method
+    from cgc_ray.config.identity import effective_method, group_key, stored_identity
 
     unknown = set(metrics) - set(METRIC_COLUMNS)
     if unknown:
@@ -208,6 +239,7 @@ def row_from_config(
         "weights": config["model"].get("weights"),
         **{k: details.get(k) for k in DETAIL_COLUMNS},
         "config_json": json.dumps(config, sort_keys=True, separators=(",", ":")),
+        "group_key": group_key(stored_identity(config)),
         **{m: (None if metrics.get(m) is None else float(metrics[m])) for m in METRIC_COLUMNS},
         "epochs": epochs,
         "wall_time_s": wall_time_s,
@@ -237,31 +269,94 @@ def write_row(storage: Storage | str, experiment: str, row: Mapping[str, Any]) -
         )
     storage = Storage.of(storage)
     path = storage.row_path(experiment, row["trial_id"])  # validates both names
-    table = pa.Table.from_pylist([row], schema=FILE_SCHEMA)
+    footer = {_TRIAL_KEY: row["trial_id"].encode(), _STATUS_KEY: (row.get("status") or "finished").encode()}
+    table = pa.Table.from_pylist([row], schema=FILE_SCHEMA.with_metadata({**FILE_SCHEMA.metadata, **footer}))
     return storage.write_atomic(path, lambda target: pq.write_table(table, target, filesystem=storage.fs))
 
 
-def _validate(fs: pafs.FileSystem, info: pafs.FileInfo) -> str:
-    """The status of a row file whose footer and trial id check out; raises ValueError otherwise."""
+class _NotARow(ValueError):
+    """A row file read in full that is not the one trial row its name says; ``data``: the bytes read."""
+
+    def __init__(self, why: str, data: bytes):
+        super().__init__(why)
+        self.data = data
+
+
+def _validate(storage: Storage, info: pafs.FileInfo) -> str:
+    """The status of a row file that was read in full and holds the trial its name says.
+
+    Raises OSError when the file cannot be read (after :meth:`Storage.read_bytes`' retries: an S3
+    timeout says nothing about the file), FileNotFoundError when it is gone, and :class:`_NotARow`
+    only when its bytes were all read and are not that trial's row.
+    """
     tid = info.base_name.removesuffix(".parquet")
-    try:
-        table = pq.read_table(info.path, filesystem=fs, columns=None)
+    data = storage.read_bytes(info.path)
+    try:  # parsed from memory: any error here is the file's content, not the storage
+        rows, found, status = _trial_and_status(data)
     except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"unreadable Parquet ({e})") from None
-    if table.num_rows != 1 or "trial_id" not in table.column_names:
-        raise ValueError(f"{table.num_rows} rows / columns {table.column_names[:5]}, expected one trial row")
-    if table["trial_id"][0].as_py() != tid:
-        raise ValueError(f"holds trial {table['trial_id'][0].as_py()!r}, not {tid!r}")
-    status = table["status"][0].as_py() if "status" in table.column_names else None
+        raise _NotARow(f"unreadable Parquet ({e})", data) from None
+    if rows != 1 or found is None:
+        raise _NotARow(f"{rows} rows{'' if found else ' and no trial_id'}, expected one trial row", data)
+    if found != tid:
+        raise _NotARow(f"holds trial {found!r}, not {tid!r}", data)
     return status or "finished"  # schema v1 rows are finished trials
+
+
+def _trial_and_status(data: bytes) -> tuple[int, str | None, str | None]:
+    """(rows, trial id, status) of a row file's bytes, from its footer (:func:`write_row` puts the two there).
+
+    The footer is parsed, not the pages: a file cut short has no footer, and its row is not done. A file
+    older than its footer's trial id (schema < 3) decodes its ``trial_id`` and ``status`` columns instead.
+    """
+    file = pq.ParquetFile(pa.BufferReader(data))
+    footer = file.metadata.metadata or {}
+    if _TRIAL_KEY in footer:
+        return file.metadata.num_rows, footer[_TRIAL_KEY].decode(), footer[_STATUS_KEY].decode()
+    table = file.read(columns=[c for c in ("trial_id", "status") if c in file.schema_arrow.names])
+    first = {c: table[c][0].as_py() if table.num_rows else None for c in table.column_names}
+    return file.metadata.num_rows, first.get("trial_id"), first.get("status")
+
+
+def _set_aside(storage: Storage, experiment: str, path: str, bad: bytes, now: _dt.datetime) -> str | None:
+    """Move the bad row file ``path`` aside; where it went, or None when it is not ours to move.
+
+    None when another driver moved it first, or when a writer replaced it with a new row between our
+    read and the move (what was moved is not the ``bad`` bytes): that row goes back under its name.
+    """
+    aside = storage.set_aside(path, experiment, now)
+    if aside is None:
+        return None
+    try:
+        moved = storage.read_bytes(aside)
+    except OSError:  # cannot tell: the move stands, and the trial runs again
+        return aside
+    if moved != bad:
+        storage.fs.move(aside, path)
+        return None
+    return aside
+
+
+def row_status(storage: Storage | str, experiment: str, trial_id: str) -> str | None:
+    """The status in ``trial_id``'s row file (None: no file, or one that is not its row); :data:`UNREADABLE`
+    when it cannot be read. Reads one file, and sets nothing aside (:func:`trial_status` does)."""
+    storage = Storage.of(storage)
+    path = storage.row_path(experiment, trial_id)
+    try:
+        return _validate(storage, pafs.FileInfo(path, pafs.FileType.File))
+    except (FileNotFoundError, _NotARow):
+        return None
+    except OSError:
+        return UNREADABLE
 
 
 def trial_status(storage: Storage | str, experiment: str) -> dict[str, str]:
     """trial id -> status of every valid row file of ``experiment``; bad files are set aside.
 
-    A file that cannot be read, or whose row is not the trial its name says,
-    is set aside (:meth:`Storage.set_aside`) with a warning (its trial
-    then runs again). Temporary files of writers that died are deleted.
+    A file read in full that is not a Parquet row of the trial its name says
+    is set aside (:meth:`Storage.set_aside`) with a warning (its trial then
+    runs again); when two drivers do so at once, one moves it. A file that
+    cannot be read (after retries) is no evidence against its row: its status
+    is :data:`UNREADABLE`. Temporary files of writers that died are deleted.
     """
     storage = Storage.of(storage)
     infos = storage.files(storage.experiment_dir(experiment))
@@ -271,12 +366,20 @@ def trial_status(storage: Storage | str, experiment: str) -> dict[str, str]:
     for info in infos:
         if not info.base_name.endswith(".parquet") or info.base_name.startswith(HIDDEN):
             continue
+        tid = info.base_name.removesuffix(".parquet")
         try:
-            out[info.base_name.removesuffix(".parquet")] = _validate(storage.fs, info)
-        except ValueError as e:
-            aside = storage.set_aside(info.path, experiment, now)
-            warnings.warn(f"result file {info.path} is not a valid trial row ({e}); moved to {aside}, "
-                          "its trial will run again", stacklevel=2)
+            out[tid] = _validate(storage, info)
+        except FileNotFoundError:  # set aside by another driver since the listing
+            continue
+        except _NotARow as e:
+            aside = _set_aside(storage, experiment, info.path, e.data, now)
+            if aside is not None:
+                warnings.warn(f"result file {info.path} is not a valid trial row ({e}); moved to {aside}, "
+                              "its trial will run again", stacklevel=2)
+        except OSError as e:  # not known to be bad: neither set aside, nor run again, nor overwritten
+            out[tid] = UNREADABLE
+            warnings.warn(f"result file {info.path} could not be read ({e}); its trial is left as it is "
+                          "(neither run again nor overwritten) until a read succeeds", stacklevel=2)
     return out
 
 
@@ -285,11 +388,14 @@ def completed_trial_ids(storage: Storage | str, experiment: str) -> set[str]:
     return {t for t, status in trial_status(storage, experiment).items() if status in DONE_STATUSES}
 
 
-def read_rows(storage: Storage | str, experiment: str | None = None, *,
-              left_out: list[str] | None = None) -> pa.Table:
+def read_rows(storage: Storage | str, experiment: str | None = None, *, columns: Sequence[str] | None = None,
+              files: Sequence[str] | None = None, left_out: list[str] | None = None) -> pa.Table:
     """All result rows (of one experiment, or of all) as a table with :data:`SCHEMA`.
 
-    Read with ``pyarrow.dataset`` and Hive partitioning (:meth:`Storage.experiment_dir`).
+    Read with ``pyarrow.dataset`` and Hive partitioning (:meth:`Storage.experiment_dir`), a few
+    hundred files at a time. ``columns``: only these columns of :data:`SCHEMA` (and
+    :data:`PATH_COLUMN`, each row's file), in this order; the others are not decoded. ``files``:
+    only these row files (paths as :data:`PATH_COLUMN` gives them), else every row file.
     Files written by an older schema version read with nulls in the columns
     they lack. A file that cannot be read, or whose columns do not cast to
     the schema (a list where a number belongs), is left out: one line naming
@@ -299,52 +405,83 @@ def read_rows(storage: Storage | str, experiment: str | None = None, *,
     storage = Storage.of(storage)
     if experiment is not None:
         storage.experiment_dir(experiment)  # validates the name
+    names = list(SCHEMA.names if columns is None else columns)
+    unknown = [c for c in names if c not in SCHEMA.names and c != PATH_COLUMN]
+    if unknown:
+        raise ValueError(f"unknown result column(s) {unknown}; choose from {SCHEMA.names} or {PATH_COLUMN!r}")
+    schema = pa.schema([pa.field(PATH_COLUMN, pa.string()) if c == PATH_COLUMN else SCHEMA.field(c) for c in names],
+                       metadata=SCHEMA.metadata)
     if not storage.exists(storage.root):
-        return SCHEMA.empty_table()
+        return schema.empty_table()
     partitioning = pads.partitioning(pa.schema([SCHEMA.field("experiment")]), flavor="hive")
-    kw = dict(format="parquet", filesystem=storage.fs, partitioning=partitioning, schema=_READ_SCHEMA,
-              ignore_prefixes=list(HIDDEN))
-    dataset = pads.dataset(storage.root, exclude_invalid_files=True, **kw)
-    bad = [f"{path}: not a readable Parquet file (the next run of its experiment moves it aside and runs its "
-           "trial again)" for path in
-           sorted(set(pads.dataset(storage.root, **kw).files) - set(dataset.files))]
-    where = None if experiment is None else pc.field("experiment") == experiment
-    try:
-        table = dataset.to_table(filter=where)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        table = _read_each(dataset, where, bad)  # the slow path, only when some file does not fit the schema
+    kw = dict(format="parquet", filesystem=storage.fs, partitioning=partitioning, schema=_READ_SCHEMA)
+    if files is None:  # a listing: no file is opened
+        where = None if experiment is None else pc.field("experiment") == experiment
+        listing = pads.dataset(storage.root, ignore_prefixes=list(HIDDEN), **kw)
+        files = [fragment.path for fragment in listing.get_fragments(filter=where)]
+    scan = ["__filename" if c == PATH_COLUMN else c for c in names]  # pyarrow's name for a fragment's path
+    parts, bad = [], []
+    for i in range(0, len(files), _CHUNK_FILES):
+        chunk = pads.dataset(list(files[i:i + _CHUNK_FILES]), partition_base_dir=storage.root, **kw)
+        try:
+            parts.append(chunk.to_table(columns=scan))
+        except (pa.ArrowException, OSError):  # the slow path, only for a chunk holding a file that does not fit
+            parts.append(_read_each(storage, chunk, scan, bad))
     if left_out is not None:
         left_out += bad
     elif bad:
         warnings.warn(f"left out {len(bad)} unreadable result file(s): {'; '.join(bad)}", stacklevel=2)
-    return table.select(SCHEMA.names).cast(SCHEMA)
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    return table.rename_columns(names).cast(schema)
 
 
-def _read_each(dataset: pads.Dataset, where: pc.Expression | None, bad: list[str]) -> pa.Table:
-    """The files of ``dataset`` one by one, leaving out (and listing in ``bad``) those that do not fit its schema."""
+def _read_each(storage: Storage, dataset: pads.Dataset, columns: list[str], bad: list[str]) -> pa.Table:
+    """The files of ``dataset`` one by one, leaving out (and listing in ``bad``) those that cannot be read or do
+    not fit its schema."""
     parts = []
-    for fragment in dataset.get_fragments(filter=where):
+    for fragment in dataset.get_fragments():
         try:
-            parts.append(pads.Scanner.from_fragment(fragment, schema=dataset.schema, filter=where).to_table())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-            bad.append(f"{fragment.path}: {str(e).splitlines()[0]}")
-    return pa.concat_tables(parts) if parts else dataset.schema.empty_table()
+            parts.append(pads.Scanner.from_fragment(fragment, schema=dataset.schema, columns=columns).to_table())
+        except (pa.ArrowException, OSError) as e:
+            bad.append(f"{fragment.path}: {_why_unread(storage, fragment.path, e)}")
+    if parts:
+        return pa.concat_tables(parts)
+    return dataset.to_table(columns=columns, filter=pc.scalar(False))  # no rows, the columns' types
+
+
+def _why_unread(storage: Storage, path: str, error: Exception) -> str:
+    """Why the row file ``path`` could not be read: no Parquet footer (what trial_status sets aside), or the error."""
+    try:
+        pq.read_metadata(path, filesystem=storage.fs)
+    except OSError as e:
+        return f"could not be read ({str(e).splitlines()[0]})"
+    except pa.ArrowException:
+        return "not a readable Parquet file (the next run of its experiment moves it aside and runs its trial again)"
+    return str(error).splitlines()[0]
+
+
+COMMIT_ENV = "CGC_RAY_COMMIT"  # the commit of a source tree copied without its .git folder (a cluster node)
 
 
 def code_version() -> str:
-    """``cgc-ray <version>+g<commit>[.dirty]`` where git is available, else the package version.
+    """``cgc-ray <version>+g<commit>[.dirty]``: the commit ``$CGC_RAY_COMMIT`` names, else git's where
+    the source is a clone, else the package version alone.
 
-    On a cluster the file mount has no ``.git``; ``cluster/gpu.yaml`` mounts it
-    separately and names it in ``$CGC_RAY_GIT_DIR``.
+    Cluster nodes get the source without its ``.git`` folder (its ``config`` may hold credential helpers,
+    its hooks run code), so the commit travels as ``CGC_RAY_COMMIT``, set from ``git rev-parse HEAD`` on
+    the machine that submits the run (docs/CLUSTER.md).
     """
     try:
         ver = importlib.metadata.version("cgc-ray")
     except importlib.metadata.PackageNotFoundError:  # running from a source tree
         ver = "unknown"
-    repo = Path(__file__).resolve().parent.parent
-    git = ["git", "-C", str(repo)]
-    if os.environ.get("CGC_RAY_GIT_DIR"):
-        git += ["--git-dir", os.path.expanduser(os.environ["CGC_RAY_GIT_DIR"]), "--work-tree", str(repo)]
+    commit = os.environ.get(COMMIT_ENV)
+    if commit:
+        if not re.fullmatch(r"[0-9a-f]{7,40}", commit):
+            raise ValueError(f"{COMMIT_ENV}={commit!r} is not a commit id; set it from `git rev-parse HEAD` "
+                             "in the clone the run's code came from, or unset it")
+        return f"cgc-ray {ver}+g{commit[:12]}"
+    git = ["git", "-C", str(Path(__file__).resolve().parent.parent)]
     try:
         sha = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=5, check=True).stdout.strip()

@@ -9,7 +9,13 @@ attaches to, :mod:`cgc_ray.runner.cluster`.
   resolved trial config; a trial whose row is in the results is skipped; a
   trial's checkpoint lives in storage (:mod:`cgc_ray.storage`), so a
   retried trial (``FailureConfig``), a trial moved off a lost node or a re-run
-  of the whole command resumes from its last finished epoch.
+  of the whole command resumes from its last finished epoch. Trials are leased
+  (:mod:`cgc_ray.runner.leases`): another live driver's are left to it, and a
+  trial whose lease this driver loses is stopped.
+* Nothing is hidden. When the run ends, every trial is done, failed (a
+  ``failed`` row, never over a done or unreadable one), held by a live driver,
+  or unsettled, with the reason (:class:`ExperimentResult`); the command exits
+  non-zero for failed and unsettled trials.
 """
 
 from __future__ import annotations
@@ -32,9 +38,17 @@ from cgc_ray.config import (
     validate_spec,
 )
 from cgc_ray.config.pretrained import pin_pretrained
-from cgc_ray.results.table import DONE_STATUSES, code_version, row_from_config, trial_status, write_row
+from cgc_ray.results.table import (
+    DONE_STATUSES,
+    UNREADABLE,
+    code_version,
+    row_from_config,
+    row_status,
+    trial_status,
+    write_row,
+)
 from cgc_ray.runner.cluster import cluster_view, connect, find_cluster
-from cgc_ray.runner.leases import Leases
+from cgc_ray.runner.leases import Claims, Leases
 from cgc_ray.runner.resources import (
     ResourceError,
     check_fits,
@@ -86,11 +100,14 @@ def _check_data_where_we_can(spec: ExperimentSpec, *, on_this_node: bool) -> Non
 class ExperimentResult:
     """What one ``run_experiment`` call did.
 
-    ``skipped``: trials already done (finished or diverged) before this call;
+    ``skipped``: trials done (finished or diverged) that this call did not run;
     ``ran``: trials this call finished; ``diverged``: those whose loss went NaN
     (their rows say so); ``failed``: trial id -> error (a ``failed`` row was
     written; a re-run tries them again); ``held``: trial id -> the other live
-    driver running it (host:pid). ``metrics``: trial id -> the last result Tune
+    driver running it (host:pid) when this call ended; ``unsettled``: trial id
+    -> why it is none of these (its row could not be read, its claim could not
+    be read or written, or the driver holding it died): the command exits
+    non-zero and names them. ``metrics``: trial id -> the last result Tune
     got from that trial in this call (for a finished trial: the result columns
     plus ``epoch``, ``node_id`` (the Ray node of rank 0) and
     ``resumed_from_epoch``).
@@ -103,6 +120,7 @@ class ExperimentResult:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     diverged: list[str] = field(default_factory=list)
     held: dict[str, str] = field(default_factory=dict)
+    unsettled: dict[str, str] = field(default_factory=dict)
 
 
 class StorageError(RuntimeError):
@@ -159,19 +177,83 @@ def run_experiment(
     _check_data_where_we_can(spec, on_this_node=on_this_node)
     trials = expand_trials(spec)
     ids = [trial_id(t) for t in trials]
-    done = {t for t, status in trial_status(storage, spec.name).items() if status in DONE_STATUSES}
-    skipped = [i for i in ids if i in done]
+    before = trial_status(storage, spec.name)
     leases = Leases(storage, spec.name).start()
     try:
-        mine, held = leases.claim([i for i in ids if i not in done])
-        held_by = {t: f"{b.get('host')}:{b.get('pid')}" for t, b in held.items()}
-        pending = [(t, i) for t, i in zip(trials, ids) if i in set(mine)]
-        if not pending:
-            return ExperimentResult(ids, skipped, [], {}, held=held_by)
-        return _run_pending(spec, storage, pending, ids, skipped, held_by, view, address=address,
-                            progress=progress, max_concurrent=max_concurrent, autoscale=autoscale)
+        # a row that cannot be read may be a finished trial's: neither run nor overwritten (it is unsettled)
+        claims = leases.claim([i for i in ids if before.get(i) not in (*DONE_STATUSES, UNREADABLE)])
+        mine = set(claims.got) - _done_meanwhile(storage, spec.name, claims.got, before)
+        pending = [(t, i) for t, i in zip(trials, ids) if i in mine]
+        configs, errors, metrics = {}, {}, {}
+        if pending:
+            configs, errors, metrics = _run_pending(
+                spec, storage, pending, len(ids), sum(before.get(i) in DONE_STATUSES for i in ids), view, leases,
+                address=address, progress=progress, max_concurrent=max_concurrent, autoscale=autoscale)
+        return _settle(storage, spec.name, ids, before, leases, claims, configs, errors, metrics)
     finally:
         leases.release()
+
+
+def _done_meanwhile(storage: Storage, experiment: str, got: list[str], before: dict[str, str]) -> set[str]:
+    """Trials of ``got`` whose row says done now but did not when ``before`` was read.
+
+    Another driver may finish a trial and drop its claim between this driver's reading of the rows
+    and its claim: one listing of the rows, then a read of each such trial's row only.
+    """
+    present = {i.base_name.removesuffix(".parquet") for i in storage.files(storage.experiment_dir(experiment))}
+    return {t for t in got if t in present and before.get(t) not in DONE_STATUSES
+            and row_status(storage, experiment, t) in DONE_STATUSES}
+
+
+def _settle(storage: Storage, experiment: str, ids: list[str], before: dict[str, str], leases: Leases,
+            claims: Claims, configs: dict[str, dict[str, Any]], errors: dict[str, str | None],
+            metrics: dict[str, dict[str, Any]]) -> ExperimentResult:
+    """Where every trial stands when the run ends: done, failed, held by a live driver, or unsettled (and why).
+
+    A trial this run tried and still holds, without a done row, gets a ``failed`` row, unless its row
+    turned done or unreadable meanwhile: a ``failed`` row never replaces a finished one. A trial this
+    run lost to another driver, or never got, is held if its holder lives, and unsettled otherwise.
+    """
+    status = dict(trial_status(storage, experiment) if errors else before)
+    open_ = [t for t in ids if status.get(t) not in DONE_STATUSES]
+    try:
+        holders = leases.holders(open_) if open_ else {}
+    except OSError as e:
+        holders = {t: (None, None) for t in open_}
+        claims.unknown.update({t: f"the lease folder could not be read at the end of the run: {e}" for t in open_})
+    failed, held, unsettled = {}, {}, {}
+    for t in open_:
+        driver, beat = holders[t]
+        if t in errors and driver == leases.driver:
+            error = errors[t] or "no result row was written"
+            status[t] = _write_failed_row(storage, experiment, configs[t], error)
+            if status[t] == "failed":
+                failed[t] = error
+            elif status[t] == UNREADABLE:
+                unsettled[t] = _why_unsettled(t, UNREADABLE, driver, claims, leases)
+        elif beat is not None and driver != leases.driver:
+            held[t] = f"{beat.get('host')}:{beat.get('pid')}"
+        else:
+            unsettled[t] = _why_unsettled(t, status.get(t), driver, claims, leases)
+    done = [t for t in ids if status.get(t) in DONE_STATUSES]
+    ran = [t for t in done if t in errors]
+    diverged = [t for t in ran if status[t] == "diverged"]
+    return ExperimentResult(ids, [t for t in done if t not in errors], ran, failed, metrics, diverged, held,
+                            unsettled)
+
+
+def _why_unsettled(t: str, status: str | None, driver: str | None, claims: Claims, leases: Leases) -> str:
+    if status == UNREADABLE:
+        return "its row file could not be read (see the warning above); run again once the storage answers"
+    if t in claims.unknown:
+        return claims.unknown[t]
+    if t in leases.lost:
+        return f"this driver lost its lease to driver {driver or '(none)'}, which is no longer live"
+    if driver == leases.driver:
+        return "this run held it, but Tune returned no result for it; run again"
+    if driver is not None:
+        return f"driver {driver} held it and is no longer live; run again to take it over"
+    return "no driver holds it and it has no done row; run again"
 
 
 def _run_pretrainings(spec: ExperimentSpec, **run_options: Any) -> ExperimentSpec:
@@ -179,15 +261,20 @@ def _run_pretrainings(spec: ExperimentSpec, **run_options: Any) -> ExperimentSpe
     spec, pretrainings = pin_pretrained(spec)
     for pre in pretrainings:
         res = run_experiment(pre, **run_options)
-        if res.failed or (not res.ran and not res.skipped):
-            why = "; ".join(f"{t}: {e}" for t, e in res.failed.items()) or f"held by {res.held}"
+        if set(res.trial_ids) - set(res.ran) - set(res.skipped):
+            why = "; ".join([*(f"{t}: {e}" for t, e in {**res.failed, **res.unsettled}.items()),
+                             *(f"{t}: held by the driver at {w}" for t, w in res.held.items())])
             raise SpecError(f"the pretraining {pre.name!r} that model.weights names did not finish: {why}")
     return spec
 
 
-def _run_pending(spec: ExperimentSpec, storage: Storage, pending: list, ids: list[str], skipped: list[str],
-                 held: dict[str, str], view, *, address: str | None, progress: bool, max_concurrent: int | None,
-                 autoscale: bool) -> ExperimentResult:
+def _run_pending(spec: ExperimentSpec, storage: Storage, pending: list, total: int, already_done: int, view,
+                 leases: Leases, *, address: str | None, progress: bool, max_concurrent: int | None, autoscale: bool
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, str | None], dict[str, dict[str, Any]]]:
+    """Run the ``pending`` (trial, id) pairs this driver holds with Tune: (config, error or None, last metrics) by id.
+
+    A trial whose lease ``leases`` finds lost (after a heartbeat) is stopped at its next report.
+    """
     from ray import tune
 
     if view is None:
@@ -204,7 +291,7 @@ def _run_pending(spec: ExperimentSpec, storage: Storage, pending: list, ids: lis
     version = code_version()
     configs = [
         {"spec": t.model_dump(mode="json"), "trial_id": i, "spec_hash": spec_hash(t), "use_gpu": gpu,
-         "code_version": version}
+         "code_version": version, "driver": leases.driver}  # the lease holder, which the trial checks
         for t, i in pending
     ]
     by_id = {c["trial_id"]: c for c in configs}
@@ -220,8 +307,9 @@ def _run_pending(spec: ExperimentSpec, storage: Storage, pending: list, ids: lis
     if progress:
         from cgc_ray.runner.progress import RichProgress
 
-        callbacks.append(RichProgress(total=len(ids), already_done=len(skipped), experiment=spec.name))
+        callbacks.append(RichProgress(total=total, already_done=already_done, experiment=spec.name))
     _quiet_tune()
+    lost = leases.lost  # updated in place after every heartbeat; Tune pickles its stopper, which a lock would stop
     # Tune shows and names trials by id; the full config is looked up on the worker
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trial_by_id, table=by_id),
@@ -239,22 +327,15 @@ def _run_pending(spec: ExperimentSpec, storage: Storage, pending: list, ids: lis
             name=spec.name,  # Ray's run state, one folder per experiment (results are keyed by trial id)
             storage_path=storage.ray_path,
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries),
+            stop=lambda _, result: result.get("config", {}).get("trial_id") in lost,
             callbacks=callbacks,
             verbose=0,
         ),
     )
     grid = tuner.fit()
-    status = trial_status(storage, spec.name)
-    failed = {}
-    for r in grid:
-        tid = r.config["trial_id"]
-        if status.get(tid) not in DONE_STATUSES:
-            failed[tid] = _last_line(r.error) if r.error else "no result row was written"
-            _write_failed_row(storage, spec.name, by_id[tid], failed[tid])
-    ran = [t for t in by_id if status.get(t) in DONE_STATUSES]
-    diverged = [t for t in ran if status[t] == "diverged"]
+    errors = {r.config["trial_id"]: _last_line(r.error) if r.error else None for r in grid}
     metrics = {r.config["trial_id"]: dict(r.metrics or {}) for r in grid}
-    return ExperimentResult(ids, skipped, ran, failed, metrics, diverged, held)
+    return by_id, errors, metrics
 
 
 def _last_line(error: BaseException) -> str:
@@ -262,9 +343,16 @@ def _last_line(error: BaseException) -> str:
     return text.splitlines()[-1] if text else type(error).__name__
 
 
-def _write_failed_row(storage: Storage, experiment: str, config: dict[str, Any], error: str) -> None:
-    """A ``failed`` row, so the report shows the trial; the next run tries it again (not a done status)."""
+def _write_failed_row(storage: Storage, experiment: str, config: dict[str, Any], error: str) -> str:
+    """A ``failed`` row, so the report shows the trial; the next run tries it again (not a done status).
+
+    Not over a row that says done or cannot be read now (read just before): returns that row's status, else "failed".
+    """
+    now = row_status(storage, experiment, config["trial_id"])
+    if now in DONE_STATUSES or now == UNREADABLE:
+        return now
     row = row_from_config(config["spec"], {}, trial_id=config["trial_id"], spec_hash=config["spec_hash"], epochs=0,
                           wall_time_s=0.0, node=socket.gethostname(), code_version=config["code_version"],
                           status="failed", error=error)
     write_row(storage, experiment, row)
+    return "failed"

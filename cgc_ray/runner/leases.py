@@ -1,34 +1,50 @@
-"""Which driver runs which trial: claims in storage, so two drivers on one storage never run a trial twice.
+"""Which driver runs which trial: leases in storage, so that a trial is trained by one driver at a time.
 
-Layout, in the experiment's lease folder (:meth:`cgc_ray.storage.Storage.leases_dir`):
-``<trial_id>.json`` holds the claiming driver's id; ``_drivers/<driver_id>.json``
-is that driver's heartbeat (host, pid, last beat), rewritten every
-:data:`HEARTBEAT_S` seconds while it runs.
+Layout, in the experiment's lease folder (:meth:`cgc_ray.storage.Storage.leases_dir`)::
 
-A claim is live while its driver's heartbeat is younger than :data:`STALE_S`
-and, for a driver on this host, while its process exists (so re-running a
-killed command takes its trials over at once). A driver skips trials whose
-claim is live and takes over stale ones.
+    _drivers/<driver>.json           a driver's heartbeat {driver, host, pid}, rewritten every HEARTBEAT_S
+    <trial_id>/<gen>.json            a claim on a posix root (a folder, file://); its content names the driver
+    <trial_id>/<gen>.<driver>.json   a claim on an object store (S3, GCS); its name names the driver
 
-Claims are created exclusively where the filesystem can (``O_EXCL`` on a
-:attr:`~cgc_ray.storage.Storage.posix` root: a folder or a ``file://`` mount).
-Object stores (S3, GCS via pyarrow) have no exclusive create: there a claim
-is written, then read back after a short pause, and the driver keeps it only
-if its own id is still there (the last writer wins, and both drivers see the
-same winner), which leaves a window of that pause for a tie; each trial's row
-is still written atomically, so a tie costs compute, never a duplicated row.
+**The holder** of a trial is its claim of the highest generation ``gen``; on an object store, of that
+generation's claims, the one the store wrote first, then the smallest driver id. Every driver that reads
+the same listing names the same holder. A holder is live while its heartbeat is younger than
+:data:`STALE_S` and, for a driver on this host, its process exists. Ages are read on the storage's clock:
+a heartbeat file's modification time against that of this driver's own beat, written just before. So
+the drivers' own clocks never enter (a skew of minutes cannot kill a live driver or keep a dead one
+alive), and a driver dead for an hour is taken over at once, without waiting a STALE_S to watch it.
+
+**Claiming** creates generation 0 of a trial without claims, or generation g + 1 over a holder at g that
+is not live (a takeover). On a posix root a claim is created exclusively and whole
+(:meth:`~cgc_ray.storage.Storage.create_exclusive`): of several drivers one wins, and a driver killed,
+or a disk full, at any step leaves either the old claim (taken over by the next driver) or a whole new
+one (whose dead driver is taken over in turn): a trial is never left unclaimable. pyarrow gives object
+stores no conditional write (``If-None-Match``), so there each claimant writes a claim of its own, for
+all its pending trials in one batch, waits :data:`_CONFIRM_S` once, and lists: the holder rule picks one
+winner. Two drivers both win only when one's claim takes longer than that pause to appear after the
+other's was written; both then train the trial until the next heartbeat check.
+
+**A holder keeps checking.** After every heartbeat the driver lists its claims and records in ``lost``
+the trials another driver now holds (the driver stops them), and a trial checks its lease
+(:func:`check_lease`) before it trains and before it writes its row. So a driver that was silent for
+STALE_S and was taken over writes no row for that trial; and since rows are replaced whole under their
+trial id, a double run costs compute, never a row.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
+import re
 import socket
+import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -36,15 +52,34 @@ from cgc_ray.storage import Storage
 
 HEARTBEAT_S = 20.0
 STALE_S = 90.0
-_CONFIRM_S = 1.0  # object stores: the pause before reading a claim back
+_CONFIRM_S = 1.0  # object stores: the pause between writing a batch of claims and listing them
+_WRITERS = 16  # claims written (and deleted) at once: an object store's requests are round trips
+_CLAIM_RE = re.compile(r"(?P<gen>\d+)(?:\.(?P<driver>[0-9a-f]+))?\.json")
+_DRIVERS = "_drivers"
 
 
-def _read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read().decode())
-    except (FileNotFoundError, OSError, ValueError):
-        return None
+class LeaseLost(RuntimeError):
+    """This driver no longer holds a trial's lease: another driver took it over."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim file: its generation, the driver it names (None: its content does not parse), its storage mtime."""
+
+    gen: int
+    driver: str | None
+    mtime: _dt.datetime
+    path: str
+
+
+class Claims(NamedTuple):
+    """What :meth:`Leases.claim` found: ``got`` (trials this driver holds now), ``held`` (trial -> the
+    heartbeat of the live driver holding it), ``unknown`` (trial -> why it could be neither claimed nor
+    found held: a claim or heartbeat that could not be read or written)."""
+
+    got: list[str]
+    held: dict[str, dict[str, Any]]
+    unknown: dict[str, str]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -59,7 +94,7 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass
 class Leases:
-    """This driver's claims on the trials of one experiment (see the module docstring)."""
+    """This driver's leases on the trials of one experiment (see the module docstring)."""
 
     storage: Storage | str
     experiment: str
@@ -67,106 +102,262 @@ class Leases:
 
     def __post_init__(self) -> None:
         self.storage = Storage.of(self.storage)
-        self.fs = self.storage.fs
         self.dir = self.storage.leases_dir(self.experiment)
-        self.mine: set[str] = set()
+        self.mine: dict[str, int] = {}  # trial -> the generation of this driver's claim
+        self.lost: dict[str, str | None] = {}  # trial -> the driver now holding it (None: no one)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- heartbeat
 
+    @property
+    def _beat_path(self) -> str:
+        return f"{self.dir}/{_DRIVERS}/{self.driver}.json"
+
     def _beat(self) -> None:
         beat = {"driver": self.driver, "host": socket.gethostname(), "pid": os.getpid(), "beat": time.time()}
-        self.storage.write_bytes(f"{self.dir}/_drivers/{self.driver}.json", json.dumps(beat).encode())
+        self.storage.write_bytes(self._beat_path, json.dumps(beat).encode())
 
     def start(self) -> "Leases":
-        self.fs.create_dir(f"{self.dir}/_drivers", recursive=True)
         self._beat()
         self._thread = threading.Thread(target=self._loop, name="cgc-ray-leases", daemon=True)
         self._thread.start()
         return self
 
     def _loop(self) -> None:
+        failing = False  # said once per streak of failures
         while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self._beat()
-            except OSError:  # a storage hiccup: the next beat retries; STALE_S spans several beats
-                pass
+            errors = []
+            for step in (self._beat, self.check):  # check even when the beat fails: then takeovers happen
+                try:
+                    step()
+                except OSError as e:  # the next round retries
+                    errors.append(e)
+            if errors and not failing:
+                print(f"cgc-ray: driver {self.driver} cannot reach its lease folder {self.dir} ({errors[0]}); if "
+                      f"this lasts {STALE_S:.0f} s, other drivers may take its trials over (each trial checks its "
+                      "lease before it writes its row)", file=sys.stderr)
+            failing = bool(errors)
 
-    def owner(self, driver: str) -> dict[str, Any] | None:
-        """The heartbeat of ``driver`` if it is alive, else None."""
-        beat = _read_json(self.fs, f"{self.dir}/_drivers/{driver}.json")
-        if beat is None or time.time() - float(beat.get("beat", 0)) > STALE_S:
+    def check(self) -> dict[str, str | None]:
+        """Record in :attr:`lost` (and return) the trials of :attr:`mine` that another driver holds now."""
+        with self._lock:
+            mine = dict(self.mine)
+        if not mine:
+            return dict(self.lost)
+        claims, _ = self._scan(mine)
+        for tid in mine:
+            holder = self._holder(claims.get(tid, []))
+            if holder is None or holder.driver != self.driver:
+                with self._lock:
+                    self.lost[tid] = holder.driver if holder else None
+                    self.mine.pop(tid, None)
+        return dict(self.lost)
+
+    # ---------------------------------------------------------------- reading the lease folder
+
+    def _scan(self, trial_ids: Iterable[str], *, one: bool = False
+              ) -> tuple[dict[str, list[Claim]], dict[str, pafs.FileInfo]]:
+        """(trial -> its claims, driver -> its heartbeat file) from one listing of the lease folder
+        (with ``one``, of the folder of the one trial in ``trial_ids``).
+
+        Claims on a posix root name their driver in their content: read here for the top generation
+        of each of ``trial_ids``.
+        """
+        trial_ids = set(trial_ids)
+        where = f"{self.dir}/{next(iter(trial_ids))}" if one else self.dir
+        infos = self.storage.files(where, recursive=not one)
+        if self.storage.posix:
+            self.storage.remove_stale_temps(infos)  # of claimants killed mid-claim
+        claims: dict[str, list[Claim]] = {}
+        beats: dict[str, pafs.FileInfo] = {}
+        for info in infos:
+            folder, _, name = info.path[len(self.dir) + 1:].rpartition("/")
+            m = _CLAIM_RE.fullmatch(name)
+            if folder == _DRIVERS and name.endswith(".json"):
+                beats[name.removesuffix(".json")] = info
+            elif m and folder and "/" not in folder:
+                claims.setdefault(folder, []).append(Claim(int(m["gen"]), m["driver"], info.mtime, info.path))
+        if self.storage.posix:
+            for tid in trial_ids & set(claims):
+                top = max(c.gen for c in claims[tid])
+                claims[tid] = [replace(c, driver=self._driver_in(c.path)) if c.gen == top else c
+                               for c in claims[tid]]
+        return claims, beats
+
+    def _driver_in(self, path: str) -> str | None:
+        """The driver a posix claim names; None if it is gone (released since the listing) or does not parse."""
+        try:
+            driver = json.loads(self.storage.read_bytes(path)).get("driver")
+        except (FileNotFoundError, ValueError, AttributeError):
             return None
-        if beat.get("host") == socket.gethostname() and not _pid_alive(int(beat.get("pid", -1))):
+        return driver if isinstance(driver, str) else None
+
+    @staticmethod
+    def _holder(claims: list[Claim]) -> Claim | None:
+        """The claim that holds the trial: of the highest generation, the first written, then the smallest driver id."""
+        if not claims:
             return None
-        return beat
+        top = max(c.gen for c in claims)
+        return min((c for c in claims if c.gen == top), key=lambda c: (c.mtime, c.driver or ""))
+
+    def _live(self, driver: str | None, beats: dict[str, pafs.FileInfo], now: _dt.datetime,
+              seen: dict[str, dict[str, Any] | None]) -> dict[str, Any] | None:
+        """The heartbeat of ``driver`` if it is live, else None; OSError if it cannot be read (then no one knows)."""
+        if driver is None or driver not in beats:
+            return None
+        if driver not in seen:
+            info = beats[driver]
+            beat: dict[str, Any] | None = None
+            if (now - info.mtime).total_seconds() <= STALE_S:
+                try:
+                    beat = json.loads(self.storage.read_bytes(info.path))
+                except FileNotFoundError:  # it released its leases just now
+                    beat = None
+                except ValueError:  # written whole by every writer: only a foreign file does not parse
+                    beat = {"driver": driver}
+                if beat is not None and beat.get("host") == socket.gethostname() \
+                        and not _pid_alive(int(beat.get("pid", -1))):
+                    beat = None
+            seen[driver] = beat
+        return seen[driver]
+
+    def _now(self, beats: dict[str, pafs.FileInfo]) -> _dt.datetime:
+        """Now on the storage's clock: the mtime of this driver's own heartbeat, written just before."""
+        if self.driver in beats:
+            return beats[self.driver].mtime
+        return self.storage.fs.get_file_info(self._beat_path).mtime
+
+    def holders(self, trial_ids: list[str]) -> dict[str, tuple[str | None, dict[str, Any] | None]]:
+        """trial -> (the driver holding it, or None; that driver's heartbeat if it is live, else None).
+
+        Writes a heartbeat first (its mtime is the storage's now); OSError if the lease folder cannot be read.
+        """
+        self._beat()
+        claims, beats = self._scan(trial_ids)
+        now, seen = self._now(beats), {}
+        out = {}
+        for tid in trial_ids:
+            holder = self._holder(claims.get(tid, []))
+            driver = holder.driver if holder else None
+            out[tid] = (driver, self._live(driver, beats, now, seen))
+        return out
 
     # ---------------------------------------------------------------- claims
 
-    def _create(self, path: str) -> bool:
-        """Exclusively create the claim file; False if it exists."""
-        record = json.dumps({"driver": self.driver}).encode()
-        if self.storage.posix:
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(record)
-            return True
-        if self.storage.exists(path):
-            return False
-        self.storage.write_bytes(path, record)
-        time.sleep(_CONFIRM_S)
-        return (_read_json(self.fs, path) or {}).get("driver") == self.driver
+    def _claim_path(self, trial_id: str, gen: int) -> str:
+        suffix = "" if self.storage.posix else f".{self.driver}"
+        return f"{self.dir}/{trial_id}/{gen}{suffix}.json"
 
-    def _take_over(self, path: str, stale: str) -> bool:
-        """Replace the stale claim of driver ``stale``; exactly one of several drivers trying succeeds locally."""
+    def _create(self, trial_id: str, gen: int) -> OSError | None:
+        """Write this driver's claim of generation ``gen`` (on a posix root: unless that generation exists);
+        the error that stopped it, if one did."""
         record = json.dumps({"driver": self.driver}).encode()
-        if self.storage.posix:
-            try:  # whoever creates the marker for this stale owner wins the takeover
-                os.close(os.open(f"{path}.from-{stale}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            except FileExistsError:
-                return False
-            self.storage.write_bytes(path, record)
-            return True
-        self.storage.write_bytes(path, record)
-        time.sleep(_CONFIRM_S)
-        return (_read_json(self.fs, path) or {}).get("driver") == self.driver
+        try:
+            if self.storage.posix:
+                self.storage.create_exclusive(self._claim_path(trial_id, gen), record)
+            else:
+                self.storage.write_bytes(self._claim_path(trial_id, gen), record)
+        except OSError as e:
+            return e
+        return None
 
-    def claim(self, trial_ids: list[str]) -> tuple[list[str], dict[str, dict[str, Any]]]:
-        """(trials this driver now holds, trial id -> heartbeat of the live driver holding it)."""
+    def claim(self, trial_ids: list[str]) -> Claims:
+        """Claim every trial of ``trial_ids`` that no live driver holds: one listing, one batch of writes, one listing.
+
+        The second listing decides every trial by the holder rule (module docstring); on an object store
+        it follows a single :data:`_CONFIRM_S` pause, however many trials are claimed.
+        """
+        self._beat()
+        claims, beats = self._scan(trial_ids)
+        now, seen = self._now(beats), {}
         held: dict[str, dict[str, Any]] = {}
-        got = []
+        unknown: dict[str, str] = {}
+        todo: dict[str, int] = {}  # trial -> the generation to create
         for tid in trial_ids:
-            path = f"{self.dir}/{tid}.json"
-            if self._create(path):
-                got.append(tid)
+            holder = self._holder(claims.get(tid, []))
+            theirs = holder is not None and holder.driver != self.driver
+            try:
+                beat = self._live(holder.driver, beats, now, seen) if theirs else None
+            except OSError as e:
+                unknown[tid] = f"the heartbeat of driver {holder.driver}, which holds it, could not be read: {e}"
                 continue
-            other = (_read_json(self.fs, path) or {}).get("driver")
-            beat = self.owner(other) if other and other != self.driver else None
             if beat is not None:
                 held[tid] = beat
-                continue
-            # a stale claim (its driver died or stopped beating): take it over, one driver only
-            if self._take_over(path, other or "unknown"):
+            elif holder is None or theirs:
+                todo[tid] = holder.gen + 1 if holder else 0
+        with ThreadPoolExecutor(_WRITERS) as pool:  # an object store's round trips, overlapped
+            for tid, error in zip(todo, pool.map(self._create, todo, todo.values())):
+                if error is not None:
+                    unknown[tid] = f"its claim could not be written: {error}"
+        if todo and not self.storage.posix:
+            time.sleep(_CONFIRM_S)  # let every claim written meanwhile appear, then decide all at once
+        claims, beats = self._scan(trial_ids) if todo else (claims, beats)
+        got = self._settle_claims([t for t in trial_ids if t not in held and t not in unknown], claims, beats, now,
+                                  seen, held, unknown)
+        return Claims(got, held, unknown)
+
+    def _settle_claims(self, trial_ids: list[str], claims: dict[str, list[Claim]], beats: dict[str, pafs.FileInfo],
+                       now: _dt.datetime, seen: dict, held: dict[str, dict[str, Any]], unknown: dict[str, str]
+                       ) -> list[str]:
+        """Who won each of ``trial_ids`` after the claims were written; the winner tidies the trial's folder."""
+        got = []
+        for tid in trial_ids:
+            found = claims.get(tid, [])
+            holder = self._holder(found)
+            if holder is not None and holder.driver == self.driver:
                 got.append(tid)
-            else:  # another driver took it over first
-                beat = self.owner((_read_json(self.fs, path) or {}).get("driver", ""))
-                if beat is not None:
-                    held[tid] = beat
-        self.mine.update(got)
-        return got, held
+                with self._lock:
+                    self.mine[tid] = holder.gen
+                for c in found:  # superseded claims of dead drivers (claimants of this generation tidy their own)
+                    if c.gen < holder.gen:
+                        self.storage.delete_quietly(c.path)
+                continue
+            for c in found:  # a claim of ours that lost
+                if c.driver == self.driver:
+                    self.storage.delete_quietly(c.path)
+            try:
+                beat = self._live(holder.driver if holder else None, beats, now, seen)
+            except OSError as e:
+                beat, unknown[tid] = None, f"the heartbeat of the driver that claimed it could not be read: {e}"
+            if beat is not None:
+                held[tid] = beat
+            elif tid not in unknown:
+                unknown[tid] = (f"claimed at the same moment by driver {holder.driver}, which is not live"
+                                if holder else "its claim vanished while it was being claimed")
+        return got
+
+    def holds(self, trial_id: str) -> bool:
+        """Whether this driver held ``trial_id`` at the last check (:meth:`check`, after every heartbeat)."""
+        with self._lock:
+            return trial_id in self.mine
 
     def release(self) -> None:
-        """Drop this driver's claims and heartbeat (its trials are done or may be run by others)."""
+        """Stop beating; drop this driver's claims and heartbeat (its trials are done, or free for others)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        for tid in sorted(self.mine):
-            path = f"{self.dir}/{tid}.json"
-            if (_read_json(self.fs, path) or {}).get("driver") == self.driver:
-                self.storage.delete_quietly(path)
-        self.storage.delete_quietly(f"{self.dir}/_drivers/{self.driver}.json")
-        self.mine.clear()
+        with self._lock:
+            mine, self.mine = self.mine, {}
+        paths = [self._claim_path(tid, gen) for tid, gen in sorted(mine.items())]
+        if self.storage.posix:  # a posix claim's name does not say whose it is: only what this driver still holds
+            paths = [p for p in paths if self._driver_in(p) == self.driver]
+        with ThreadPoolExecutor(_WRITERS) as pool:
+            list(pool.map(self.storage.delete_quietly, paths))
+        self.storage.delete_quietly(self._beat_path)
+
+
+def check_lease(storage: Storage | str, experiment: str, trial_id: str, driver: str) -> None:
+    """Raise :class:`LeaseLost` unless ``driver`` holds ``trial_id``: a trial asks before it trains and writes its row.
+
+    One listing of the trial's claims (and, on a posix root, one read). A trial that lost its lease
+    stops without writing its row: the driver that took it over writes it.
+    """
+    leases = Leases(storage, experiment, driver)
+    claims, _ = leases._scan([trial_id], one=True)
+    holder = leases._holder(claims.get(trial_id, []))
+    if holder is None or holder.driver != driver:
+        now_held = f"driver {holder.driver} holds it now" if holder else "no driver holds it now"
+        raise LeaseLost(f"trial {trial_id} of {experiment!r}: driver {driver} no longer holds its lease ({now_held}); "
+                        "this copy stops without writing its row")

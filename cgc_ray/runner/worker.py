@@ -13,19 +13,38 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import socket
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from cgc_ray.config import ExperimentSpec, SpecError, unresolved_paths, validate_spec
 from cgc_ray.results.table import DETAIL_COLUMNS, result_metrics, row_from_config, write_row
+from cgc_ray.runner.leases import check_lease
 from cgc_ray.storage import CHECKPOINT_NAME, Storage
 
 # ---------------------------------------------------------------- checkpoints in storage
+
+
+WORKDIR_PREFIX = "cgc-ckpt-"  # <tmp>/cgc-ckpt-<pid>-<unique>: a working copy of a checkpoint kept in a URI storage
+
+
+def remove_dead_workdirs() -> list[Path]:
+    """Delete the working-copy folders of trials whose process died (killed workers leave a checkpoint there)."""
+    from cgc_ray.models.checkpoint import pid_alive
+
+    owned = re.compile(rf"{re.escape(WORKDIR_PREFIX)}(\d+)-.+")
+    dead = [d for d in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*")
+            if (m := owned.fullmatch(d.name)) and d.is_dir() and not pid_alive(int(m[1]))]
+    for d in dead:
+        shutil.rmtree(d, ignore_errors=True)
+    return dead
 
 
 @dataclass
@@ -33,8 +52,10 @@ class CheckpointStore:
     """A trial's checkpoint in storage, with a local working copy.
 
     For a local storage folder the working copy is the stored file itself; for
-    a URI (``s3://``, ``file://``) it is pulled before training and pushed,
-    atomically, whenever the trial writes one.
+    a URI (``s3://``, ``file://``) it is pulled before training into
+    ``<tmp>/cgc-ckpt-<pid>-<unique>/`` and pushed, atomically, whenever the
+    trial writes one. A stored checkpoint that does not parse is set aside
+    (``checkpoint.pt.corrupt-<time>``) and the trial trains from scratch.
     """
 
     storage: Storage | str
@@ -45,7 +66,11 @@ class CheckpointStore:
         self.storage = Storage.of(self.storage)
         self.remote = self.storage.checkpoint_path(self.experiment, self.trial_id)
         self.is_local = self.storage.is_local
-        self.workdir = Path(self.remote).parent if self.is_local else Path(tempfile.mkdtemp(prefix="cgc-ckpt-"))
+        if self.is_local:
+            self.workdir = Path(self.remote).parent
+        else:
+            remove_dead_workdirs()
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -53,12 +78,46 @@ class CheckpointStore:
         return self.workdir / CHECKPOINT_NAME
 
     def pull(self) -> None:
+        """Fetch the stored checkpoint into the working copy (a local one is read in place by the engine,
+        which sets it aside itself if it does not parse)."""
+        from cgc_ray.models.checkpoint import UnreadableCheckpoint, check_readable
+
         if self.is_local:
             return
         if self.storage.posix:  # temporary files of pushes whose workers were killed (object stores have none)
             self.storage.remove_stale_temps(self.storage.files(self.remote.rpartition("/")[0]))
-        if self.storage.exists(self.remote):
+        if not self._download():
+            return
+        try:
+            check_readable(self.local_path)
+        except UnreadableCheckpoint as e:
+            self.local_path.unlink()
+            warnings.warn(f"{e}; {self._set_aside()}, and the trial trains from scratch", RuntimeWarning)
+
+    def _download(self) -> bool:
+        """Copy the stored checkpoint to the working copy; False when there is none, or when another rank of
+        this trial set it aside meanwhile."""
+        if not self.storage.exists(self.remote):
+            return False
+        try:
             self.storage.download(self.remote, self.local_path)
+        except OSError:
+            self.local_path.unlink(missing_ok=True)
+            if self.storage.exists(self.remote):
+                raise
+            return False
+        return True
+
+    def _set_aside(self) -> str:
+        """Move the stored checkpoint to ``checkpoint.pt.corrupt-<time>`` beside it; says where it went."""
+        from cgc_ray.models.checkpoint import corrupt_suffix
+
+        aside = f"{self.remote}.{corrupt_suffix()}"
+        try:
+            self.storage.fs.move(self.remote, aside)
+        except OSError as e:  # another rank moved it first, or the store refused: the next push replaces it
+            return f"not moved aside ({e})"
+        return f"moved to {aside}"
 
     def push(self) -> None:
         """Upload the working copy; a push that fails (or is killed) leaves the previous checkpoint."""
@@ -107,11 +166,13 @@ def _train(spec: ExperimentSpec, storage: Storage, tid: str, device: Any, *, dis
     """Train one trial on this process (one rank under DDP); the final metrics, or what diverged.
 
     Every rank pulls the same checkpoint, so all resume identically; rank 0
-    pushes a checkpoint to storage whenever one is written. ``send`` gets each
+    pushes a checkpoint to storage whenever one is written, the last one
+    without its training state unless ``failure.keep_checkpoint=full``. ``send`` gets each
     epoch's metrics (``tune.report`` or ``ray.train.report``). A NaN loss is
     deterministic: it ends the trial as diverged instead of failing it, so it
     is not retried (and every rank sees it at the same step).
     """
+    from cgc_ray.models.checkpoint import keep_model_only
     from cgc_ray.train.engine import NonFiniteLossError
     from cgc_ray.train.trial import run_trial
 
@@ -123,6 +184,8 @@ def _train(spec: ExperimentSpec, storage: Storage, tid: str, device: Any, *, dis
     def report(metrics: dict[str, Any], checkpoint: str | None) -> None:
         first.setdefault("epoch", int(metrics["epoch"]))
         if checkpoint is not None and rank == 0:
+            if spec.failure.keep_checkpoint != "full" and int(metrics["epoch"]) == spec.optim.epochs:
+                keep_model_only(store.local_path)  # training is over: a retry finds a finished model
             store.push()
         send(metrics)
 
@@ -201,6 +264,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
     gpu = bool(config["use_gpu"])
     start = time.time()
     storage = Storage(spec.storage)  # the spec crossed into Ray as a dict: the storage, as its location string
+    check_lease(storage, spec.name, tid, config["driver"])  # another driver may have taken the trial over
     if spec.scaling.num_workers > 1:
         final = _run_ddp(spec, storage, tid, config, gpu)
     else:
@@ -221,7 +285,10 @@ def _trial_fn(config: dict[str, Any]) -> None:
         diverged_step=final.get("diverged_step"),
         details={k: final[k] for k in DETAIL_COLUMNS if final.get(k) is not None},
     )
+    check_lease(storage, spec.name, tid, config["driver"])  # a driver that lost the trial writes no row
     write_row(storage, spec.name, row)
+    if spec.failure.keep_checkpoint == "none":  # only now: until the row exists, it is the trial's progress
+        storage.delete_quietly(storage.checkpoint_path(spec.name, tid))
     tune.report({"row_written": 1, "status": row["status"], **({} if diverged else result_metrics(final)),
                  "epoch": row["epochs"], "node_id": final["node_id"], "resumed_from_epoch": final["resumed_from_epoch"]})
 

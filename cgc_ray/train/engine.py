@@ -13,7 +13,6 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
@@ -22,8 +21,8 @@ from torch import Tensor, nn
 from cgc_ray.config import HELDOUT_METRIC
 from cgc_ray.method.cam import cam_and_logits, linear_head, unwrap
 from cgc_ray.method.cgc import cgc_term
-from cgc_ray.method.metrics import content_heatmap, insertion_auc, topk_correct
-from cgc_ray.models.checkpoint import load_checkpoint, save_checkpoint
+from cgc_ray.method.metrics import content_heatmap, content_heatmap_saliency, insertion_auc, topk_correct
+from cgc_ray.models.checkpoint import resume_checkpoint, save_checkpoint
 from cgc_ray.train.task import Batch, Logs, Task
 
 METRICS: tuple[str, ...] = ("top1", "top5", "ch", "cgc_loss", "iauc")
@@ -118,9 +117,10 @@ def _heldout_cgc(model: nn.Module, images: Tensor, layer: str, generator: torch.
 
 
 def _accuracy_and_ch(model: nn.Module, loader: Iterable, device: torch.device, layer: str,
-                     with_ch: bool) -> dict[str, float]:
-    """top1/top5, CH of the ground-truth class's Grad-CAM (mean over images with boxes), zero_cam_frac, n_eval."""
-    n, zeros, ch_sum, ch_n = 0, 0, 0.0, 0
+                     saliency: str | None, window: int | None) -> dict[str, float]:
+    """top1/top5, zero_cam_frac (all-zero ground-truth Grad-CAMs), n_eval and, unless ``saliency`` is None, the CH of
+    the ground-truth class's ``saliency`` map at the input resolution (mean over the images not left out, n_ch)."""
+    n, zeros, ch = 0, 0, []
     correct = {"top1": 0.0, "top5": 0.0}
     for batch in loader:
         x = batch[0].to(device, non_blocking=True)
@@ -131,16 +131,56 @@ def _accuracy_and_ch(model: nn.Module, loader: Iterable, device: torch.device, l
         for k, v in topk_correct(logits, y, ks=(1, 5)).items():
             correct[k] += v.item()
         zeros += int((cams.flatten(1).sum(1) == 0).sum())
-        if with_ch:
-            ch = content_heatmap(cams, [b.to(device) for b in boxes], tuple(x.shape[-2:]))
-            ok = ~torch.isnan(ch)
-            ch_sum += ch[ok].sum().item()
-            ch_n += int(ok.sum())
+        if saliency is not None:
+            boxes, size = [b.to(device) for b in boxes], tuple(x.shape[-2:])
+            ch.append(content_heatmap(cams, boxes, size) if saliency == "gradcam" else
+                      ch_batch(model, x, y, boxes, size, layer=layer, saliency=saliency, window=window))
         n += x.shape[0]
     if n == 0:
         raise ValueError("the evaluation loader yielded no images")
-    return {"top1": correct["top1"] / n, "top5": correct["top5"] / n, "ch": ch_sum / ch_n if ch_n else math.nan,
-            "zero_cam_frac": zeros / n, "n_eval": float(n)}
+    out = {"top1": correct["top1"] / n, "top5": correct["top5"] / n, "zero_cam_frac": zeros / n, "n_eval": float(n)}
+    return {**out, **(_mean_ch(ch) if saliency is not None else {})}
+
+
+def _mean_ch(per_image: list[Tensor]) -> dict[str, float]:
+    """ch: the mean over the images CH did not leave out (NaN: no box, an all-zero (c)MWP map); n_ch: their number."""
+    values = torch.cat(per_image) if per_image else torch.empty(0)
+    ok = ~torch.isnan(values)
+    return {"ch": values[ok].mean().item() if ok.any() else math.nan, "n_ch": float(ok.sum())}
+
+
+def ch_batch(model: nn.Module, x: Tensor, y: Tensor, boxes: list[Tensor], image_size: tuple[int, int], *,
+             layer: str, saliency: str = "gradcam", window: int | None = None) -> Tensor:
+    """CH per image (Tensor[B], NaN where left out) of the ground-truth class ``y``'s ``saliency`` map, resized to
+    ``image_size`` (``method.metrics.content_heatmap_saliency``): Grad-CAM of ``layer``, or excitation backprop at
+    its own layer (TorchRay's layer3) with ``window``. x: B x 3 x H x W; boxes: B tensors N_i x 4 in image_size's
+    pixels."""
+    return content_heatmap_saliency(model, x, y, boxes, image_size, saliency=saliency,
+                                    layer=layer if saliency == "gradcam" else None, window=window)
+
+
+def full_image_ch(model: nn.Module, loader: Iterable, device: torch.device | str, *, layer: str,
+                  saliency: str = "gradcam", window: int | None = None) -> Tensor:
+    """CH per image by the authors' protocol (docs/PAPER.md §3), Tensor[N] on the CPU, NaN where left out.
+
+    ``loader`` yields one image at a time (``train.trial.full_image_loader``):
+    (x 3 x H' x W', the whole image at the authors' resolution; label; boxes
+    N x 4 of that class in ORIGINAL pixels; (H, W) original size). The map of
+    the ground-truth class (:func:`ch_batch`) is resized to (H, W), so the
+    boxes are never resampled. Eval mode; the model's mode is restored.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for x, y, boxes, size in loader:
+            with torch.no_grad():  # the saliency turns autograd back on where it needs it
+                out.append(ch_batch(model, x[None].to(device), torch.tensor([y], device=device), [boxes.to(device)],
+                                    tuple(size), layer=layer, saliency=saliency, window=window).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
 
 
 def evaluate(
@@ -153,14 +193,19 @@ def evaluate(
     heldout_loader: Iterable | None = None,
     iauc_loader: Iterable | None = None,
     iauc_protocol: str | None = None,
+    ch_loader: Iterable | None = None,
+    saliency: str = "gradcam",
+    saliency_window: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
     """Eval-mode metrics of the Grad-CAM of ``layer`` (the model's mode is restored afterwards).
 
-    ``loader`` (batches of images, labels, boxes): top1/top5 accuracy; ch, the
-    Content Heatmap of the Grad-CAM of the ground-truth class at the input
-    resolution, mean over images with boxes; zero_cam_frac, the share of
-    all-zero ground-truth heatmaps.
+    ``loader`` (batches of images, labels, boxes): top1/top5 accuracy;
+    zero_cam_frac, the share of all-zero ground-truth Grad-CAMs; ch, the
+    Content Heatmap of the ground-truth class's ``saliency`` map
+    (:func:`ch_batch`, ``saliency_window`` for excitation backprop) at the
+    input resolution, mean over the images not left out (n_ch of them).
+    ``ch_loader``: ch by the authors' protocol instead (:func:`full_image_ch`).
     ``heldout_loader``: cgc_loss, the held-out CGC loss (``config.HELDOUT_METRIC``:
     the same settings whatever was trained) of each of its batches as one
     group, averaged over groups; T drawn from ``seed``. Build its batches from
@@ -177,8 +222,12 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        scores = _accuracy_and_ch(model, loader, device, layer, "ch" in wanted)
-        out = {k: v for k, v in scores.items() if k in wanted or k in ("zero_cam_frac", "n_eval")}
+        batched_ch = saliency if "ch" in wanted and ch_loader is None else None
+        scores = _accuracy_and_ch(model, loader, device, layer, batched_ch, saliency_window)
+        out = {k: v for k, v in scores.items() if k in wanted or k in ("zero_cam_frac", "n_eval", "n_ch")}
+        if "ch" in wanted and ch_loader is not None:
+            out.update(_mean_ch([full_image_ch(model, ch_loader, device, layer=layer, saliency=saliency,
+                                               window=saliency_window)]))
         if "cgc_loss" in wanted:
             gen = torch.Generator().manual_seed(seed)
             sums = [(_heldout_cgc(model, b[0].to(device), layer, gen).item(), b[0].shape[0])
@@ -225,11 +274,15 @@ class Evaluator:
     every: int = 1
     heldout_loader: Iterable | None = None
     iauc_loader: Iterable | None = None
+    ch_loader: Iterable | None = None
+    saliency: str = "gradcam"
+    saliency_window: int | None = None
 
     def __call__(self, model: nn.Module, device: torch.device | str) -> dict[str, float]:
         return evaluate(model, self.loader, device, layer=self.layer, metrics=self.metrics,
                         heldout_loader=self.heldout_loader, iauc_loader=self.iauc_loader,
-                        iauc_protocol=self.iauc_protocol, seed=self.seed)
+                        iauc_protocol=self.iauc_protocol, ch_loader=self.ch_loader, saliency=self.saliency,
+                        saliency_window=self.saliency_window, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -267,9 +320,10 @@ def fit(
     If ``plan.checkpoint_path`` exists the run resumes after its last
     checkpointed epoch with every RNG state restored (the task's, the
     loader's, the global ones), so resume-then-continue equals an
-    uninterrupted run. Every caller gets ``callback(metrics, checkpoint path
-    or None)`` after each epoch (None when no checkpoint was written that
-    epoch). A NaN loss raises :class:`NonFiniteLossError` with its epoch.
+    uninterrupted run; a checkpoint that does not parse is set aside and the
+    run starts from scratch (``models.checkpoint.resume_checkpoint``). Every
+    caller gets ``callback(metrics, checkpoint path or None)`` after each epoch
+    (None when no checkpoint was written that epoch). A NaN loss raises :class:`NonFiniteLossError` with its epoch.
     Returns the last epoch's metrics.
     """
     device = task.placement.device
@@ -282,9 +336,9 @@ def fit(
         generators["train_loader"] = train_loader.generator
     path = plan.checkpoint_path
     start, metrics = 0, {}
-    if path is not None and Path(path).exists():
-        state = load_checkpoint(path, model, optimizer, scheduler, generators=generators, scaler=scaler,
-                                map_location=device)
+    state = None if path is None else resume_checkpoint(path, model, optimizer, scheduler, epochs=plan.epochs,
+                                                        generators=generators, scaler=scaler, map_location=device)
+    if state is not None:
         start, metrics = state["epoch"] + 1, dict(state["metrics"])
     for epoch in range(start, plan.epochs):
         sampler = getattr(train_loader, "sampler", None)

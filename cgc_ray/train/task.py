@@ -9,9 +9,11 @@ runs. :func:`build_task` makes the task a spec trains:
 - :class:`CrossEntropy`: ``L_CE`` of the training view (a baseline, or a CGC
   variant at λ = 0);
 - :class:`CGCObjective`: ``L_CE + λ L_CGC`` (``cgc_ray.method.cgc.cgc_term``
-  with the spec's ``MethodSpec``). With an unlabelled loader (semi-supervised,
-  as the authors' script) the task draws one unlabelled batch a step for the
-  CGC term, and the labelled batch feeds cross-entropy alone.
+  with the spec's ``MethodSpec``). L_CE is :func:`view_cross_entropy` of the
+  views ``method.ce_views`` names, averaged over ``method.negatives_group``'s
+  groups as L_CGC is. With an unlabelled loader (semi-supervised, as the
+  authors' script) the task draws one unlabelled batch a step for the CGC
+  term, and the labelled batch feeds cross-entropy alone.
 
 A task's randomness (T's parameters, the unlabelled loader's shuffle) lives
 in :meth:`Task.generators`, which ``engine.fit`` checkpoints, so a resumed run
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cgc_ray.config import effective_lam
-from cgc_ray.method.cgc import cgc_term
+from cgc_ray.method.cgc import cgc_term, groups
 from cgc_ray.method.metrics import topk_correct
 
 if TYPE_CHECKING:
@@ -108,6 +110,13 @@ class CrossEntropy(Task):
         return ce, _ce_logs(ce, logits, batch.y)
 
 
+def view_cross_entropy(logits: Sequence[Tensor], y: Tensor, parts: Sequence[slice]) -> Tensor:
+    """L_CE of a step: in each group of ``parts`` the sum over views (``logits``: one B x K tensor per view) of
+    the group's mean cross-entropy, then the mean over groups, as the authors' DataParallel averages the losses
+    of its GPU chunks (an unweighted mean: a smaller last group weighs as much as a full one)."""
+    return torch.stack([sum(F.cross_entropy(z[s], y[s]) for z in logits) for s in parts]).mean()
+
+
 def _cycle(loader: Iterable) -> Iterator:
     while True:
         yield from loader
@@ -121,12 +130,18 @@ class CGCObjective(Task):
     the CGC term (semi-supervised), drawn one per step and started afresh each epoch.
     ``closed_form``: None computes Grad-CAM in closed form where that is exact;
     False forces the autograd path (``benchmarks/step.py`` times both).
+    Cross-entropy is on the views ``method.ce_views`` names; with ``unlabeled``,
+    on the labelled batch alone (one view, in ``method.negatives_group`` groups).
     """
 
     closed_form: bool | None = None
 
     def __init__(self, method: MethodSpec, *, layer: str, lam: float, placement: Placement, seed: int,
                  unlabeled: Iterable | None = None):
+        if unlabeled is not None and method.ce_views != 1:
+            raise ValueError(f"method.ce_views={method.ce_views} sums cross-entropy over the CGC term's views, "
+                             "but a semi-supervised trial computes that term on unlabelled images; set "
+                             "method.ce_views=1 (the authors' semi-supervised script has one CE term)")
         self.method, self.layer, self.lam, self.placement = method, layer, lam, placement
         self.rng = torch.Generator().manual_seed(seed)  # draws T's parameters
         self.unlabeled = unlabeled
@@ -149,16 +164,19 @@ class CGCObjective(Task):
                "closed_form": self.closed_form}
         if self.unlabeled is None:
             term = cgc_term(model, batch.x, self.method, y=batch.y, x_center=batch.x_center, **run)
-            logits, n_cam = term.logits[0], B  # cross-entropy on the training view's logits of the same forward
+            # cross-entropy on the logits of the same forwards: the training view's, or all three views'
+            ce = view_cross_entropy(term.logits[:self.method.ce_views], batch.y, term.groups)
+            logits, n_cam = term.logits[0], B
         else:
-            with self.placement.autocast():
-                logits = model(batch.x).float()  # B x K: the labelled images feed cross-entropy alone
+            parts = groups(B, self.method.negatives_group)
+            with self.placement.autocast():  # the labelled images feed cross-entropy alone
+                logits = torch.cat([model(batch.x[s]) for s in parts]).float()  # B x K
+            ce = view_cross_entropy([logits], batch.y, parts)
             if self._stream is None:
                 self.start_epoch()
             u = self.placement.batch(next(self._stream))
             term = cgc_term(model, u.x, self.method, x_center=u.x_center, **run)
             n_cam = u.x.shape[0]
-        ce = F.cross_entropy(logits, batch.y)
         loss = ce + self.lam * term.loss
         return loss, {**_ce_logs(ce, logits, batch.y), "cgc": (term.loss.detach() * B, B),
                       "zero_cam_frac": (term.zeros, n_cam)}

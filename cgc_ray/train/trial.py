@@ -8,28 +8,32 @@ process group already initialised).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import pyarrow.fs as pafs
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cgc_ray import data as D
 from cgc_ray.config import (
     ExperimentSpec,
     SpecError,
     check_data_root,
+    contrast_group,
     is_uri,
     loader_workers,
     validate_against_data,
     validate_spec,
 )
-from cgc_ray.data.dataset import BoxDataset, collate
+from cgc_ray.data.dataset import BoxDataset, collate, image_size
 from cgc_ray.models.checkpoint import trial_record
 from cgc_ray.models.resnet import build_model
 from cgc_ray.config.pretrained import parse_trial_ref
@@ -202,23 +206,64 @@ def class_spread_sample(records: Sequence[D.ImageRecord], n: int | None, seed: i
     return out
 
 
+class FullImages(Dataset):
+    """(image 3 x H' x W' with short side ``short_side``, label, boxes N x 4 in ORIGINAL pixels, (H, W) original):
+    the authors' CH input (``engine.full_image_ch``), one image at a time."""
+
+    def __init__(self, records: Sequence[D.ImageRecord], short_side: int):
+        self.inner = BoxDataset(records, train=False, image_size=short_side, eval_resize="short_side")
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, torch.Tensor, tuple[int, int]]:
+        x, y, _ = self.inner[i]
+        rec = self.inner.records[i]
+        W, H = image_size(rec.path)
+        return x, y, torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4), (H, W)
+
+
+def _one(batch: list) -> Any:
+    return batch[0]
+
+
+def full_image_loader(records: Sequence[D.ImageRecord], short_side: int, *, workers: int = 0) -> DataLoader:
+    """:class:`FullImages` in file order, one image per batch (sizes differ), unbatched."""
+    return DataLoader(FullImages(records, short_side), batch_size=1, num_workers=workers, collate_fn=_one)
+
+
 def evaluator(spec: ExperimentSpec, records: Sequence[D.ImageRecord], *, batch: int,
               metrics: Sequence[str] | None = None) -> Evaluator:
-    """What is evaluated on ``records`` (``metrics``, None: ``spec.metrics``), in batches of ``batch``:
-    held-out CGC-loss groups of ``evaluation.cgc_batch`` from :func:`heldout_order` (whole groups; one group
-    of all when fewer images), IAUC on :func:`class_spread_sample` of ``evaluation.iauc_images``."""
+    """What is evaluated on ``records`` (``metrics``, None: ``spec.metrics``), by ``spec.evaluation``, in batches of
+    ``batch``: held-out CGC-loss groups of ``evaluation.cgc_batch`` from :func:`heldout_order` (whole groups; one
+    group of all when fewer images), IAUC on :func:`class_spread_sample` of ``evaluation.iauc_images`` at
+    ``evaluation.iauc_input``, CH by ``evaluation.ch_protocol`` (``authors``: :func:`full_image_loader`)."""
     ev, seed, metrics = spec.evaluation, spec.seed, tuple(spec.metrics if metrics is None else metrics)
-    make = lambda recs, b, drop: _loader(BoxDataset(recs, train=False, image_size=spec.data.image_size), b,
-                                         train=False, seed=seed, workers=loader_workers(spec), distributed=False,
-                                         drop_last=drop)
-    heldout = iauc = None
+    workers = loader_workers(spec)
+    make = lambda recs, b, drop, resize="center_crop": _loader(
+        BoxDataset(recs, train=False, image_size=spec.data.image_size, eval_resize=resize), b, train=False, seed=seed,
+        workers=workers, distributed=False, drop_last=drop)
+    heldout = iauc = full = None
     if "cgc_loss" in metrics:
         heldout = make(heldout_order(records, seed), min(ev.cgc_batch, len(records)), len(records) >= ev.cgc_batch)
     if "iauc" in metrics:
-        iauc = make(class_spread_sample(records, ev.iauc_images, seed), batch, False)
+        iauc = make(class_spread_sample(records, ev.iauc_images, seed), batch, False, ev.iauc_input)
+    if "ch" in metrics and ev.ch_protocol == "authors":
+        full = full_image_loader(records, ev.ch_short_side, workers=workers)
     return Evaluator(make(records, batch, False), layer=spec.model.layer, metrics=metrics,
                      iauc_protocol=ev.iauc_protocol, seed=seed, every=spec.eval_every, heldout_loader=heldout,
-                     iauc_loader=iauc)
+                     iauc_loader=iauc, ch_loader=full, saliency=ev.saliency, saliency_window=ev.saliency_window)
+
+
+def evaluation_details(spec: ExperimentSpec, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """How the row's metrics were measured (``results.table.DETAIL_COLUMNS``), for the metrics ``metrics`` holds."""
+    ev = spec.evaluation
+    out: dict[str, Any] = {}
+    if "ch" in metrics:
+        out.update(ch_protocol=ev.ch_protocol, ch_saliency=ev.saliency)
+    if "n_iauc" in metrics:
+        out.update(iauc_protocol=ev.iauc_protocol, iauc_images=int(metrics["n_iauc"]))
+    return out
 
 
 def worker_batch(spec: ExperimentSpec, distributed: bool) -> int:
@@ -249,7 +294,7 @@ def build_loaders(spec: ExperimentSpec, td: TrialData, *, distributed: bool = Fa
 
 def local_weights(spec: ExperimentSpec) -> str | None:
     """``model.weights`` as something ``models.weights`` reads: a ``trial:`` reference becomes that trial's
-    checkpoint in this spec's storage, and a checkpoint in an object store is fetched once into the cache."""
+    checkpoint in this spec's storage, and a checkpoint in an object store is cached (:func:`_fetch`)."""
     weights = spec.model.weights
     if weights is None:
         return None
@@ -269,21 +314,59 @@ def local_weights(spec: ExperimentSpec) -> str | None:
     return weights
 
 
+# The weights cache's bound on one node: beyond it, the copies used least recently are deleted.
+WEIGHTS_CACHE_BYTES = 10 * 2**30
+
+
 def _fetch(uri: str, fs, path: str) -> str:
-    """A local copy of the file ``path`` in ``fs`` (the filesystem of ``uri``), fetched once into the cache."""
-    import hashlib
+    """A local copy of the file ``path`` in ``fs`` (the filesystem of ``uri``), from the weights cache.
 
-    import pyarrow.fs as pafs
-
-    local = D.cache_dir() / "weights" / hashlib.sha256(f"{uri}|{path}".encode()).hexdigest()[:16] / Path(path).name
+    A copy is keyed on the file and on its size and modification time, so a file that changed since it was
+    fetched (the checkpoint of a pretraining that went on) is fetched again, and its older copies are
+    deleted. The cache holds at most :data:`WEIGHTS_CACHE_BYTES`, dropping the least recently used copies.
+    """
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise SpecError(f"model.weights: no file at {path} in {uri}")
+    cache = D.cache_dir() / "weights"
+    source = cache / hashlib.sha256(f"{uri}|{path}".encode()).hexdigest()[:16]
+    version = source / hashlib.sha256(f"{info.size}|{info.mtime_ns}".encode()).hexdigest()[:16]
+    local = version / Path(path).name
     if not local.is_file():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        if fs.get_file_info(path).type != pafs.FileType.File:
-            raise SpecError(f"model.weights: no file at {path} in {uri}")
+        version.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, local)
+        try:
+            pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for old in source.iterdir():  # copies of what the file held before
+            if old != version:
+                shutil.rmtree(old, ignore_errors=True)
+    os.utime(local)  # its last use, for the bound
+    _bound_weights_cache(cache, keep=version)
     return str(local)
+
+
+def _bound_weights_cache(cache: Path, *, keep: Path) -> None:
+    """Delete the least recently used copies (``<source>/<version>/`` folders) until the cache fits its bound."""
+    versions = [(v, *_usage(v)) for v in cache.glob("*/*")]
+    total = sum(size for _, _, size in versions)
+    for v, _, size in sorted(versions, key=lambda t: t[1]):
+        if total <= WEIGHTS_CACHE_BYTES:
+            break
+        if v != keep:
+            shutil.rmtree(v, ignore_errors=True)
+            total -= size
+
+
+def _usage(version: Path) -> tuple[float, int]:
+    """(last use, bytes) of one cached copy; (0, 0) for one another process is deleting."""
+    try:
+        stats = [f.stat() for f in version.iterdir()]
+    except FileNotFoundError:
+        return 0.0, 0
+    return max((st.st_mtime for st in stats), default=0.0), sum(st.st_size for st in stats)
 
 
 def run_trial(
@@ -328,7 +411,7 @@ def run_trial(
     metrics = fit(model, task, opt, train, plan, scheduler=sched, evaluator=ev, callback=report)
     metrics.update(wall_time_s=time.perf_counter() - start, episode_seed=td.episode_seed,
                    n_train=len(td.train), n_val=len(td.val), eval_split=td.eval_split,
-                   labelled_split=td.labelled_split)
-    if "iauc" in spec.metrics and "n_iauc" in metrics:
-        metrics.update(iauc_protocol=spec.evaluation.iauc_protocol, iauc_images=int(metrics["n_iauc"]))
+                   labelled_split=td.labelled_split,
+                   negatives_group=contrast_group(spec) if spec.method.uses_cgc else None)
+    metrics.update(evaluation_details(spec, metrics))
     return metrics
