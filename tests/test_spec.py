@@ -315,7 +315,7 @@ def test_semisup_preset():
 
 # (most epochs, most trials) per demo: each runs in minutes on two cores; the few-shot demo's trials train on
 # 5 to 50 images, the pretraining is one trial on both cores, the ablation is the one long demo
-_DEMO_SCALE = {"fewshot_demo": (30, 60), "pretrain_demo": (30, 1), "ablation_demo": (40, 60),
+_DEMO_SCALE = {"fewshot_demo": (30, 60), "pretrain_demo": (30, 1), "ablation_demo": (40, 70),
                "ablation_more_demo": (20, 12), "ablation_base_demo": (20, 6), "semisup_demo": (10, 20)}
 _FINETUNED = {"fewshot_demo", "finegrained_demo", "semisup_demo"}
 

@@ -338,6 +338,8 @@ PRESETS["ablation_demo"] = _merge(_ABLATION_BASE, {"sweep": {"variants": [
     {"method.lam": 1.0, "method.lam_normalization": "imagenet"},
     _AUTHORS_VARIANT,  # the authors' whole step (three CE terms: λ weighs CGC ~3x less), at λ 0.5 and 1
     {**_AUTHORS_VARIANT, "method.lam": 1.0},
+    {"method.view": "center", "method.ce_views": 3},  # their three CE terms alone (issue 18 item 2)
+    {"method.view": "center", "method.ce_views": 3, "method.lam": 1.0},
 ]}})
 PRESETS["ablation_more_demo"] = _merge(_ABLATION_BASE, {"sweep": {"grid": {"seed": [0, 1]}, "variants": [
     {"method.crop_scale": [0.08, 1.0]},

@@ -14,12 +14,11 @@ duplicate rows). A file that is corrupt or truncated anyway (a full disk, a
 copy gone wrong) does not count as done: :func:`trial_status` sets it aside
 with a warning and its trial runs again.
 
-Cheap to ask of thousands of rows: each file's footer names its trial and
-status (key-value metadata ``cgc_ray.trial_id``, ``cgc_ray.status``), so "is it
-done" parses no column; and a row stores its group (``group_key``), so the
-report reads a few columns of every row and the full config of one row per
-group (:func:`read_rows` with ``columns``). Files written before either
-(schema version < 3) are read the slow way.
+Cheap to ask of thousands of rows: a file holds one row, so its footer's
+column statistics (min = max) are the row's values, and neither "is it done"
+(:func:`trial_status`) nor :func:`read_rows` decodes a column where the footer
+says it; and a row stores its group (``group_key``), so the report reads a few
+columns of every row and the full config of one row per group.
 
 Schema version 3 (:data:`SCHEMA`), columns and units:
 
@@ -162,15 +161,15 @@ SCHEMA = pa.schema(
 FILE_SCHEMA = SCHEMA.remove(SCHEMA.get_field_index("experiment"))
 # Reading: every column nullable (older files lack the newer ones), experiment from the folder name.
 _READ_SCHEMA = pa.schema([f.with_nullable(True) for f in SCHEMA])
-# A file's footer names its trial and status (write_row), so trial_status decodes no column.
-_TRIAL_KEY, _STATUS_KEY = b"cgc_ray.trial_id", b"cgc_ray.status"
 # read_rows(columns=[..., PATH_COLUMN]): the path of each row's file.
 PATH_COLUMN = "path"
 # config.REPLICATE_FIELDS -> the column holding each, so the report pairs rows without their config.
 REPLICATE_COLUMNS: dict[str, str] = {"seed": "seed", "data.episode": "episode"}
-# Files per pyarrow dataset in read_rows: a dataset keeps state for every file it has read (10,000 one-row
-# files at once held 1 GB), which each chunk frees.
+# Files per pyarrow dataset where read_rows decodes columns: a dataset keeps state for every file it has read
+# (10,000 one-row files at once held 1 GB), which each chunk frees.
 _CHUNK_FILES = 256
+# Footers read at once from an object store, where each is a request; a local disk reads one at a time.
+_REMOTE_READS = 16
 
 def result_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """Engine metrics (fractions) in the table's units: top1/top5/ch in %; NaN or missing left out (null)."""
@@ -269,8 +268,7 @@ def write_row(storage: Storage | str, experiment: str, row: Mapping[str, Any]) -
         )
     storage = Storage.of(storage)
     path = storage.row_path(experiment, row["trial_id"])  # validates both names
-    footer = {_TRIAL_KEY: row["trial_id"].encode(), _STATUS_KEY: (row.get("status") or "finished").encode()}
-    table = pa.Table.from_pylist([row], schema=FILE_SCHEMA.with_metadata({**FILE_SCHEMA.metadata, **footer}))
+    table = pa.Table.from_pylist([row], schema=FILE_SCHEMA)
     return storage.write_atomic(path, lambda target: pq.write_table(table, target, filesystem=storage.fs))
 
 
@@ -303,18 +301,46 @@ def _validate(storage: Storage, info: pafs.FileInfo) -> str:
 
 
 def _trial_and_status(data: bytes) -> tuple[int, str | None, str | None]:
-    """(rows, trial id, status) of a row file's bytes, from its footer (:func:`write_row` puts the two there).
-
-    The footer is parsed, not the pages: a file cut short has no footer, and its row is not done. A file
-    older than its footer's trial id (schema < 3) decodes its ``trial_id`` and ``status`` columns instead.
-    """
+    """(rows, trial id, status) of a row file's bytes, from its footer (:func:`_footer_values`), else from the
+    two columns. A file cut short has no footer: it is no row."""
     file = pq.ParquetFile(pa.BufferReader(data))
-    footer = file.metadata.metadata or {}
-    if _TRIAL_KEY in footer:
-        return file.metadata.num_rows, footer[_TRIAL_KEY].decode(), footer[_STATUS_KEY].decode()
-    table = file.read(columns=[c for c in ("trial_id", "status") if c in file.schema_arrow.names])
-    first = {c: table[c][0].as_py() if table.num_rows else None for c in table.column_names}
-    return file.metadata.num_rows, first.get("trial_id"), first.get("status")
+    found = _footer_values(file.metadata, ["trial_id", "status"])
+    if found is None:
+        table = file.read(columns=[c for c in ("trial_id", "status") if c in file.schema_arrow.names])
+        found = {c: table[c][0].as_py() if table.num_rows else None for c in table.column_names}
+    return file.metadata.num_rows, found.get("trial_id"), found.get("status")
+
+
+def _footer_values(meta: pq.FileMetaData, names: Sequence[str]) -> dict[str, Any] | None:
+    """The values of the columns ``names`` of a one-row file, read off its footer: the statistics of a column
+    chunk holding one value are that value (min = max), and a null counts one null. A column the file lacks
+    (an older schema) is null.
+
+    None where the footer cannot tell, and the file must be read: not one row, a nested column or a type other
+    than :data:`SCHEMA`'s, no statistics (another writer's, a NaN, a string over the writer's 4 kB limit).
+    """
+    if meta.num_rows != 1 or meta.num_row_groups != 1:
+        return None
+    fields = meta.schema.to_arrow_schema()
+    if len(fields) != meta.num_columns:  # a nested column: column chunks do not line up with fields
+        return None
+    chunks = meta.row_group(0)
+    out: dict[str, Any] = {}
+    for name in names:
+        i = fields.get_field_index(name)
+        if i < 0:
+            out[name] = None
+            continue
+        stats = chunks.column(i).statistics
+        if fields.field(i).type != _READ_SCHEMA.field(name).type or stats is None:
+            return None
+        if stats.has_min_max:
+            out[name] = stats.min
+        elif stats.has_null_count and stats.null_count == 1:
+            out[name] = None
+        else:
+            return None
+    return out
 
 
 def _set_aside(storage: Storage, experiment: str, path: str, bad: bytes, now: _dt.datetime) -> str | None:
