@@ -9,8 +9,9 @@ Rows: a λ-ablation sweep (10 λ, the baseline λ = 0 among them, × N / 10 seed
 of the ``lambda_ablation_demo`` preset, written with the product's own row
 writer (``row_from_config`` / ``write_row``, one file per trial) and made-up
 metrics: nothing trains. Each version of the code writes its own rows (a row
-carries what its writer knows), and ``--before`` also reads the after-rows'
-layout with the old rows, to time the new code on rows an older version wrote.
+carries what its writer knows); with ``--before`` (a checkout whose ``cgc_ray``
+is imported ahead of the installed one) the new code is also timed on the rows
+the old code wrote, which is what an upgrade meets.
 
 Measured, each in a fresh Python process (so its peak RSS is its own, from
 ``resource.getrusage``):
@@ -119,8 +120,8 @@ def _child(kind: str, storage: str, rows: int, code: str | None) -> dict:
 
 def _measure(kind: str, storage: str, rows: int, code: str | None, reps: int) -> dict:
     runs = [_child(kind, storage, rows, code) for _ in range(reps)]
-    return {"wall_s": statistics.median(r["wall_s"] for r in runs), "cpu_s": statistics.median(r["cpu_s"] for r in runs),
-            "peak_mib": max(r["peak_mib"] for r in runs),
+    return {"wall_s": statistics.median(r["wall_s"] for r in runs),
+            "cpu_s": statistics.median(r["cpu_s"] for r in runs), "peak_mib": max(r["peak_mib"] for r in runs),
             **({"imports_s": statistics.median(r["imports_s"] for r in runs)} if "imports_s" in runs[0] else {})}
 
 

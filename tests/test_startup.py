@@ -53,20 +53,14 @@ def _no_decoding(monkeypatch):
 # --------------------------------------------------------------------------- is it done
 
 
-def test_a_row_files_footer_names_its_trial_and_status(tmp_path):
-    t = _sweep(tmp_path)[5]
-    path = write_row(str(tmp_path), t.name, result_row(t, {}, status="diverged"))
-    footer = pq.read_metadata(path).metadata
-    assert footer[b"cgc_ray.trial_id"] == trial_id(t).encode() and footer[b"cgc_ray.status"] == b"diverged"
-
-
 def test_trial_status_decodes_no_column(tmp_path, monkeypatch):
     trials = _sweep(tmp_path)
     _write(tmp_path, trials[:3])
     write_row(str(tmp_path), trials[3].name, result_row(trials[3], {}, status="failed", error="boom"))
+    _old_row(tmp_path, trials[4], 1.0)
     _no_decoding(monkeypatch)
     assert trial_status(str(tmp_path), "lambda_ablation") == {
-        **{trial_id(t): "finished" for t in trials[:3]}, trial_id(trials[3]): "failed"}
+        **{trial_id(t): "finished" for t in [*trials[:3], trials[4]]}, trial_id(trials[3]): "failed"}
 
 
 def test_rows_an_older_version_wrote_are_still_read(tmp_path):
@@ -129,6 +123,35 @@ def test_group_key_is_the_digest_of_the_group_labels(tmp_path):
 
 
 # --------------------------------------------------------------------------- read_rows
+
+
+def test_read_rows_takes_each_row_off_its_footer_and_decodes_only_where_it_cannot(tmp_path, monkeypatch):
+    """Every value equals what decoding the file gives; only files whose footer cannot tell are decoded."""
+    trials = _sweep(tmp_path)
+    _write(tmp_path, trials[:6])
+    write_row(str(tmp_path), trials[6].name, result_row(trials[6], {}, status="diverged", diverged_epoch=2))
+    _old_row(tmp_path, trials[7], 61.5)
+    storage = tb.Storage(str(tmp_path))
+    nan = {**result_row(trials[8], {"top1": 1.0}), "top1": float("nan"), "schema_version": 3}  # no statistics
+    pq.write_table(pa.Table.from_pylist([nan], schema=FILE_SCHEMA), storage.row_path(trials[8].name, nan["trial_id"]))
+    plain = {**result_row(trials[9], {"top1": 2.0, "ch": 3.0}), "schema_version": 3}  # another writer's file
+    pq.write_table(pa.Table.from_pylist([plain], schema=FILE_SCHEMA),
+                   storage.row_path(trials[9].name, plain["trial_id"]), write_statistics=False)
+    decoded = []
+    real = tb._decode
+    monkeypatch.setattr(tb, "_decode", lambda st, files, *a: decoded.extend(files) or real(st, files, *a))
+
+    table = read_rows(str(tmp_path), columns=[PATH_COLUMN, *tb.SCHEMA.names])
+    assert sorted(p.rsplit("/", 1)[1] for p in decoded) == sorted(f"{trial_id(t)}.parquet" for t in trials[8:10])
+    by_id = {row["trial_id"]: row for row in table.to_pylist()}
+    assert len(by_id) == 10
+    for path in table[PATH_COLUMN].to_pylist():  # the reference: the file decoded whole
+        (want,) = pq.read_table(path).to_pylist()
+        got = by_id[want["trial_id"]]
+        for column, value in want.items():
+            assert got[column] == value or (value != value and got[column] != got[column]), (column, value)
+        assert got["experiment"] == "lambda_ablation" and got.get("group_key") == want.get("group_key")
+    assert by_id[trial_id(trials[7])]["group_key"] is None and by_id[trial_id(trials[6])]["status"] == "diverged"
 
 
 def test_read_rows_reads_the_columns_and_files_asked_for(tmp_path, monkeypatch):

@@ -72,6 +72,16 @@ def cgc_only_fields(method: type[MethodSpec]) -> frozenset[str]:
 
 
 CGC_ONLY_FIELDS: frozenset[str] = cgc_only_fields(MethodSpec)
+
+
+def unread_fields(method: str) -> frozenset[str]:
+    """Method settings that ``method`` never reads: a baseline none of the CGC term's, ``cgc`` none of the
+    ablation without negatives'. Results leave them out of a configuration's labels (its id keeps them)."""
+    if method == "baseline":
+        return CGC_ONLY_FIELDS
+    if method == "cgc":
+        return frozenset(f"method.{name}" for name in MethodSpec.NO_NEG_FIELDS)
+    return frozenset()
 # Repeats of one configuration (model init / augmentation seed, few-shot episode): they pair across methods.
 REPLICATE_FIELDS: frozenset[str] = frozenset({"seed", "data.episode"})
 

@@ -78,6 +78,9 @@ class MethodSpec(Section):
     """
 
     BASELINE_FIELDS: ClassVar[frozenset[str]] = frozenset({"name"})
+    # Read by the ablation without negatives (cgc_no_neg) alone: the contrastive term never looks at them, so a
+    # report does not name them beside a cgc configuration.
+    NO_NEG_FIELDS: ClassVar[frozenset[str]] = frozenset({"no_neg_scale"})
 
     name: Literal["baseline", "cgc", "cgc_no_neg"] = "cgc"
     lam: float = Field(1.0, ge=0)

@@ -5,8 +5,9 @@ per trial in the experiment's Hive partition, beside folders Parquet readers
 skip (summaries, checkpoints, leases, figures, Ray's run state). So the
 storage folder reads as one dataset whose ``experiment`` column comes from
 the directory name: ``pandas.read_parquet("results")``,
-``duckdb.sql("select * from 'results/*/*.parquet'")``; cgc-ray itself reads it
-with ``pyarrow.dataset`` and Hive partitioning.
+``duckdb.sql("select * from 'results/*/*.parquet'")``; cgc-ray itself reads its
+files' footers, and decodes with ``pyarrow.dataset`` and Hive partitioning where
+it must (below).
 
 Writes are atomic (:meth:`Storage.write_atomic`): readers never see a partial
 file; two writers of the same trial replace each other's file (never
@@ -17,8 +18,9 @@ with a warning and its trial runs again.
 Cheap to ask of thousands of rows: a file holds one row, so its footer's
 column statistics (min = max) are the row's values, and neither "is it done"
 (:func:`trial_status`) nor :func:`read_rows` decodes a column where the footer
-says it; and a row stores its group (``group_key``), so the report reads a few
-columns of every row and the full config of one row per group.
+says it (a page damaged inside a file whose footer is whole goes unnoticed
+there); and a row stores its group (``group_key``), so the report parses the
+config of one row per group and λ (``cgc_ray.results.stats``).
 
 Schema version 3 (:data:`SCHEMA`), columns and units:
 
@@ -74,6 +76,7 @@ they lack (version 1: status null, read as finished).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import importlib.metadata
 import json
 import math
@@ -81,6 +84,7 @@ import os
 import re
 import subprocess
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -95,7 +99,9 @@ from cgc_ray.storage import HIDDEN, Storage
 __all__ = [
     "FILE_SCHEMA",
     "METRIC_COLUMNS",
+    "PATH_COLUMN",
     "PERCENT_METRICS",
+    "REPLICATE_COLUMNS",
     "SCHEMA",
     "SCHEMA_VERSION",
     "code_version",
@@ -418,10 +424,11 @@ def read_rows(storage: Storage | str, experiment: str | None = None, *, columns:
               files: Sequence[str] | None = None, left_out: list[str] | None = None) -> pa.Table:
     """All result rows (of one experiment, or of all) as a table with :data:`SCHEMA`.
 
-    Read with ``pyarrow.dataset`` and Hive partitioning (:meth:`Storage.experiment_dir`), a few
-    hundred files at a time. ``columns``: only these columns of :data:`SCHEMA` (and
-    :data:`PATH_COLUMN`, each row's file), in this order; the others are not decoded. ``files``:
-    only these row files (paths as :data:`PATH_COLUMN` gives them), else every row file.
+    ``columns``: only these columns of :data:`SCHEMA` (and :data:`PATH_COLUMN`, each row's file), in
+    this order. ``files``: only these row files (paths as :data:`PATH_COLUMN` gives them), else every
+    row file (Hive partitioning, :meth:`Storage.experiment_dir`). A row is read off its file's footer
+    (:func:`_footer_values`: 10,000 files decoded with ``pyarrow.dataset`` took four times as long);
+    files whose footer cannot tell are decoded with ``pyarrow.dataset``, a few hundred at a time.
     Files written by an older schema version read with nulls in the columns
     they lack. A file that cannot be read, or whose columns do not cast to
     the schema (a list where a number belongs), is left out: one line naming
@@ -435,44 +442,75 @@ def read_rows(storage: Storage | str, experiment: str | None = None, *, columns:
     unknown = [c for c in names if c not in SCHEMA.names and c != PATH_COLUMN]
     if unknown:
         raise ValueError(f"unknown result column(s) {unknown}; choose from {SCHEMA.names} or {PATH_COLUMN!r}")
-    schema = pa.schema([pa.field(PATH_COLUMN, pa.string()) if c == PATH_COLUMN else SCHEMA.field(c) for c in names],
-                       metadata=SCHEMA.metadata)
+    fields = [pa.field(PATH_COLUMN, pa.string()) if c == PATH_COLUMN else SCHEMA.field(c) for c in names]
+    schema = pa.schema(fields, metadata=SCHEMA.metadata)
     if not storage.exists(storage.root):
         return schema.empty_table()
     partitioning = pads.partitioning(pa.schema([SCHEMA.field("experiment")]), flavor="hive")
     kw = dict(format="parquet", filesystem=storage.fs, partitioning=partitioning, schema=_READ_SCHEMA)
     if files is None:  # a listing: no file is opened
+        source = pads.dataset(storage.root, ignore_prefixes=list(HIDDEN), **kw)
         where = None if experiment is None else pc.field("experiment") == experiment
-        listing = pads.dataset(storage.root, ignore_prefixes=list(HIDDEN), **kw)
-        files = [fragment.path for fragment in listing.get_fragments(filter=where)]
-    scan = ["__filename" if c == PATH_COLUMN else c for c in names]  # pyarrow's name for a fragment's path
-    parts, bad = [], []
-    for i in range(0, len(files), _CHUNK_FILES):
-        chunk = pads.dataset(list(files[i:i + _CHUNK_FILES]), partition_base_dir=storage.root, **kw)
-        try:
-            parts.append(chunk.to_table(columns=scan))
-        except (pa.ArrowException, OSError):  # the slow path, only for a chunk holding a file that does not fit
-            parts.append(_read_each(storage, chunk, scan, bad))
+    else:
+        source, where = pads.dataset(list(files), partition_base_dir=storage.root, **kw), None
+    found = [(f.path, pads.get_partition_keys(f.partition_expression).get("experiment"))
+             for f in source.get_fragments(filter=where)]
+    in_file = [c for c in names if c not in (PATH_COLUMN, "experiment")]
+    footers = [path for path, _ in found]
+    if storage.posix:
+        rows = [_footer_row(storage, in_file, path) for path in footers]
+    else:
+        with ThreadPoolExecutor(_REMOTE_READS) as pool:
+            rows = list(pool.map(functools.partial(_footer_row, storage, in_file), footers))
+    bad: list[str] = []
+    slow = [path for (path, _), row in zip(found, rows) if row is None]
+    decoded = {row["__filename"]: row for row in _decode(storage, slow, in_file, kw, bad)}
+    out = []
+    for (path, experiment_of), row in zip(found, rows):
+        row = decoded.get(path) if row is None else {**row, "experiment": experiment_of}
+        if row is not None:
+            out.append({**row, PATH_COLUMN: path})
     if left_out is not None:
         left_out += bad
     elif bad:
         warnings.warn(f"left out {len(bad)} unreadable result file(s): {'; '.join(bad)}", stacklevel=2)
-    table = pa.concat_tables(parts) if parts else schema.empty_table()
-    return table.rename_columns(names).cast(schema)
+    return pa.Table.from_pylist(out, schema=pa.schema([f.with_nullable(True) for f in fields])).cast(schema)
 
 
-def _read_each(storage: Storage, dataset: pads.Dataset, columns: list[str], bad: list[str]) -> pa.Table:
-    """The files of ``dataset`` one by one, leaving out (and listing in ``bad``) those that cannot be read or do
-    not fit its schema."""
-    parts = []
+def _footer_row(storage: Storage, names: list[str], path: str) -> dict[str, Any] | None:
+    """The columns ``names`` of the row file ``path``, from its footer; None where it must be decoded."""
+    try:
+        return _footer_values(pq.read_metadata(path, filesystem=storage.fs), names)
+    except (pa.ArrowException, OSError):  # decoding it names the problem
+        return None
+
+
+def _decode(storage: Storage, files: list[str], names: list[str], kw: dict[str, Any],
+            bad: list[str]) -> list[dict[str, Any]]:
+    """The rows of ``files`` (the columns ``names``, ``experiment`` and ``__filename``, pyarrow's name for a
+    file's path), decoded with ``pyarrow.dataset`` a chunk at a time; a file that cannot be read, or does not
+    fit, is named in ``bad`` and left out."""
+    scan = [*names, "experiment", "__filename"]
+    rows = []
+    for i in range(0, len(files), _CHUNK_FILES):
+        chunk = pads.dataset(files[i:i + _CHUNK_FILES], partition_base_dir=storage.root, **kw)
+        try:
+            rows += chunk.to_table(columns=scan).to_pylist()
+        except (pa.ArrowException, OSError):  # the slow path, only for a chunk holding a file that does not fit
+            rows += _read_each(storage, chunk, scan, bad)
+    return rows
+
+
+def _read_each(storage: Storage, dataset: pads.Dataset, columns: list[str], bad: list[str]) -> list[dict[str, Any]]:
+    """The rows of the files of ``dataset`` one by one, leaving out (and listing in ``bad``) those that cannot be
+    read or do not fit its schema."""
+    rows = []
     for fragment in dataset.get_fragments():
         try:
-            parts.append(pads.Scanner.from_fragment(fragment, schema=dataset.schema, columns=columns).to_table())
+            rows += pads.Scanner.from_fragment(fragment, schema=dataset.schema, columns=columns).to_table().to_pylist()
         except (pa.ArrowException, OSError) as e:
             bad.append(f"{fragment.path}: {_why_unread(storage, fragment.path, e)}")
-    if parts:
-        return pa.concat_tables(parts)
-    return dataset.to_table(columns=columns, filter=pc.scalar(False))  # no rows, the columns' types
+    return rows
 
 
 def _why_unread(storage: Storage, path: str, error: Exception) -> str:
