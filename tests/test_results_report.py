@@ -224,9 +224,9 @@ def test_baselines_of_different_lambda_presets_are_one_trial(tmp_path):
     _write_all(tmp_path, [(t, {"top1": metrics[t.method.name]}) for t in trials])
     md = rp.report(str(tmp_path), fmt="markdown")
     # the no-negatives ablation differs from CGC in its l2's scale, so the table names it
-    assert "| method | no_neg_scale | top1 | trials |" in md and "| cgc | mean | 68.00 (1) | 1 |" in md
+    assert "| method | no_neg_scale | top1 | trials |" in md and "| cgc | – | 68.00 (1) | 1 |" in md
     assert "| baseline | – | 70.00 (1) | 1 |" in md and "| cgc_no_neg | sum | 66.00 (1) | 1 |" in md
-    assert "| cgc λ=1 − baseline | mean | -2.00 (1) |" in md
+    assert "| cgc λ=1 − baseline | – | -2.00 (1) |" in md
 
 
 def test_cli_report(tmp_path, capsys):

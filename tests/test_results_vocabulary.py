@@ -174,3 +174,17 @@ def test_an_odd_row_file_is_named_and_the_rest_reported(tmp_path, capsys, odd, r
     assert out == clean  # every other row, with the numbers it has without the odd file
     assert "| top1 | 60.50±0.71 (2) | 65.50±0.71 (2) | 62.50±0.71 (2) |" in out.splitlines()
     assert err.count("\n") == 1 and err.startswith(f"warning: left out {path}: ") and reason in err
+
+
+def test_a_setting_a_method_never_reads_is_not_shown_beside_it(tmp_path):
+    """The imagenet demo's cgc trial holds no_neg_scale=mean (the spec's default) and its cgc_no_neg trial sum: the
+    contrastive term never reads it, so a cgc row shows '–' there, never 'mean'."""
+    spec = apply_overrides(load_spec(PRESETS["imagenet_demo"]), ["sweep.grid.seed=[0, 1]"])
+    trials = _write(tmp_path, spec, lambda t: {"top1": {"baseline": 70.0, "cgc": 68.0, "cgc_no_neg": 66.0}
+                                              [t.method.name] + t.seed})
+    assert {(t.method.name, t.method.no_neg_scale) for t in trials} >= {("cgc", "mean"), ("cgc_no_neg", "sum")}
+    lines = rp.report(str(tmp_path), "imagenet", "markdown").splitlines()
+    assert "| method | no_neg_scale | top1 | trials |" in lines
+    assert {"| baseline | – | 70.50±0.71 (2) | 2 |", "| cgc | – | 68.50±0.71 (2) | 2 |",
+            "| cgc_no_neg | sum | 66.50±0.71 (2) | 2 |"} <= set(lines)
+    assert "| cgc λ=1 − baseline | – | -2.00 [-2.00, -2.00] (2) |" in lines

@@ -74,11 +74,13 @@ def config_label(labels: Mapping[str, Any], keys: Sequence[str], *, with_lam: bo
 def varying(label_sets: Sequence[Mapping[str, Any]]) -> list[str]:
     """Keys whose value differs among the label sets that have them, :data:`FIELD_ORDER` first.
 
-    A key some label sets lack counts as differing, except a CGC-only setting, which a baseline never has.
+    A key some label sets lack counts as differing (the no-negatives' ``no_neg_scale``, which a cgc configuration
+    does not read), except a CGC-only setting that only baselines lack.
     """
     keys = sorted({k for labels in label_sets for k in labels})
     vary = [k for k in keys if len({canonical(labels[k]) for labels in label_sets if k in labels}) > 1
-            or (k not in CGC_ONLY_FIELDS and any(k not in labels for labels in label_sets))]
+            or any(k not in labels and not (k in CGC_ONLY_FIELDS and labels.get("method.name") == "baseline")
+                   for labels in label_sets)]
     return [k for k in FIELD_ORDER if k in vary] + [k for k in vary if k not in FIELD_ORDER]
 
 

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 import pyarrow as pa
 
 from cgc_ray.config.base import canonical
-from cgc_ray.config.identity import CGC_ONLY_FIELDS, REPLICATE_FIELDS, group_key, stored_identity
+from cgc_ray.config.identity import CGC_ONLY_FIELDS, REPLICATE_FIELDS, group_key, stored_identity, unread_fields
 from cgc_ray.results.table import METRIC_COLUMNS, REPLICATE_COLUMNS
 
 __all__ = ["CI_LEVEL", "Analysis", "Group", "Paired", "Skipped", "Stat", "analyze", "cgc_settings_that_differ",
@@ -330,9 +330,16 @@ def _groups(buckets: Buckets) -> list[Group]:
         done = _finished(rows)
         stats = {m: describe([r[m] for r in done if r[m] is not None]) for m in _metrics_present(done)}
         status = [r.get("status") or "finished" for r in rows]
-        out.append(Group(experiment, labels, stats, status.count("finished"), status.count("diverged"),
+        out.append(Group(experiment, shown(labels), stats, status.count("finished"), status.count("diverged"),
                          status.count("failed")))
     return out
+
+
+def shown(labels: dict[str, Any]) -> dict[str, Any]:
+    """A configuration's labels less the settings its method never reads (a cgc row has no no_neg_scale to name):
+    what tables and legends show. Grouping and pairing use the full labels."""
+    unread = unread_fields(labels.get("method.name", ""))
+    return {k: v for k, v in labels.items() if k not in unread}
 
 
 def _pairs(buckets: Buckets) -> list[Paired]:
@@ -358,5 +365,5 @@ def _pairs(buckets: Buckets) -> list[Paired]:
             d = [mine[c][m] - theirs[c][m] for c in common if mine[c][m] is not None and theirs[c][m] is not None]
             if d:
                 stats[m] = describe(d)
-        out.append(Paired(experiment, labels, base_labels, stats, unpaired, common))
+        out.append(Paired(experiment, shown(labels), base_labels, stats, unpaired, common))
     return out
