@@ -192,7 +192,7 @@ def test_presets_lists_every_preset_with_its_table_dataset_and_trial_count(capsy
     assert trials["lambda_ablation"] == 6 and trials["lambda_ablation_demo"] == 3 * 2
     assert trials["fewshot_cub200"] == 2 * 3 * 20 and trials["fewshot_demo"] == 2 * 3 * 10
     assert trials["finegrained_cub200"] == 2 * 3 and trials["imagenet_r50"] == 3
-    assert trials["ablation_demo"] == 12 * 5 and trials["ablation_more_demo"] == 6 * 2
+    assert trials["ablation_demo"] == 14 * 5 and trials["ablation_more_demo"] == 6 * 2
     assert trials["pretrain_demo"] == 1
     assert listed["imagenet100_r50"].split()[1:3] == ["Table", "11"]
 

@@ -78,6 +78,9 @@ _IMAGENET: Sourced = {
                                         "RISE/utils.py:46-47 preprocess = Resize((224, 224))"),
     # the authors train in fp32: fp16 autocast through the CAM is not shown to give their loss and gradients
     "scaling.amp": (False, "authors: fp32, train_eval_cgc.py has no autocast or half precision"),
+    "eval_every": (10, "assumed: the paper reports the final model (always evaluated); IAUC alone runs 29 forwards "
+                       "an image over the 50,000 val images, about a training epoch's forwards, so every epoch "
+                       "would double the cost; every 10th gives the curve"),
     # one GPU per trial worker with 8 CPUs: 7 DataLoader processes feed it (cluster/gpu.yaml's 4-GPU type has
     # 12 CPUs per GPU); ImageNet DDP adds --set scaling.num_workers=4
     "scaling.cpus_per_worker": (8, _RESOURCES),
