@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from cgc_ray.config import ExperimentSpec, apply_overrides
+from cgc_ray.config.presets import AUTHORS_STEP
 from cgc_ray.method import transforms as T
 from cgc_ray.method.cam import capture
 from cgc_ray.method.loss import cgc_loss
@@ -43,7 +44,7 @@ from cgc_ray.models.resnet import build_model
 from cgc_ray.train.engine import train_step
 from cgc_ray.train.task import Batch, Placement, Task, build_task
 
-KINDS = ("baseline", "baseline_2b", "cgc", "cgc_separate", "cgc_autograd", "authors")
+KINDS = ("baseline", "baseline_2b", "cgc", "cgc_separate", "cgc_autograd", "cgc_authors", "authors")
 
 
 def _authors_step(model, x, y, gen):
@@ -93,11 +94,13 @@ class _AuthorsStep(Task):
 
 def build_kind(kind: str, placement: Placement) -> tuple[Task, bool]:
     """(the task of ``kind``, whether it runs on a batch of 2B): the product's objective as a spec builds it
-    (``cgc``: λ 1 and the spec's defaults), or the authors' step structure."""
+    (``cgc``: λ 1 and the spec's defaults; ``cgc_authors``: the paper presets' ``AUTHORS_STEP``, the authors'
+    computation as the product runs it), or the authors' step structure."""
     if kind == "authors":
         return _AuthorsStep(placement), False
+    authors = [f"method.{k.removeprefix('method.')}={json.dumps(v)}" for k, (v, _) in AUTHORS_STEP.items()]
     method = {"baseline": ["method.name=baseline"], "baseline_2b": ["method.name=baseline"],
-              "cgc_separate": ["method.forward=separate"]}.get(kind, [])
+              "cgc_separate": ["method.forward=separate"], "cgc_authors": authors}.get(kind, [])
     task = build_task(apply_overrides(ExperimentSpec(), ["method.lam=1.0", *method]), num_classes=1000,
                       placement=placement)
     if kind == "cgc_autograd":
@@ -112,7 +115,8 @@ def make_step(kind: str, model, opt, placement: Placement, scaler=None):
     task, double = build_kind(kind, placement)
 
     def step(x, y):
-        batch = Batch(torch.cat([x, x.flip(-1)]), torch.cat([y, y])) if double else Batch(x, y)
+        # a flipped copy stands in for the centre view (same cost) where the step reads one
+        batch = Batch(torch.cat([x, x.flip(-1)]), torch.cat([y, y])) if double else Batch(x, y, x.flip(-1))
         train_step(model, task, batch, opt, scaler=scaler)
 
     return step
