@@ -188,3 +188,15 @@ def test_a_setting_a_method_never_reads_is_not_shown_beside_it(tmp_path):
     assert {"| baseline | – | 70.50±0.71 (2) | 2 |", "| cgc | – | 68.50±0.71 (2) | 2 |",
             "| cgc_no_neg | sum | 66.50±0.71 (2) | 2 |"} <= set(lines)
     assert "| cgc λ=1 − baseline | – | -2.00 [-2.00, -2.00] (2) |" in lines
+
+
+def test_a_field_left_out_of_the_id_at_its_legacy_value_is_still_named(tmp_path):
+    """ce_views 1 is its legacy value, so the id (and the stored labels) leave it out; beside a ce_views 3
+    configuration the table must still say which is which."""
+    spec = apply_overrides(load_spec(PRESETS["lambda_ablation_demo"]), [
+        "sweep.grid.method.lam=[0.0, 0.5]", "sweep.grid.seed=[0]",
+        "sweep.variants=[{}, {method.view: center, method.ce_views: 3}]"])
+    _write(tmp_path, spec, lambda t: {"top1": 60.0 + 10 * (t.method.ce_views == 3) + (t.method.lam > 0)})
+    lines = rp.report(str(tmp_path), spec.name, "markdown").splitlines()
+    assert "| metric | λ=0 (baseline) | λ=0.5 ce_views=1 view=train | λ=0.5 ce_views=3 view=center |" in lines
+    assert "| top1 | 60.00 (1) | 61.00 (1) | 71.00 (1) |" in lines

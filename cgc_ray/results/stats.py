@@ -42,7 +42,9 @@ from typing import Any, Callable, Iterable, Sequence
 import pyarrow as pa
 
 from cgc_ray.config.base import canonical
-from cgc_ray.config.identity import CGC_ONLY_FIELDS, REPLICATE_FIELDS, group_key, stored_identity, unread_fields
+from cgc_ray.config import ExperimentSpec
+from cgc_ray.config.identity import (CGC_ONLY_FIELDS, REPLICATE_FIELDS, group_key, legacy_values, stored_identity,
+                                     unread_fields)
 from cgc_ray.results.table import METRIC_COLUMNS, REPLICATE_COLUMNS
 
 __all__ = ["CI_LEVEL", "Analysis", "Group", "Paired", "Skipped", "Stat", "analyze", "cgc_settings_that_differ",
@@ -336,10 +338,12 @@ def _groups(buckets: Buckets) -> list[Group]:
 
 
 def shown(labels: dict[str, Any]) -> dict[str, Any]:
-    """A configuration's labels less the settings its method never reads (a cgc row has no no_neg_scale to name):
-    what tables and legends show. Grouping and pairing use the full labels."""
+    """What tables and legends show of a configuration: its labels with every field an id leaves out at its legacy
+    value put back (a cgc trial with ``ce_views`` 1 beside one with 3 must say so), less the settings its method
+    never reads (a cgc row has no no_neg_scale to name). Grouping and pairing use the labels as they are."""
     unread = unread_fields(labels.get("method.name", ""))
-    return {k: v for k, v in labels.items() if k not in unread}
+    full = {**dict(legacy_values(ExperimentSpec)), **labels}
+    return {k: v for k, v in full.items() if k not in unread}
 
 
 def _pairs(buckets: Buckets) -> list[Paired]:
