@@ -7,8 +7,8 @@
 Scored on the synthetic set's validation split (data.eval_split=val), so the demo's defaults are chosen
 without looking at the test split the README's tables report. The presets (cgc_ray/config/presets.py):
 ablation_demo (5 seeds: the BatchNorm treatment, the view T is applied to, λ, training length, a λ
-normalised to ImageNet's loss ratio), ablation_more_demo (2 seeds: T's crop scale, CAM resolution, τ, the
-CAM's class) and ablation_base_demo (2 seeds: raw and normalised λ on the 10 base classes). Every sweep
+normalised to ImageNet's loss ratio, the authors' three CE views alone and their whole step, each at
+λ 0.5 and 1), ablation_more_demo (2 seeds: T's crop scale, CAM resolution, τ, the CAM's class) and ablation_base_demo (2 seeds: raw and normalised λ on the 10 base classes). Every sweep
 writes to the experiment "ablation", whose table is printed at the end (`cgc-ray report --experiment ablation`
 prints it again); flags as every experiment script (cgc_ray/cli/experiment.py).
 """
