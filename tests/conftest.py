@@ -129,8 +129,8 @@ def outside_ray(*start_args: str, env: dict[str, str] | None = None, port: int |
     dir that holds its ``ray_current_cluster`` record, sockets and logs, so ``/tmp/ray`` is untouched.
     Every port with a fixed default gets a free one (but the Ray Client's, which needs ``ray[client]``).
     Stopped by killing its process group (``ray start`` runs in a new session, and Ray's daemons and
-    workers stay in it), then any stray process naming the temp dir; never ``ray stop``, which stops
-    every Ray of the machine.
+    workers stay in it), then any stray process naming the temp dir; never Ray's machine-wide stop command, which
+    would end every Ray of the machine.
     """
     # short: Ray's Unix sockets live under it, and socket paths are limited to 107 bytes
     tmp = tempfile.mkdtemp(prefix="cgc-ray-", dir="/tmp")
