@@ -8,7 +8,9 @@ builds every path under it; no other module spells a folder of this layout::
     <root>/experiment=<name>/<trial_id>.parquet          one row per trial        (results.table)
     <root>/experiment=<name>/_corrupt/                    row files set aside      (results.table)
     <root>/_summary/<name>.parquet                        the aggregated table     (results.summary)
+    <root>/_summary/<name>.html                           the report page          (results.html)
     <root>/_checkpoints/<name>/<trial_id>/checkpoint.pt   a trial's checkpoint     (runner.worker)
+    <root>/_checkpoints/<name>/<trial_id>/errors.json     its code's failures      (runner.worker)
     <root>/_leases/<name>/                                which driver runs what   (runner.leases)
     <root>/_figures/<name>/                               figures                  (explain.figures)
     <root>/_ray/<run name>/                               Ray's own run state      (runner.driver)
@@ -24,6 +26,11 @@ Two facts about a root, each decided here and nowhere else:
   atomically, ``O_EXCL`` creates exclusively and ``open()`` reads them. Elsewhere (S3, GCS) an object
   appears only when its upload completes.
 
+A third, :attr:`Storage.exclusive`, says whether :meth:`Storage.create_exclusive` works: on posix roots,
+and on S3 through its conditional write (``If-None-Match: *``), which pyarrow does not expose, so it is
+sent with boto3 (the ``s3`` extra) configured as pyarrow's filesystem is. :meth:`Storage.check_writable`
+tries it once: a store that ignores or refuses it (an older S3-compatible server) is not exclusive.
+
 Every write of a whole file goes through :meth:`Storage.write_atomic` (or, for a file that must not
 be replaced, :meth:`Storage.create_exclusive`), so a reader never sees a partial file under its final
 name. Reads and listings are retried (:meth:`Storage.read_bytes`, :meth:`Storage.files`): a timeout
@@ -33,7 +40,10 @@ is not an answer about a file.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import os
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -46,7 +56,7 @@ import pyarrow.fs as pafs
 from cgc_ray.config.base import check_name
 from cgc_ray.config.paths import is_uri
 
-__all__ = ["CHECKPOINT_NAME", "HIDDEN", "Storage", "resolve"]
+__all__ = ["CHECKPOINT_NAME", "HIDDEN", "Storage", "advice", "resolve"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HIDDEN = (".", "_")  # name prefixes that Parquet readers (and cgc-ray's own) skip
@@ -57,6 +67,7 @@ READ_ATTEMPTS = 4
 _RETRY_S = 0.2
 _PARTITION = "experiment="
 _T = TypeVar("_T")
+_S3_CLIENT_LOCK = threading.Lock()
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
@@ -97,7 +108,9 @@ class Storage:
         self.fs, self.root = resolve(location)
         self.is_local = not is_uri(location)
         self.posix = isinstance(self.fs, pafs.LocalFileSystem)
+        self.exclusive = self.posix or (self.fs.type_name == "s3" and importlib.util.find_spec("boto3") is not None)
         self.uri = self.root if self.is_local else location
+        self._s3_client = None  # made on first use (boto3 imports in ~0.3 s)
 
     @classmethod
     def of(cls, storage: "Storage | str") -> "Storage":
@@ -124,8 +137,16 @@ class Storage:
         experiment, trial_id = check_name("experiment name", experiment), check_name("trial_id", trial_id)
         return f"{self.root}/_checkpoints/{experiment}/{trial_id}/{CHECKPOINT_NAME}"
 
+    def errors_path(self, experiment: str, trial_id: str) -> str:
+        """Beside the checkpoint: how often the trial's code raised in one driver's run (``runner.worker``)."""
+        return f"{self.checkpoint_path(experiment, trial_id).rpartition('/')[0]}/errors.json"
+
     def summary_path(self, experiment: str) -> str:
         return f"{self.root}/_summary/{check_name('experiment name', experiment)}.parquet"
+
+    def summary_html_path(self, experiment: str) -> str:
+        """The experiment's report page (``results.html``), beside its summary."""
+        return f"{self.root}/_summary/{check_name('experiment name', experiment)}.html"
 
     def leases_dir(self, experiment: str) -> str:
         return f"{self.root}/_leases/{check_name('experiment name', experiment)}"
@@ -185,15 +206,20 @@ class Storage:
         pafs.copy_files(path, str(local), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
-        """Create ``path`` holding ``data`` unless it exists; True if this call created it. A :attr:`posix` root only.
+        """Create ``path`` holding ``data`` unless it exists; True if this call created it. An :attr:`exclusive` root only.
 
-        ``data`` is written to a temporary file first, which is then hard-linked to ``path``: the link
-        fails if ``path`` exists (so of several creators exactly one wins, on NFS too), and ``path``
-        never exists empty or half written. A failure at any step (a full disk, a kill) leaves ``path``
-        absent, never half made; a killed writer's temporary file is removed by :meth:`remove_stale_temps`.
+        On a :attr:`posix` root ``data`` is written to a temporary file first, which is then hard-linked
+        to ``path``: the link fails if ``path`` exists (so of several creators exactly one wins, on NFS
+        too), and ``path`` never exists empty or half written. A failure at any step (a full disk, a kill)
+        leaves ``path`` absent, never half made; a killed writer's temporary file is removed by
+        :meth:`remove_stale_temps`. On S3 it is one conditional PUT: the store creates the object whole
+        or answers 412.
         """
+        if not self.exclusive:
+            raise NotImplementedError(f"{self.uri}: this object store has no exclusive create here (S3 needs boto3: "
+                                      "pip install 'cgc-ray[s3]')")
         if not self.posix:
-            raise NotImplementedError(f"{self.uri}: an object store has no exclusive create through pyarrow")
+            return self._put_if_absent(path, data)
         parent, _, name = path.rpartition("/")
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
@@ -206,6 +232,51 @@ class Storage:
         finally:
             self.delete_quietly(tmp)
         return True
+
+    def _s3(self):
+        """A boto3 S3 client set up as :attr:`fs` is: its endpoint, scheme, region and keys, as pyarrow resolved them
+        from the URI and the environment (the pickled settings of an ``S3FileSystem``); no keys: boto3's own chain."""
+        with _S3_CLIENT_LOCK:  # claims are written from a thread pool
+            if self._s3_client is None:
+                import boto3
+                from botocore import UNSIGNED
+                from botocore.config import Config
+
+                o = self.fs.__reduce__()[1][0]
+                endpoint = o["endpoint_override"] or None
+                if endpoint and "://" not in endpoint:  # the URI's form, host:port
+                    endpoint = f"{o['scheme']}://{endpoint}"
+                config = Config(retries={"mode": "standard"}, signature_version=UNSIGNED if o.get("anonymous") else None)
+                self._s3_client = boto3.client(
+                    "s3", endpoint_url=endpoint, region_name=o["region"] or None, aws_access_key_id=o["access_key"],
+                    aws_secret_access_key=o["secret_key"], aws_session_token=o["session_token"],
+                    verify=o.get("tls_ca_file_path") or None, config=config)
+            return self._s3_client
+
+    def _put_if_absent(self, path: str, data: bytes) -> bool:
+        """S3's conditional write of ``path`` (``If-None-Match: *``): True if created, False if it exists (412).
+
+        A 409 (another conditional write of the key is in flight) is tried again, as S3 asks; the
+        store's other refusals are an OSError.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _, key = path.partition("/")
+        for i in range(READ_ATTEMPTS):
+            try:
+                self._s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+                return True
+            except ClientError as e:
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status == 412:
+                    return False
+                if status == 409 and i < READ_ATTEMPTS - 1:  # the other write settles; then a 412, or this one lands
+                    time.sleep(_RETRY_S * 2**i)
+                    continue
+                error: Exception = e
+            except BotoCoreError as e:
+                error = e
+            raise OSError(f"conditional write of s3://{path}: {error}") from None
 
     def delete_quietly(self, path: str) -> None:
         try:
@@ -273,9 +344,45 @@ class Storage:
         return aside
 
     def check_writable(self) -> None:
-        """Create the root and write and delete a probe file there; raises what the filesystem raises."""
+        """Create the root and write and delete a probe file there; raises what the filesystem raises.
+
+        On S3 the probe also tries a conditional write over itself, which must be refused: a store that
+        accepts it (ignoring the condition) or fails it is not :attr:`exclusive` from then on (said on stderr).
+        """
         self.fs.create_dir(self.root, recursive=True)
         probe = f"{self.root}/.cgc-ray-probe-{uuid.uuid4().hex}"
         with self.fs.open_output_stream(probe) as f:
             f.write(b"ok")
-        self.fs.delete_file(probe)
+        try:
+            if self.exclusive and not self.posix:
+                try:
+                    refused = not self._put_if_absent(probe, b"again")
+                except OSError as e:
+                    refused, why = False, str(e).splitlines()[0]
+                else:
+                    why = "it overwrote an object that existed"
+                if not refused:
+                    self.exclusive = False
+                    print(f"cgc-ray: storage {self.uri} does not honour S3 conditional writes ({why}); leases there "
+                          "fall back to write, wait and read back (see cgc_ray/runner/leases.py)", file=sys.stderr)
+        finally:
+            self.fs.delete_file(probe)
+
+
+def advice(error: str) -> str:
+    """What to do about a storage error, from the words of pyarrow's or the store's message ("" if nothing fits)."""
+    e = error.lower()
+    if "bucket" in e and ("not found" in e or "nosuchbucket" in e or "does not exist" in e):
+        return "create the bucket (aws s3 mb s3://<bucket>, or the store's console) or correct its name"
+    if "region" in e:
+        return "add &region=<the bucket's region> to the URI (or set AWS_DEFAULT_REGION)"
+    if any(w in e for w in ("access_denied", "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch",
+                            "forbidden", "credentials")):
+        return ("check the credentials this machine finds (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                "or the node's role) and that they may write under this prefix")
+    if "not usable by pyarrow" in e:
+        return "an S3-compatible store is written s3://bucket/prefix?endpoint_override=host:port&scheme=http"
+    if any(w in e for w in ("network_connection", "connect to", "resolve host", "timed out", "timeout")):
+        return ("check that the endpoint is reachable (an S3-compatible store: "
+                "s3://bucket/prefix?endpoint_override=host:port&scheme=http, or AWS_ENDPOINT_URL)")
+    return ""

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -93,10 +94,10 @@ def flaky_storage(root, match: str, fails: int) -> tuple[Storage, FlakyHandler]:
 
 
 def object_store(root) -> Storage:
-    """A storage at ``root`` that behaves as an object store does for cgc-ray: keys without folders, no exclusive
-    create, no temporary file and rename."""
+    """A storage at ``root`` that behaves as an object store without conditional writes does for cgc-ray: keys
+    without folders, no exclusive create, no temporary file and rename."""
     storage = Storage(str(root))
-    storage.fs, storage.posix = pafs.PyFileSystem(FlakyHandler(keys=True)), False
+    storage.fs, storage.posix, storage.exclusive = pafs.PyFileSystem(FlakyHandler(keys=True)), False, False
     return storage
 
 
@@ -150,25 +151,73 @@ server.stop()
 """
 
 
-@contextlib.contextmanager
-def loopback_s3() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 in a child process, with a bucket: yields a storage URI under it.
+# Dummy keys: moto accepts any (until LoopbackS3.auth turns its checking on). Ray's workers inherit the environment
+# Ray started with, so a test module whose trials reach the server sets them when it is collected.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "loopback", "AWS_SECRET_ACCESS_KEY": "loopback", "AWS_EC2_METADATA_DISABLED": "true"}
 
-    Needs ``moto[server]``; sets dummy AWS credentials in this process's environment.
+
+@dataclass
+class LoopbackS3:
+    """A running loopback S3 server (:func:`loopback_s3_server`) holding one bucket."""
+
+    port: int
+    bucket: str = "loopback"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def uri(self, prefix: str | None = None, *, region: bool = False) -> str:
+        """A storage URI under a fresh prefix, as a MinIO user writes it: the endpoint in the URI (with ``region``,
+        the region too)."""
+        query = f"endpoint_override=127.0.0.1:{self.port}&scheme=http" + ("&region=us-east-1" if region else "")
+        return f"s3://{self.bucket}/{prefix or uuid.uuid4().hex[:8]}?{query}"
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` in the bucket, listed by boto3 (not by the pyarrow under test)."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{prefix}/")
+        return sorted(o["Key"][len(prefix) + 1:] for page in pages for o in page.get("Contents", []))
+
+    def auth(self, on: bool) -> None:
+        """Make the server check credentials (it knows none, so it refuses every request, as S3 refuses bad keys)."""
+        import urllib.request
+
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=b"0" if on else b"inf",
+                                         method="POST", headers={"Content-Type": "text/plain"})
+        urllib.request.urlopen(request, timeout=10).read()
+
+
+@contextlib.contextmanager
+def loopback_s3_server() -> Iterator[LoopbackS3]:
+    """A moto S3 server on 127.0.0.1 in a child process, with a bucket.
+
+    Needs ``moto[server]``; sets :data:`CREDENTIALS` in this process's environment.
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(AWS_ACCESS_KEY_ID="loopback", AWS_SECRET_ACCESS_KEY="loopback", AWS_EC2_METADATA_DISABLED="true")
+    os.environ.update(CREDENTIALS)
     proc = subprocess.Popen([sys.executable, "-c", _S3_SERVER, str(port)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the moto S3 server did not start: pip install 'moto[server]'")
-        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        fs, _ = pafs.FileSystem.from_uri(f"s3://loopback?{query}&allow_bucket_creation=true")
-        fs.create_dir("loopback")
-        yield f"s3://loopback/{uuid.uuid4().hex[:8]}?{query}"
+        server = LoopbackS3(port)
+        fs, _ = pafs.FileSystem.from_uri(f"{server.uri('x', region=True)}&allow_bucket_creation=true")
+        fs.create_dir(server.bucket)
+        yield server
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def loopback_s3() -> Iterator[str]:
+    """A loopback S3 server (:func:`loopback_s3_server`): yields a storage URI under a fresh prefix there."""
+    with loopback_s3_server() as server:
+        yield server.uri(region=True)

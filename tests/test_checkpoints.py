@@ -216,7 +216,7 @@ def test_keep_model_only_halves_the_file_and_every_reader_but_resume_still_reads
     state, _, _ = C.read_state_dict(str(path), arch="resnet_small")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
-    assert C.read_header(path) == {"epoch": 4, "extra": {"arch": "resnet_small"}}
+    assert C.read_header(path) == {"epoch": 4, "step": 0, "extra": {"arch": "resnet_small"}}
     clf = C.load_classifier(path)
     assert clf.arch == "resnet_small" and clf.epochs == 5
 

@@ -5,6 +5,8 @@ tests see the environment a driver under `ray submit` gets; nothing else runs
 (no network, no Ray start).
 """
 
+import copy
+import fnmatch
 import ipaddress
 import json
 import os
@@ -13,10 +15,12 @@ import shlex
 import subprocess
 from pathlib import Path
 
+import botocore.session
 import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
+from botocore.validate import ParamValidator
 from ray.autoscaler._private.aws.config import (
     DEFAULT_RAY_INSTANCE_PROFILE,
     _configure_iam_role,
@@ -26,6 +30,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.autoscaler.tags import TAG_RAY_CLUSTER_NAME
 
 from cgc_ray.results.table import COMMIT_ENV, code_version
+from cgc_ray.runner.cluster import types_from_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_PATH = REPO / "cluster" / "gpu.yaml"
@@ -255,7 +260,7 @@ def test_bashrc_lines_written_once_and_rewritten_with_new_values(config, node_en
 def test_cluster_defaults_exported(config, node_env):
     home, _, env = node_env
     assert re.fullmatch(r"s3://[^/]+/\S+", env["CGC_RAY_STORAGE"]), env["CGC_RAY_STORAGE"]
-    assert os.path.isabs(env["CGC_RAY_DATA_ROOT"])
+    assert re.fullmatch(r"s3://[^/]+/\S+", env["CGC_RAY_DATA_ROOT"]), env["CGC_RAY_DATA_ROOT"]  # staged per node
     assert "CGC_RAY_GIT_DIR" not in env and COMMIT_ENV not in env  # the commit comes with each submit
 
 
@@ -336,9 +341,49 @@ def _as_list(v):
     return v if isinstance(v, list) else [v]
 
 
-def _storage(node_env):
-    bucket, prefix = re.fullmatch(r"s3://([^/]+)/(.+?)/?", node_env[2]["CGC_RAY_STORAGE"]).groups()
+def _storage(node_env, var="CGC_RAY_STORAGE"):
+    bucket, prefix = re.fullmatch(r"s3://([^/]+)/(.+?)/?", node_env[2][var]).groups()
     return bucket, prefix
+
+
+def _on_data_prefix(s, resources, bucket, prefix):
+    """Whether a statement is about the data prefix (CGC_RAY_DATA_ROOT) rather than the results prefix."""
+    listed = _as_list(s.get("Condition", {}).get("StringLike", {}).get("s3:prefix", []))
+    return any(r.startswith(f"arn:aws:s3:::{bucket}/{prefix}") for r in resources) or prefix in listed
+
+
+def _check_s3_read_only_on_the_data_prefix(s, actions, resources, bucket, prefix):
+    """The data prefix: read and list it, nothing else (a node never writes the datasets)."""
+    assert set(actions) <= {"s3:GetObject", "s3:ListBucket"}, actions
+    if actions == ["s3:ListBucket"]:
+        assert resources == [f"arn:aws:s3:::{bucket}"]
+        assert _as_list(s["Condition"]["StringLike"]["s3:prefix"]) == [prefix, f"{prefix}/*"], s
+    else:  # the key itself too: pyarrow's "does this folder exist" is a HEAD of it
+        assert resources == [f"arn:aws:s3:::{bucket}/{prefix}", f"arn:aws:s3:::{bucket}/{prefix}/*"], resources
+
+
+def _allows(policy, action, resource, listed_prefix=None):
+    """Whether ``policy`` grants ``action`` on ``resource`` (IAM's glob match; ``s3:prefix`` StringLike)."""
+    for s, actions, resources in _statements(policy):
+        if action not in actions or not any(fnmatch.fnmatchcase(resource, r) for r in resources):
+            continue
+        allowed = s.get("Condition", {}).get("StringLike", {}).get("s3:prefix")
+        if allowed is None or any(fnmatch.fnmatchcase(listed_prefix or "", p) for p in _as_list(allowed)):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("policy", [WORKER_POLICY, HEAD_POLICY], ids=["worker", "head"])
+def test_the_data_root_can_be_staged_by_the_workers_and_checked_by_the_head(node_env, policy):
+    """CGC_RAY_DATA_ROOT's prefix: an archive under it can be read (HeadObject needs s3:GetObject), a
+    dataset folder under it listed; results and other prefixes are not readable through these grants."""
+    bucket, prefix = _storage(node_env, "CGC_RAY_DATA_ROOT")
+    assert _allows(policy, "s3:GetObject", f"arn:aws:s3:::{bucket}/{prefix}/imagenet.tar.zst")
+    assert _allows(policy, "s3:GetObject", f"arn:aws:s3:::{bucket}/{prefix}")  # the root's HEAD, as pyarrow asks
+    assert _allows(policy, "s3:ListBucket", f"arn:aws:s3:::{bucket}", f"{prefix}/CUB_200_2011/")
+    assert not _allows(policy, "s3:PutObject", f"arn:aws:s3:::{bucket}/{prefix}/imagenet.tar.zst")
+    assert not _allows(policy, "s3:GetObject", f"arn:aws:s3:::{bucket}/elsewhere/x")
+    assert not _allows(policy, "s3:ListBucket", f"arn:aws:s3:::{bucket}", "elsewhere/")
 
 
 def _profiles(config):
@@ -389,9 +434,13 @@ S3_GRANTS = {"s3:GetObject", "s3:ListBucket", "s3:PutObject", "s3:DeleteObject",
 
 def test_worker_policy_is_s3_on_the_results_prefix_only(node_env):
     bucket, prefix = _storage(node_env)
+    data = _storage(node_env, "CGC_RAY_DATA_ROOT")
     granted = set()
     for s, actions, resources in _statements(WORKER_POLICY):
-        _check_s3_on_the_results_prefix(s, actions, resources, bucket, prefix)  # no ec2:, iam:
+        if _on_data_prefix(s, resources, *data):
+            _check_s3_read_only_on_the_data_prefix(s, actions, resources, *data)
+        else:
+            _check_s3_on_the_results_prefix(s, actions, resources, bucket, prefix)  # no ec2:, iam:
         granted |= set(actions)
     assert granted == S3_GRANTS
 
@@ -399,8 +448,9 @@ def test_worker_policy_is_s3_on_the_results_prefix_only(node_env):
 def test_head_policy_acts_on_this_clusters_nodes_and_results_only(config, node_env):
     """No wildcard action; ``*`` only for EC2's describe calls (they take no resource); launch, tag and
     terminate only instances tagged with this cluster's name, launch only with the worker profile; pass
-    only the worker role; S3 on the results prefix only."""
+    only the worker role; S3 on the results prefix, and read-only on the data prefix."""
     bucket, prefix = _storage(node_env)
+    data = _storage(node_env, "CGC_RAY_DATA_ROOT")
     region, cluster = config["provider"]["region"], config["cluster_name"]
     head, (worker,) = _profiles(config)
     account = re.fullmatch(r"arn:aws:iam::(\w+):.*", worker)[1]
@@ -413,6 +463,8 @@ def test_head_policy_acts_on_this_clusters_nodes_and_results_only(config, node_e
         cond = s.get("Condition", {})
         if "*" in resources:
             assert resources == ["*"] and all(a.startswith("ec2:Describe") for a in actions), s
+        elif actions[0].startswith("s3:") and _on_data_prefix(s, resources, *data):
+            _check_s3_read_only_on_the_data_prefix(s, actions, resources, *data)
         elif actions[0].startswith("s3:"):
             _check_s3_on_the_results_prefix(s, actions, resources, bucket, prefix)
         elif actions == ["iam:PassRole"]:
@@ -431,7 +483,8 @@ def test_head_policy_acts_on_this_clusters_nodes_and_results_only(config, node_e
             assert cond == {"StringEquals": ours, "ArnEquals": {"ec2:InstanceProfile": worker}}
         elif actions == ["ec2:RunInstances"]:  # what a launch uses besides the instance: never an instance
             kinds = {re.fullmatch(rf"arn:aws:ec2:{region}:(?:{account})?:([a-z-]+)/\*", r)[1] for r in resources}
-            assert kinds <= {"image", "key-pair", "network-interface", "security-group", "subnet", "volume"}, kinds
+            assert kinds <= {"image", "key-pair", "network-interface", "security-group", "spot-instances-request",
+                             "subnet", "volume"}, kinds
         else:
             assert actions == ["ssm:GetParameters"], s
     assert granted >= {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances",
@@ -493,3 +546,65 @@ def test_docs_gpu_counts_instances_and_commands_match_the_yaml(config):
                      r'python ~/cgc-ray/experiments/\w+\.py"$', text, flags=re.M)
     for script in re.findall(r"experiments/\w+\.py", text):
         assert (REPO / script).is_file(), script
+
+
+# --- spot twins of the GPU types (off by default) -------------------------------------------------
+
+SPOT = {"MarketType": "spot"}
+
+
+def _spot_twins(config):
+    """{spot type: its on-demand twin} for every worker type whose node_config asks for spot."""
+    workers = _workers(config)
+    spot = [n for n, t in workers.items() if "InstanceMarketOptions" in t["node_config"]]
+    return {n: workers.get(n.removesuffix(".spot")) for n in spot}
+
+
+def test_every_gpu_type_has_a_spot_twin_with_the_same_resources(config):
+    twins = _spot_twins(config)
+    on_demand = {n for n, t in _workers(config).items() if n not in twins and t["resources"].get("GPU", 0) > 0}
+    assert {f"{n}.spot" for n in on_demand} == set(twins), twins
+    for name, base in twins.items():
+        spot = config["available_node_types"][name]
+        assert spot["node_config"]["InstanceMarketOptions"] == SPOT, name
+        assert spot["resources"] == base["resources"], name  # trials fit either twin alike
+        launch = {k: v for k, v in spot["node_config"].items() if k != "InstanceMarketOptions"}
+        assert launch == base["node_config"], name  # same instance, image, role, IMDSv2, disk
+        assert (spot["min_workers"], spot["max_workers"]) == (0, 0), f"{name} must be off by default"
+
+
+def test_spot_node_configs_are_valid_run_instances_requests(config):
+    """Ray passes node_config to EC2's RunInstances as it is: botocore's own model of that call accepts it."""
+    run = botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    market_types = run.members["InstanceMarketOptions"].members["MarketType"].enum
+    for name in _spot_twins(config):
+        conf = dict(config["available_node_types"][name]["node_config"], MinCount=1, MaxCount=1)
+        report = ParamValidator().validate(conf, run)
+        assert not report.has_errors(), (name, report.generate_report())
+        assert conf["InstanceMarketOptions"]["MarketType"] in market_types  # botocore leaves enums to EC2
+    typo = dict(conf, InstanceMarketOptions={"MarketTyp": "spot"})
+    assert ParamValidator().validate(typo, run).has_errors()
+
+
+def test_spot_turned_on_is_a_valid_cluster_the_driver_sees(config):
+    """The documented switch (spot max_workers = the twin's, the twin's = 0) passes Ray's checks, and the
+    driver then counts the spot types' GPUs where it counted the on-demand ones'."""
+    on = copy.deepcopy(config)
+    for name, base in _spot_twins(config).items():
+        on["available_node_types"][name]["max_workers"] = base["max_workers"]
+        on["available_node_types"][name.removesuffix(".spot")]["max_workers"] = 0
+    validate_config(prepare_config(on))
+
+    def gpus(types, spot):
+        return sum(t.resources.get("GPU", 0) * t.max_workers for n, t in types.items() if n.endswith(".spot") == spot)
+
+    before, after = types_from_config(config), types_from_config(on)
+    assert gpus(before, spot=True) == 0 and gpus(after, spot=False) == 0
+    assert gpus(after, spot=True) == gpus(before, spot=False) > 0
+
+
+def test_head_may_launch_spot_workers():
+    """RunInstances with InstanceMarketOptions also authorizes a spot-instances-request resource."""
+    granted = {r for _, actions, resources in _statements(HEAD_POLICY) if actions == ["ec2:RunInstances"]
+               for r in resources}
+    assert any(re.fullmatch(r"arn:aws:ec2:[\w-]+:\w+:spot-instances-request/\*", r) for r in granted), granted

@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 import torchvision
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from cgc_ray.config import MethodSpec
 from cgc_ray.method.cgc import cgc_term
 from cgc_ray.models.resnet import build_model
 from cgc_ray.train.engine import Evaluator, FitPlan, NonFiniteLossError, evaluate, fit, train_one_epoch
+from cgc_ray.train.sampling import ResumableSampler
 from cgc_ray.train.task import CGCObjective, CrossEntropy, Placement
 
 CPU = Placement.on("cpu")
@@ -129,6 +130,70 @@ def test_resume_then_continue_equals_an_uninterrupted_run(tmp_path):
     state = torch.load(tmp_path / "b.pt", weights_only=True)
     assert state["epoch"] == 2
     torch.testing.assert_close(state["model"]["fc.weight"], model.fc.weight)
+
+
+class _Jittered(torch.utils.data.Dataset):
+    """_data with noise drawn from the global RNG per image (an augmentation in the loading process); counts reads."""
+
+    def __init__(self, n, seed):
+        self.data, self.reads = _data(n, seed), 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        x, y = self.data[i]
+        return x + 0.1 * torch.randn(x.shape), y
+
+
+def _resumable(n, seed, batch=8):
+    g = torch.Generator().manual_seed(seed)
+    ds = _Jittered(n, seed)
+    return DataLoader(ds, batch_size=batch, sampler=ResumableSampler(RandomSampler(ds, generator=g)), generator=g)
+
+
+class _Preempted(Exception):
+    pass
+
+
+def test_resume_mid_epoch_then_continue_equals_an_uninterrupted_run(tmp_path):
+    """Stopped after step 4 of epoch 1 (of 6 steps; checkpoints every 2 steps): the resumed run skips the 4
+    batches unread and ends bit-identical to an uninterrupted one, with the semi-supervised task's unlabelled
+    stream (4 batches a pass: the resume skips one whole pass, and each epoch leaves its second pass half-drawn)
+    and a per-step schedule."""
+
+    def run(path, *, every=None, stop=None, seed=0):
+        model, opt, _ = _setup(seed)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+        train, unl = _resumable(48, 0), _resumable(32, 7)
+        _, val = _loaders()
+
+        def step_callback(epoch, step, p):
+            steps.append((epoch, step))
+            if (epoch, step) == stop:
+                raise _Preempted
+
+        steps = []
+        plan = FitPlan(2, path, checkpoint_every_steps=every, scheduler_interval="step")
+        m = fit(model, _task(lam=0.25, unlabeled=unl), opt, train, plan, scheduler=sched,
+                evaluator=_evaluator(val, metrics=("top1",)), step_callback=step_callback)
+        return model, opt, m, steps, train.dataset
+
+    model, opt, full, no_steps, _ = run(tmp_path / "a.pt")
+    assert no_steps == []  # checkpoint_every_steps=None: epoch ends only
+    with pytest.raises(_Preempted):
+        run(tmp_path / "b.pt", every=2, stop=(1, 4))
+    state = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert state["epoch"] == -1 and state["progress"]["steps"] == 4  # no epoch finished, 4 steps of the first
+    torch.manual_seed(1234)  # a new process: only the checkpoint carries over
+    model2, opt2, resumed, steps, ds = run(tmp_path / "b.pt", every=2, seed=99)
+    assert steps == [(2, 2), (2, 4)]  # epoch 1 goes on from step 5; none at an epoch's last step
+    assert ds.reads == 2 * 8 + 48  # the rest of epoch 1, then epoch 2: the 4 trained batches were not loaded
+    for (n, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert resumed["train_loss"] == full["train_loss"] and resumed["top1"] == full["top1"]
+    assert resumed["train_steps"] == 6 and opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.05 * 0.5**2
 
 
 def test_a_finished_checkpoint_is_not_trained_again(tmp_path):

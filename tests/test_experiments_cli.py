@@ -21,6 +21,7 @@ from conftest import TINY
 from cgc_ray.cli import experiment as experiment_cli
 from cgc_ray.results.report import report
 from cgc_ray.results.table import read_rows
+from cgc_ray.storage import Storage
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,6 +65,9 @@ def test_lambda_ablation_sweep_and_lambda_table(ray_session, tmp_path):
 
     with Image.open(tmp_path / "_figures" / "lambda_ablation" / "explain.png") as im:
         assert im.width > 100 and im.height > 100
+    # and the report page beside the summary, with the heatmaps of the kept checkpoints (tests/test_html*.py)
+    page = Path(Storage(str(tmp_path)).summary_html_path("lambda_ablation")).read_text(encoding="utf-8")
+    assert 'alt="lambda_ablation: Grad-CAM heatmaps, ' in page and 'id="exp-lambda_ablation"' in page
     # and the storage folder, checkpoints and figures included, still reads as one Parquet dataset
     import pandas as pd
 

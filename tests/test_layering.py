@@ -24,13 +24,13 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "method": ({"torch", "torchvision", "numpy", "scipy"}, {"method"}),
     "models": ({"torch", "torchvision", "numpy"}, {"models", "method.cam"}),
     # the storage root and its layout (a module, not a package): pyarrow, the URI rule of config.paths and the
-    # name rule of config.base
-    "storage": ({"pyarrow"}, {"storage", "config.paths", "config.base"}),
+    # name rule of config.base; boto3 (the s3 extra, imported on first use) for S3's conditional write
+    "storage": ({"pyarrow", "boto3", "botocore"}, {"storage", "config.paths", "config.base"}),
     "train": ({"torch", "numpy", "pyarrow"}, {"train", "method", "models", "data", "config", "storage"}),
     "explain": ({"torch", "torchvision", "numpy", "PIL", "matplotlib"},
                 {"explain", "method", "models", "data", "train", "config", "results.table", "storage"}),
-    "results": ({"pyarrow", "rich", "scipy", "matplotlib", "numpy"}, {"results", "config", "storage"}),
-    "runner": ({"ray", "torch", "rich", "yaml", "pyarrow"},
+    "results": ({"pyarrow", "rich", "scipy", "matplotlib", "numpy", "pandas"}, {"results", "config", "storage"}),
+    "runner": ({"ray", "torch", "rich", "yaml", "pyarrow", "optuna"},
                {"runner", "config", "data", "train", "results.table", "method", "models", "storage"}),
     "cli": ({"rich", "torch", "matplotlib", "yaml"}, {"cli", "config", "data", "models", "results", "runner", "explain",
                                               "train", "storage"}),
@@ -103,7 +103,8 @@ def _loaded(module: str, watch: tuple[str, ...]) -> list[str]:
 
 
 @pytest.mark.parametrize("module", ["cgc_ray.config", "cgc_ray.data", "cgc_ray.models", "cgc_ray.results.report",
-                                    "cgc_ray.results.table", "cgc_ray.results.plots", "cgc_ray.cli.main"])
+                                    "cgc_ray.results.table", "cgc_ray.results.plots", "cgc_ray.results.html",
+                                    "cgc_ray.results.notebook", "cgc_ray.cli.main"])
 def test_starts_without_torch_or_ray(module):
     """The spec, the data registry, ``cgc-ray report`` and ``--help`` start in well under a second.
 

@@ -12,6 +12,9 @@ Every script takes the same flags::
     --storage URI     results and checkpoints (default ./results; s3://bucket/prefix on clusters)
     --address ADDR    attach to a Ray cluster (default: $RAY_ADDRESS, else a `ray start` Ray on this
                       node, else a loopback Ray of its own; "local" forces the latter)
+    --callback NAME   also log every trial's hyperparameters and per-epoch metrics to mlflow, wandb or
+                      tensorboard (repeatable; Tune's own callbacks, see cgc_ray/runner/tracking.py)
+    --dashboard       a Ray this command starts serves Ray's dashboard on 127.0.0.1 (needs ray[default])
 
 Local paths (storage, data root, split file, weights) are made absolute here,
 against the folder the command runs in, before the spec reaches Ray.
@@ -39,6 +42,7 @@ from cgc_ray.cli.errors import ArgumentParser, fail
 from cgc_ray.config.paths import storage_location
 from cgc_ray.config.model import TV_WEIGHTS_RE
 from cgc_ray.models.archs import ARCHS, TORCHVISION_ARCHS
+from cgc_ray.runner.tracking import TRACKERS, check_trackers, tune_trial_dir
 
 # A default a cluster sets in its nodes' environment (cluster/gpu.yaml), used when the flag is absent;
 # --storage follows config.paths.storage_location ($CGC_RAY_STORAGE).
@@ -48,6 +52,8 @@ ENV_DATA_ROOT = "CGC_RAY_DATA_ROOT"
 Chooser = Callable[[str | None, str | None], str]
 EXPERIMENTS: dict[str, tuple[str, Chooser]] = {
     "lambda_ablation": ("lambda_ablation_demo", lambda ds, arch: "lambda_ablation"),
+    # no paper preset: the paper states no search; at scale give --spec FILE with a sweep.search
+    "lambda_search": ("lambda_search_demo", lambda ds, arch: f"lambda_search_{ds or 'imagenet'}"),
     "fewshot": ("fewshot_demo", lambda ds, arch: f"fewshot_{ds or 'cub200'}"),
     "finegrained": ("finegrained_demo", lambda ds, arch: f"finegrained_{ds or 'cub200'}"),
     "semisup": ("semisup_demo", lambda ds, arch: "semisup"),
@@ -80,6 +86,13 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="an autoscaler adds nodes: check trials against its node types (read from the cluster), "
                         "or, when those cannot be read, do not require a current node to fit a trial")
     p.add_argument("--max-concurrent", type=int, default=None, help="at most this many trials at once")
+    p.add_argument("--callback", dest="trackers", action="append", default=[], choices=TRACKERS, metavar="NAME",
+                   help="also send every trial's hyperparameters and per-epoch metrics to a tracker, Tune's own "
+                        f"callback for it ({', '.join(TRACKERS)}; repeatable): MLflow writes where "
+                        "$MLFLOW_TRACKING_URI says, W&B to $WANDB_PROJECT (default cgc-ray)")
+    p.add_argument("--dashboard", action="store_true",
+                   help="a Ray this command starts serves Ray's dashboard on 127.0.0.1 and prints its URL "
+                        "(pip install 'cgc-ray[dashboard]'); attached to a cluster, prints that cluster's")
     p.add_argument("--no-progress", action="store_true", help="no live progress view")
     p.add_argument("--no-report", action="store_true", help="do not print the result table at the end")
     p.add_argument("--dry-run", action="store_true",
@@ -158,42 +171,61 @@ def main(experiment: str | None, argv: Sequence[str] | None = None, *, descripti
     args = build_parser(f"{experiment or 'cgc-ray run'}", description).parse_args(argv)
     try:
         spec = resolve_spec(args, experiment)
+        check_trackers(args.trackers)  # a tracker's missing package, before Ray starts
         if args.dry_run:
             sys.stdout.write(plan(spec))
             return 0
     except (ValueError, OSError) as e:  # SpecError; OSError: a storage the dry run cannot read
         return fail(e)
 
-    from cgc_ray.runner.cluster import ClusterError
+    code, _ = run_spec(spec, args)
+    if code == 2:
+        return code
+    if not args.no_report:
+        from cgc_ray.results.report import report
+
+        sys.stdout.write(report(spec.storage, spec.name, "rich"))
+    return code
+
+
+def run_spec(spec: ExperimentSpec, args: argparse.Namespace):
+    """Run ``spec`` with the flags' run options, then its sample figure, summary and page; print what happened.
+
+    Returns (exit status, the driver's ExperimentResult): 2 and None when the run could not start (the
+    error printed), 1 when a trial failed or was left unsettled, else 0.
+    """
+    from cgc_ray.runner.cluster import ClusterError, connect
     from cgc_ray.runner.driver import ResourceError, StorageError, run_experiment
 
     try:
+        if args.dashboard:  # Ray started here, with its dashboard; the driver uses the Ray this process has
+            connect(args.address, dashboard=True)
         res = run_experiment(spec, address=args.address, progress=not args.no_progress,
-                             max_concurrent=args.max_concurrent, autoscale=args.autoscale)
+                             max_concurrent=args.max_concurrent, autoscale=args.autoscale, tracking=args.trackers)
     except (ResourceError, ClusterError, StorageError, SpecError) as e:  # SpecError: checks that read the data
-        return fail(e)
-    if res.ran:  # after the sweep, outside the orchestrator: the sample figure and the Arrow summary
-        from cgc_ray.explain.figures import write_sample_figure
+        return fail(e), None
+    if res.ran:  # after the sweep, outside the orchestrator: the sample figure, the Arrow summary and the page
+        from cgc_ray.explain.figures import report_heatmaps, write_sample_figure
+        from cgc_ray.results.html import write_page
         from cgc_ray.results.report import load
         from cgc_ray.results.summary import write_summary
 
         write_sample_figure(spec)
         results = load(spec.storage, spec.name)
         write_summary(spec.storage, spec.name, results.groups, results.paired)
+        print(f"report page: {write_page(results, spec.name, report_heatmaps(spec.storage, spec.name))}",
+              file=sys.stderr)
     print(f"{spec.name}: {len(res.trial_ids)} trials, {len(res.skipped)} already done, {len(res.ran)} ran now "
           f"({len(res.diverged)} diverged), {len(res.failed)} failed, {len(res.held)} held by another driver, "
           f"{len(res.unsettled)} not run", file=sys.stderr)
     for tid, err in res.failed.items():
-        print(f"  failed {tid}: {err}", file=sys.stderr)
+        print(f"  failed {tid}: {err} (traceback: {tune_trial_dir(spec.storage, spec.name, tid, 'error.txt')})",
+              file=sys.stderr)
     for tid, where in sorted(res.held.items()):
         print(f"  {tid} is run by the driver at {where}", file=sys.stderr)
     for tid, why in sorted(res.unsettled.items()):
         print(f"  not run {tid}: {why}", file=sys.stderr)
-    if not args.no_report:
-        from cgc_ray.results.report import report
-
-        sys.stdout.write(report(spec.storage, spec.name, "rich"))
-    return 1 if res.failed or res.unsettled else 0  # a trial neither done, failed nor held is never hidden
+    return (1 if res.failed or res.unsettled else 0), res  # a trial neither done, failed nor held is never hidden
 
 
 def plan(spec: ExperimentSpec) -> str:

@@ -2,7 +2,9 @@
 
     cgc-ray presets
     cgc-ray run --spec FILE | --preset NAME [--set a.b=value ...] [--storage URI] [--address auto] [--dry-run]
+                [--callback mlflow|wandb|tensorboard] [--dashboard]
     cgc-ray report [--storage URI] [--experiment NAME] [--format rich|markdown|csv|json] [--plot DIR]
+    cgc-ray report --format html --out report.html
     cgc-ray explain CHECKPOINT [CHECKPOINT ...] --dataset NAME [--consistency] --out FIGURE.png
     cgc-ray evaluate CHECKPOINT --dataset NAME --data-root DIR [--metrics top1,ch,iauc,cgc_loss]
                      [--protocol fast|authors] [--saliency gradcam|cmwp|mwp] [--iauc-input center_crop|squash]
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, get_args, get_origin
 
 from cgc_ray.cli.errors import ArgumentParser, fail
@@ -91,11 +94,16 @@ def _report(args: argparse.Namespace) -> int:
     from cgc_ray.config.paths import storage_location
     from cgc_ray.results.report import load, render
 
+    if (args.format == "html") != (args.out is not None):
+        raise ValueError("--format html writes a page to --out FILE (e.g. --format html --out report.html); "
+                         "--out is for --format html only")
     storage = storage_location(args.storage)
     results = load(storage, args.experiment)  # a missing storage, or a file, raises: one line, exit 2
     for line in results.left_out:  # an odd row file is named, the rest is reported
         print(f"warning: {line}", file=sys.stderr)
-    if args.format == "parquet" and results.groups:
+    if args.format == "html":
+        print(_write_html(results, args.out, args.layout))
+    elif args.format == "parquet" and results.groups:
         from cgc_ray.results.summary import write_summary
 
         for name in results.experiments:
@@ -111,6 +119,21 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_html(results, out: str, layout: str | None) -> Path:
+    """The page of ``results`` at ``out``, with each experiment's heatmaps where its checkpoints were kept."""
+    from cgc_ray.results.html import render_html
+
+    panels = {}
+    if results.groups:  # drawing them imports torch: only where there is something to draw
+        from cgc_ray.explain.figures import report_heatmaps
+
+        panels = {name: report_heatmaps(results.storage, name) for name in results.experiments}
+    path = Path(out).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_html(results, heatmaps=panels, layout=layout), encoding="utf-8")
+    return path
+
+
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
     from cgc_ray.results.report import FORMATS, LAYOUTS
 
@@ -123,9 +146,11 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
                    help="results location: a path or a pyarrow URI such as s3://bucket/prefix "
                         "(default: $CGC_RAY_STORAGE, else ./results)")
     p.add_argument("--experiment", default=None, help="only this experiment (default: all)")
-    p.add_argument("--format", choices=(*FORMATS, "parquet"), default="rich",
+    p.add_argument("--format", choices=(*FORMATS, "parquet", "html"), default="rich",
                    help="output format; parquet writes each experiment's summary table into the storage and prints "
-                        "its path (default: %(default)s)")
+                        "its path; html writes one self-contained page (tables, plots, heatmaps, provenance) to "
+                        "--out and prints its path (default: %(default)s)")
+    p.add_argument("--out", metavar="FILE", default=None, help="--format html: the page to write, e.g. report.html")
     p.add_argument("--layout", choices=LAYOUTS, default=None,
                    help="force a table layout (default: chosen from the results)")
     p.add_argument("--width", type=int, default=None, help="width of rich tables in characters (default: the terminal's)")

@@ -15,6 +15,7 @@ from cgc_ray.config.base import SpecError
 from cgc_ray.config.checks import (
     check_data_root,
     data_root_missing_here,
+    data_root_uris,
     splits_read,
     validate_against_data,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "apply_overrides",
     "check_data_root",
     "data_root_missing_here",
+    "data_root_uris",
     "contrast_group",
     "effective_lam",
     "effective_method",

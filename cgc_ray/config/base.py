@@ -47,7 +47,7 @@ WeightsRef = Annotated[str, PathKind("weights")]
 
 
 # Dict-valued fields whose keys are free-form (the rest of a dotted path is the key).
-FREE_KEY_DICTS = {("sweep", "grid")}
+FREE_KEY_DICTS = {("sweep", "grid"), ("sweep", "search", "space")}
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

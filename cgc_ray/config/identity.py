@@ -41,6 +41,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from cgc_ray.config.base import SpecError, digest, flatten, get_path, set_path
 from cgc_ray.config.method import MethodSpec
 from cgc_ray.config.spec import ExperimentSpec, validate_spec
+from cgc_ray.config.sweep import REPLICATE_FIELDS
 
 # Fields that say where or how fast a trial runs, not what it computes; they
 # are left out of trial_id so moving results to a cluster (other data root,
@@ -58,6 +59,8 @@ NON_IDENTITY_FIELDS: frozenset[str] = frozenset(
         "scaling.channels_last",
         "failure.max_retries",
         "failure.checkpoint_every",
+        "failure.checkpoint_every_steps",
+        "failure.max_preemptions",
         "failure.keep_checkpoint",
         "eval_every",
     }
@@ -82,8 +85,6 @@ def unread_fields(method: str) -> frozenset[str]:
     if method == "cgc":
         return frozenset(f"method.{name}" for name in MethodSpec.NO_NEG_FIELDS)
     return frozenset()
-# Repeats of one configuration (model init / augmentation seed, few-shot episode): they pair across methods.
-REPLICATE_FIELDS: frozenset[str] = frozenset({"seed", "data.episode"})
 
 
 def effective_method(config: ExperimentSpec | Mapping[str, Any]) -> str:

@@ -153,16 +153,20 @@ class ExperimentSpec(Section):
 
     @model_validator(mode="after")
     def _sweep_values_valid(self) -> "ExperimentSpec":
-        if not self.sweep.grid and not self.sweep.variants:
+        search = self.sweep.search
+        if not self.sweep.grid and not self.sweep.variants and search is None:
             return self
         base = self.model_dump(mode="json")
         base["sweep"] = {"grid": {}, "variants": []}
-        for path, values in self.sweep.grid.items():
+        axes = {f"sweep.grid[{p!r}]": (p, v) for p, v in self.sweep.grid.items()}
+        if search is not None:  # a searched field's bounds (or choices) are values of that field
+            axes.update({f"sweep.search.space[{p!r}]": (p, v) for p, v in search.values_to_check().items()})
+        for where, (path, values) in axes.items():
             for i, value in enumerate(values):
                 try:
                     ExperimentSpec.model_validate(set_path(copy.deepcopy(base), path, value))
                 except (ValidationError, SpecError) as e:
-                    raise ValueError(f"sweep.grid[{path!r}][{i}] = {value!r}: {_describe(e)}") from None
+                    raise ValueError(f"{where}[{i}] = {value!r}: {_describe(e)}") from None
         for i, variant in enumerate(self.sweep.variants):
             tree = copy.deepcopy(base)
             try:

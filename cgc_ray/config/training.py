@@ -118,12 +118,24 @@ class ScalingSpec(Section):
 class FailureSpec(Section):
     """Fault tolerance.
 
-    ``max_retries``: retries of a failed trial (a lost node, an error), each
+    ``max_retries``: retries of a trial whose code raised an exception, each
     from its last checkpoint; a NaN loss is deterministic and never retried.
     ``checkpoint_every``: epochs between checkpoints (the last epoch is always
     checkpointed); a retry or re-run resumes from the last one. On an object
     store each checkpoint is a full upload (a ResNet-50's is 205 MB: 18 GB over
     90 epochs at 1); a larger interval uploads less and redoes more after a failure.
+    ``checkpoint_every_steps``: also checkpoint every that many optimiser steps
+    of an epoch (None: at epoch ends only). A mid-epoch checkpoint holds the
+    epoch's data order and every RNG state, so a resumed trial skips the
+    batches already trained and continues as if never stopped; losing a node
+    then costs at most one interval. Each one is a full upload, as above
+    (docs/CLUSTER.md, "Spot nodes": choosing the interval).
+    ``max_preemptions``: retries of a trial whose node or worker process was
+    lost (a spot node taken back, a crash of the process), on top of
+    ``max_retries``, which counts the exceptions the trial's code raised.
+    Each such retry resumes from the last checkpoint, so it costs at most one
+    interval; the cap stops a trial that kills its own process every time (an
+    out-of-memory kill) from looping for ever.
     ``keep_checkpoint``: what of a trial's checkpoint stays in storage once it
     has finished: ``model``, the trained weights with their epoch, metrics and
     record, which is what fine-tuning from it (``trial:``, ``experiment:``),
@@ -135,4 +147,6 @@ class FailureSpec(Section):
 
     max_retries: int = Field(2, ge=0)
     checkpoint_every: int = Field(1, ge=1)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    max_preemptions: int = Field(20, ge=0)
     keep_checkpoint: Literal["model", "full", "none"] = "model"

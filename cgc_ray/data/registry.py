@@ -18,7 +18,8 @@ ENV_CACHE_DIR = "CGC_RAY_CACHE_DIR"
 
 
 def cache_dir() -> Path:
-    """Where generated data and dataset indexes are kept: ``$CGC_RAY_CACHE_DIR``, else ``~/.cache/cgc-ray``."""
+    """Where generated data, dataset indexes and staged data roots (``data/``, :mod:`.staging`) are kept:
+    ``$CGC_RAY_CACHE_DIR``, else ``~/.cache/cgc-ray``."""
     return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "cgc-ray").expanduser()
 
 

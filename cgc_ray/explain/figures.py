@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 
-from cgc_ray.config import HELDOUT_METRIC, DataSpec, ExperimentSpec, effective_method, validate_spec
+from cgc_ray.config import (HELDOUT_METRIC, DataSpec, ExperimentSpec, apply_overrides, effective_method, trial_id,
+                            validate_spec)
 from cgc_ray.data import ImageRecord, class_names, records
 from cgc_ray.data.dataset import IMAGENET_MEAN, IMAGENET_STD, BoxDataset, collate
 from cgc_ray.method import transforms as T
@@ -61,6 +63,7 @@ __all__ = [
     "load_images",
     "pick_indices",
     "render_consistency",
+    "report_heatmaps",
     "render_explain",
     "sample_explain_figure",
     "write_sample_figure",
@@ -454,3 +457,58 @@ def write_sample_figure(spec: ExperimentSpec) -> Path | None:
     except Exception as e:  # noqa: BLE001 - a figure must never cost the user their results
         warnings.warn(f"could not write the sample explain figure {out}: {e}")
         return None
+
+
+def _method_text(row: dict[str, Any]) -> str:
+    return row["method"] if row["method"] == "baseline" else f"{row['method']} λ={row['lam']:g}"
+
+
+def _baseline_of(rows: list[dict[str, Any]], cgc: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished baseline trial ``cgc`` is paired with (its setting and seed / episode, CGC off), else the
+    best baseline."""
+    partner = trial_id(apply_overrides(validate_spec(json.loads(cgc["config_json"])), ["method.name=baseline"]))
+    found = [r for r in rows if r["trial_id"] == partner and r["top1"] is not None]
+    return found[0] if found else _best(rows, cgc=False)
+
+
+def report_heatmaps(storage: Storage | str, experiment: str, *, n: int = 6, seed: int = 0) -> tuple[bytes | None, str]:
+    """The HTML report's heatmap panel of ``experiment`` (``results.html.HeatmapPanel``): the explain grid as PNG
+    bytes, the baseline's row above the CGC trial's on the same images of the split the metrics were computed
+    on, with boxes and per-image CH; and its caption. Or None and why there is none.
+
+    The CGC trial is the one with the highest CH; the baseline, its pair (same settings and replicate, CGC off).
+    Checkpoints are read from this machine's disk, and exist where the sweep kept them
+    (``failure.keep_checkpoint``). A failure to draw is a reason, not an error: the page shows the numbers anyway.
+    """
+    storage = Storage.of(storage)
+    if not storage.posix:
+        return None, f"checkpoints are read from this machine's disk, and the storage is {storage.uri}"
+    rows = [r for r in read_rows(storage, experiment).to_pylist() if (r["status"] or "finished") == "finished"]
+    cgc = _best(rows, cgc=True)
+    if cgc is None:
+        return None, "no finished CGC trial (λ > 0) with a CH to show"
+    try:
+        base = _baseline_of(rows, cgc)
+        picked = [r for r in (base, cgc) if r is not None]
+        missing = [r for r in picked if not Path(storage.checkpoint_path(experiment, r["trial_id"])).is_file()]
+        if missing:
+            tid = missing[0]["trial_id"]
+            keep = validate_spec(json.loads(missing[0]["config_json"])).failure.keep_checkpoint
+            why = "its sweep set failure.keep_checkpoint=none; 'model' keeps the trained model for figures" \
+                if keep == "none" else f"none at {storage.checkpoint_path(experiment, tid)}"
+            return None, f"no checkpoint of trial {tid} ({why})"
+        trial = validate_spec(json.loads(cgc["config_json"]))
+        split = cgc["eval_split"] or "test"
+        with tempfile.TemporaryDirectory() as tmp:
+            out = sample_explain_figure(
+                storage.checkpoint_path(experiment, cgc["trial_id"]), Path(tmp) / "heatmaps.png",
+                dataset=trial.data.dataset, root=data_root(trial), split=split, n=n, seed=seed,
+                baseline=storage.checkpoint_path(experiment, base["trial_id"]) if base is not None else None,
+                image_size=trial.data.image_size, dataset_options=synthetic_options(trial))
+            png = out.read_bytes()
+    except Exception as e:  # noqa: BLE001 - a figure must never cost the reader the numbers
+        return None, f"the heatmaps could not be drawn ({type(e).__name__}: {e})"
+    rows_text = " above ".join(f"{_method_text(r)} (trial {r['trial_id']}, seed {r['seed']})" for r in picked)
+    return png, (f"Grad-CAM of the ground-truth class on {n} images of the {split} split: {rows_text}. Green "
+                 "boxes: the object; under each image its CH and the prediction (✗ wrong). The CGC trial is the one "
+                 "with the highest CH, the baseline its pair.")

@@ -149,11 +149,15 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     metrics: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
+    progress: dict[str, Any] | None = None,
 ) -> None:
     """Atomically write model, optimiser, scheduler, epoch (last finished) and all RNG states.
 
     ``model`` is saved unwrapped (no "module." prefix), so it loads into a
     plain torchvision model. Loadable with ``torch.load(weights_only=True)``.
+    ``progress``: in a checkpoint written mid-epoch, what of epoch ``epoch + 1``
+    is trained (``engine.fit``: steps, images, running sums, the generators'
+    states at that epoch's start); None (and absent in older files) at an epoch's end.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +171,7 @@ def save_checkpoint(
         "rng": _rng_state(generators or {}),
         "metrics": metrics or {},
         "extra": extra or {},
+        "progress": progress,
     }
     _save_atomic(state, path)
 
@@ -280,7 +285,8 @@ def keep_model_only(path: str | os.PathLike) -> None:
     """
     path = Path(path)
     state = _read(path)
-    _save_atomic({**state, "optimizer": None, "scheduler": None, "scaler": None, "rng": None}, path)
+    _save_atomic({**state, "optimizer": None, "scheduler": None, "scaler": None, "rng": None, "progress": None},
+                 path)
 
 
 def trial_record(*, method: dict[str, Any], layer: str, arch: str, num_classes: int, dataset: str,
@@ -411,7 +417,8 @@ def read_state_dict(weights: str, *, arch: str) -> tuple[dict[str, torch.Tensor]
 
 
 def read_header(weights: str | os.PathLike) -> dict[str, Any]:
-    """``{"epoch", "extra"}`` of a cgc-ray checkpoint, or {} for any other weights source."""
+    """``{"epoch", "step", "extra"}`` of a cgc-ray checkpoint, or {} for any other weights source; ``step``: the
+    optimiser steps of epoch ``epoch + 1`` trained, in a checkpoint written mid-epoch, else 0."""
     path = Path(weights).expanduser()
     if not path.is_file():
         return {}
@@ -420,7 +427,8 @@ def read_header(weights: str | os.PathLike) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - not a weights-only file: read_state_dict reports it with the path
         return {}
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
-        return {"epoch": state.get("epoch"), "extra": dict(state.get("extra") or {})}
+        return {"epoch": state.get("epoch"), "step": int((state.get("progress") or {}).get("steps", 0)),
+                "extra": dict(state.get("extra") or {})}
     return {}
 
 

@@ -20,6 +20,7 @@ state, no GUI backend).
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -52,6 +53,18 @@ def _unique(names: Sequence[str]) -> list[str]:
         seen[n] = seen.get(n, 0) + 1
         out.append(n if seen[n] == 1 else f"{n} #{seen[n]}")
     return out
+
+
+def _place_legend(fig: Figure, ax, fontsize: int = 7) -> None:
+    """The legend inside the axes while its names are short; below them, each name wrapped to the figure's width,
+    where configurations are named by many settings (inside, the legend would hide the data)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if max(map(len, labels), default=0) <= 40:
+        ax.legend(fontsize=fontsize, loc="best")
+        return
+    per_line = int(fig.get_figwidth() * 72 / (0.62 * fontsize))  # characters of ~0.6 em
+    fig.legend(handles, [textwrap.fill(label, per_line, subsequent_indent="  ") for label in labels],
+               loc="outside lower center", fontsize=fontsize, frameon=False)
 
 
 def _std(stat) -> float:
@@ -121,7 +134,7 @@ def plot_lambda_ablation(groups: Sequence[Group], *, dpi: int = 120) -> Figure |
         ax.set_xlabel("λ (0: baseline)")
         ax.set_ylabel(_METRIC_NAMES[metric])
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _place_legend(fig, axes[0])
     fig.suptitle("λ ablation (mean ± std over repeats)", fontsize=10)
     return fig
 
@@ -149,7 +162,7 @@ def plot_accuracy_vs_ch(groups: Sequence[Group], *, dpi: int = 120) -> Figure | 
     ax.set_xlabel(_METRIC_NAMES["ch"])
     ax.set_ylabel(_METRIC_NAMES["top1"])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="best")
+    _place_legend(fig, ax, fontsize=6)
     ax.set_title("accuracy vs content heatmap (mean ± std)", fontsize=10)
     return fig
 
@@ -184,7 +197,7 @@ def plot_fewshot_gains(paired: Sequence[Paired], *, dpi: int = 120) -> Figure | 
         ax.set_xticks(range(len(shots)), [f"{s}-shot" for s in shots])
         ax.set_ylabel(f"Δ {_METRIC_NAMES[metric]}")
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=7)
+    _place_legend(fig, axes[0])
     fig.suptitle("few-shot gain over the baseline (paired mean, 95% CI)", fontsize=10)
     return fig
 

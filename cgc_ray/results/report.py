@@ -2,7 +2,7 @@
 
 Every format shows the numbers of :mod:`cgc_ray.results.stats` (its docstring
 states the one grouping and pairing rule): per configuration mean ± std (n),
-with diverged / failed trials counted beside n, and per CGC configuration the
+with diverged / failed / stopped trials counted beside n, and per CGC configuration the
 paired difference to its baseline, mean [95 % t-interval] (pairs).
 
 Layouts (:func:`cgc_ray.results.labels.layout_of` picks one per experiment
@@ -55,7 +55,7 @@ from cgc_ray.results.summary import records
 from cgc_ray.results.table import METRIC_COLUMNS, PATH_COLUMN, read_rows
 from cgc_ray.storage import Storage
 
-__all__ = ["FORMATS", "LAYOUTS", "Results", "load", "render", "report"]
+__all__ = ["FORMATS", "LAYOUTS", "Cell", "Results", "Table", "load", "render", "report", "tables"]
 
 Format = Literal["rich", "markdown", "csv", "json"]
 FORMATS: tuple[str, ...] = Format.__args__
@@ -70,6 +70,24 @@ _COLUMNS = ["experiment", "trial_id", "schema_version", "group_key", "status", "
 # --------------------------------------------------------------------------- cells
 
 
+class Cell(str):
+    """A cell's text, and where it shows a statistic, which: ``kind`` (group | paired), ``labels`` (the
+    configuration's canonical JSON: the summary rows' ``labels_json``), ``metric``; for a paired difference
+    ``sign``: +1 / −1 where its 95 % interval lies above / below 0, else 0. Text formats print the text; the
+    HTML report (``results.html``) marks significant cells and ties each cell to its summary row by these."""
+
+    kind: str | None = None
+    labels: str | None = None
+    metric: str | None = None
+    sign: int = 0
+
+
+def _cell(text: str, kind: str, labels: dict[str, Any], metric: str, sign: int = 0) -> Cell:
+    cell = Cell(text)
+    cell.kind, cell.labels, cell.metric, cell.sign = kind, canonical(labels), metric, sign
+    return cell
+
+
 def _fmt_value(metric: str, v: float) -> str:
     return f"{v:.{_DECIMALS.get(metric, 3)}f}"
 
@@ -80,25 +98,33 @@ def _fmt_stat(metric: str, s: Stat) -> str:
     return f"{_fmt_value(metric, s.mean)}±{_fmt_value(metric, s.std)} ({s.n})"
 
 
-def _fmt_diff(metric: str, s: Stat) -> str:
+def _diff_cell(metric: str, p: Paired | None) -> str:
+    """``p``'s paired difference of ``metric``: mean [95% CI] (pairs); ``–`` where there is none."""
+    if p is None or metric not in p.stats:
+        return "–"
+    s = p.stats[metric]
     text = f"{s.mean:+.{_DECIMALS.get(metric, 3)}f}"
     if s.ci is None:
-        return f"{text} (1)"
+        return _cell(f"{text} (1)", "paired", p.labels, metric)
     lo, hi = (_fmt_value(metric, c) for c in s.ci)
-    return f"{text} [{lo}, {hi}] ({s.n})"
+    sign = 1 if s.ci[0] > 0 else -1 if s.ci[1] < 0 else 0
+    return _cell(f"{text} [{lo}, {hi}] ({s.n})", "paired", p.labels, metric, sign)
 
 
 def _fmt_group_cell(metric: str, g: Group | None) -> str:
     if g is None:
         return "–"
     text = _fmt_stat(metric, g.stats[metric]) if metric in g.stats else "–"
-    lost = [f"{n} {what}" for n, what in ((g.n_diverged, "diverged"), (g.n_failed, "failed")) if n]
-    return text + (f" +{', '.join(lost)}" if lost else "")
+    lost = [f"{n} {what}" for n, what in ((g.n_diverged, "diverged"), (g.n_failed, "failed"),
+                                          (g.n_stopped, "stopped")) if n]
+    text += f" +{', '.join(lost)}" if lost else ""
+    return _cell(text, "group", g.labels, metric) if metric in g.stats else text
 
 
 def _fmt_trials(g: Group) -> str:
-    """Finished trials, and the diverged / failed ones the means leave out."""
-    lost = [f"{n} {what}" for n, what in ((g.n_diverged, "diverged"), (g.n_failed, "failed")) if n]
+    """Finished trials, and the diverged / failed / stopped ones the means leave out."""
+    lost = [f"{n} {what}" for n, what in ((g.n_diverged, "diverged"), (g.n_failed, "failed"),
+                                          (g.n_stopped, "stopped")) if n]
     return f"{g.n_finished}" + (f" +{', '.join(lost)}" if lost else "")
 
 
@@ -120,7 +146,9 @@ def _context(labels: dict[str, Any], keys: Sequence[str]) -> str:
 
 
 @dataclass
-class _Table:
+class Table:
+    """A table as every format shows it: its title, header and rows of cells (:class:`Cell` where a statistic)."""
+
     title: str
     header: list[str]
     rows: list[list[str]]
@@ -130,21 +158,21 @@ def _metrics(items: Sequence[Group | Paired]) -> list[str]:
     return [m for m in METRIC_COLUMNS if any(m in x.stats for x in items)]
 
 
-def _paired_table(title: str, paired: Sequence[Paired], keys: Sequence[str]) -> _Table:
+def _paired_table(title: str, paired: Sequence[Paired], keys: Sequence[str]) -> Table:
     metrics = _metrics(paired)
     header = ["difference"] + [field_name(k) for k in keys] + [f"Δ {m} [95% CI] (pairs)" for m in metrics]
     rows = []
     for p in sorted(paired, key=lambda p: sort_key(p.labels, ["method.name", "method.lam", *keys])):
         unpaired = f" ({p.unpaired} unpaired)" if p.unpaired else ""
         rows.append([f"{method_label(p.labels)} − baseline{unpaired}"] + [value_text(p.labels.get(k)) for k in keys]
-                    + [_fmt_diff(m, p.stats[m]) if m in p.stats else "–" for m in metrics])
-    return _Table(title + ": paired difference CGC − baseline, mean [95% CI] (pairs)", header, rows)
+                    + [_diff_cell(m, p) for m in metrics])
+    return Table(title + ": paired difference CGC − baseline, mean [95% CI] (pairs)", header, rows)
 
 
 # --------------------------------------------------------------------------- layouts
 
 
-def _lambda_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> list[_Table]:
+def _lambda_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> list[Table]:
     """Table 10: a column per λ (the baseline, λ = 0, first), a row per metric; per other setting a table."""
     ctx_keys = [k for k in varying([g.labels for g in groups]) if not is_method_setting(k)]
     tables = []
@@ -163,7 +191,7 @@ def _lambda_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Pa
         rows = [[m] + [_fmt_group_cell(m, g) if m in g.stats else "–" for g in members] for m in _metrics(members)]
         rows.append(["trials"] + [_fmt_trials(g) for g in members])
         ctx_text = _context(members[0].labels, ctx_keys)
-        tables.append(_Table(f"{title}{f' ({ctx_text})' if ctx_text else ''}: mean±std (n)", header, rows))
+        tables.append(Table(f"{title}{f' ({ctx_text})' if ctx_text else ''}: mean±std (n)", header, rows))
         mine = [p for p in paired if _context_key(p.labels, ctx_keys) == ctx]
         if mine:
             tables.append(_paired_table(f"{title}{f' ({ctx_text})' if ctx_text else ''}", mine, settings))
@@ -174,7 +202,7 @@ def _method_key(labels: dict[str, Any]) -> str:
     return canonical({k: v for k, v in labels.items() if is_method_setting(k)})
 
 
-def _fewshot_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> list[_Table]:
+def _fewshot_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> list[Table]:
     """Tables 7/8: rows dataset × shots (× other settings); per metric each method configuration and Δ.
 
     Longer than most: the header and each row interleave, per metric, the configurations' cells and their Δs.
@@ -211,14 +239,13 @@ def _fewshot_tables(experiment: str, groups: Sequence[Group], paired: Sequence[P
             for c, key in zip(configs, config_keys):
                 if c["method.name"] == "baseline" or not has_base:
                     continue
-                p = pairs.get((ck, key))
-                line.append(_fmt_diff(m, p.stats[m]) if p is not None and m in p.stats else "–")
+                line.append(_diff_cell(m, pairs.get((ck, key))))
         rows.append(line)
     title = _title(experiment, [g.labels for g in groups]) + ": mean±std (n); Δ paired by episode"
-    return [_Table(title, header, rows)]
+    return [Table(title, header, rows)]
 
 
-def _methods_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> list[_Table]:
+def _methods_tables(experiment: str, groups: Sequence[Group], paired: Sequence[Paired]) -> list[Table]:
     """Tables 1/2/5/6/9/11: a row per configuration, a column per metric; then the paired differences."""
     keys = varying([g.labels for g in groups])
     if "method.name" not in keys:
@@ -228,7 +255,7 @@ def _methods_tables(experiment: str, groups: Sequence[Group], paired: Sequence[P
     rows = [[value_text(g.labels.get(k)) for k in keys] + [_fmt_group_cell(m, g) for m in metrics] + [_fmt_trials(g)]
             for g in sorted(groups, key=lambda g: sort_key(g.labels, keys))]
     title = _title(experiment, [g.labels for g in groups])
-    tables = [_Table(title + ": mean±std (n)", header, rows)]
+    tables = [Table(title + ": mean±std (n)", header, rows)]
     if paired:
         tables.append(_paired_table(title, paired, [k for k in keys if k not in ("method.name", "method.lam")]))
     return tables
@@ -240,14 +267,14 @@ _LAYOUT_TABLES = {"lambda": _lambda_tables, "fewshot": _fewshot_tables, "methods
 # --------------------------------------------------------------------------- rendering
 
 
-def _render_rich(tables: Sequence[_Table], width: int | None) -> str:
+def _render_rich(tables: Sequence[Table], width: int | None) -> str:
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Table as RichTable
 
     buf = io.StringIO()
     terminal = Console()
     for t in tables:
-        rt = Table(title=t.title, title_justify="left")
+        rt = RichTable(title=t.title, title_justify="left")
         for i, h in enumerate(t.header):
             # a cell too wide for the terminal folds onto a second line; it is never cut to "…"
             rt.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
@@ -260,7 +287,7 @@ def _render_rich(tables: Sequence[_Table], width: int | None) -> str:
     return buf.getvalue()
 
 
-def _render_markdown(tables: Sequence[_Table]) -> str:
+def _render_markdown(tables: Sequence[Table]) -> str:
     out = []
     for t in tables:
         out.append(f"**{t.title}**\n")
@@ -374,12 +401,15 @@ def render(results: Results, fmt: Format = "rich", *, layout: Layout | None = No
         return json.dumps(_json_safe(records(results.groups, results.paired)), indent=1) + "\n"
     if fmt == "csv":
         return _render_csv(records(results.groups, results.paired))
-    tables = []
-    for name in results.experiments:
-        build = _LAYOUT_TABLES[layout or results.layouts.get(name, "methods")]
-        tables += build(name, [g for g in results.groups if g.experiment == name],
-                        [p for p in results.paired if p.experiment == name])
-    return _render_markdown(tables) if fmt == "markdown" else _render_rich(tables, width)
+    shown = [t for name in results.experiments for t in tables(results, name, layout=layout)]
+    return _render_markdown(shown) if fmt == "markdown" else _render_rich(shown, width)
+
+
+def tables(results: Results, experiment: str, *, layout: Layout | None = None) -> list[Table]:
+    """The tables every text format and the HTML report show of ``experiment``, in its layout (or ``layout``)."""
+    build = _LAYOUT_TABLES[layout or results.layouts.get(experiment, "methods")]
+    return build(experiment, [g for g in results.groups if g.experiment == experiment],
+                 [p for p in results.paired if p.experiment == experiment])
 
 
 def report(

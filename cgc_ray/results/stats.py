@@ -7,7 +7,7 @@ One grouping rule for every table, plot and format:
   the CGC term's settings).
 - A **group** is every identity field but the replicate axes
   (``config.REPLICATE_FIELDS``: seed, few-shot episode). Its statistics are over
-  its finished rows; diverged and failed rows are counted beside n.
+  its finished rows; diverged, failed and (early-)stopped rows are counted beside n.
 - A **pair** is a CGC group and the baseline group with the same identity
   apart from ``method.*`` (same dataset, architecture, shots, schedule, ...),
   matched replicate by replicate (the same seed, or the same episode split).
@@ -93,7 +93,7 @@ class Group:
 
     ``labels``: the group's identity fields (flattened, replicate axes removed).
     ``stats``: metric -> Stat over finished rows. ``n_finished``,
-    ``n_diverged``, ``n_failed``: rows by status.
+    ``n_diverged``, ``n_failed``, ``n_stopped``: rows by status.
     """
 
     experiment: str
@@ -102,6 +102,7 @@ class Group:
     n_finished: int
     n_diverged: int = 0
     n_failed: int = 0
+    n_stopped: int = 0
 
     @property
     def method(self) -> str:
@@ -333,7 +334,7 @@ def _groups(buckets: Buckets) -> list[Group]:
         stats = {m: describe([r[m] for r in done if r[m] is not None]) for m in _metrics_present(done)}
         status = [r.get("status") or "finished" for r in rows]
         out.append(Group(experiment, shown(labels), stats, status.count("finished"), status.count("diverged"),
-                         status.count("failed")))
+                         status.count("failed"), status.count("stopped")))
     return out
 
 

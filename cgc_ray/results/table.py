@@ -31,7 +31,8 @@ schema_version  int32     version of this layout (3)
 experiment      string    experiment name (from the directory name)
 trial_id        string    content hash of what the trial computes (config.trial_id)
 spec_hash       string    hash of the full resolved config (config.spec_hash)
-status          string    finished | diverged (NaN loss: metrics null) | failed
+status          string    finished | diverged (NaN loss: metrics null) | failed | stopped (ended early by a
+                          search's scheduler: the metrics of its last evaluation, at ``epochs``)
 error           string    the error of a failed or diverged trial (else null)
 diverged_epoch  int32     the epoch (1-based) a diverged trial's loss became NaN
 diverged_step   int64     the optimiser step within that epoch
@@ -113,8 +114,11 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 3
-STATUSES: tuple[str, ...] = ("finished", "diverged", "failed")
+STATUSES: tuple[str, ...] = ("finished", "diverged", "failed", "stopped")
 DONE_STATUSES: frozenset[str] = frozenset({"finished", "diverged"})  # a failed trial runs again
+# A search that stopped a trial early does not run it again (runner.search); a grid naming it trains it to its
+# end (from its checkpoint). No table averages a stopped row (results.stats counts it beside n).
+SEARCH_DONE_STATUSES: frozenset[str] = DONE_STATUSES | {"stopped"}
 # trial_status of a row file that could not be read (retried): not done, yet neither run again nor overwritten
 UNREADABLE = "unreadable"
 

@@ -17,6 +17,7 @@ when the sweep starts (GPU workers usually start at zero).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -95,14 +96,20 @@ def find_cluster(address: str | None) -> str | None:
         raise ClusterError(f"--address {address}: {e}") from None
 
 
-def connect(address: str | None) -> bool:
-    """Attach to ``address`` (see :func:`find_cluster`) or start a quiet loopback Ray; True if we started it."""
+def connect(address: str | None, *, dashboard: bool = False) -> bool:
+    """Attach to ``address`` (see :func:`find_cluster`) or start a quiet loopback Ray; True if we started it.
+
+    ``dashboard``: a Ray this call starts serves Ray's dashboard on 127.0.0.1 only (its URL is printed);
+    an attached cluster's dashboard is that cluster's own, and its URL is printed where Ray gives one.
+    """
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     target = find_cluster(address)
+    if target is None and dashboard:
+        _check_dashboard_installed()
     if target is None:
         # loopback only: Ray rewrites 127.0.0.1 to the host's network address unless this (read when ray is
         # imported, so also set on the already imported module) says the Ray is a single machine's
@@ -113,17 +120,35 @@ def connect(address: str | None) -> bool:
             from ray._private import ray_constants
 
             ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+        # the dashboard on loopback, never on the host's network address: it can submit jobs, and has no login
+        context = ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                           log_to_driver=False, _node_ip_address="127.0.0.1")
+        if dashboard:
+            print(f"cgc-ray: Ray dashboard at http://{context.dashboard_url}", file=sys.stderr)
         return True
     try:
         # the address as the user gave it: Ray's auto-detection ("auto") also picks up the cluster's auth token
-        ray.init(address=address or "auto", log_to_driver=False)
+        context = ray.init(address=address or "auto", log_to_driver=False)
     except ConnectionError as e:
         raise ClusterError(
             f"could not attach to the Ray cluster at {target} ({e}); if that cluster is gone, run `ray stop` "
             "or pass --address local to start a Ray of this run's own"
         ) from None
+    if dashboard:
+        where = f"at http://{context.dashboard_url}" if context.dashboard_url else "not served by this cluster"
+        print(f"cgc-ray: attached to the Ray at {target}: its own dashboard is {where}", file=sys.stderr)
     return False
+
+
+def _check_dashboard_installed() -> None:
+    """``--dashboard`` needs Ray's dashboard packages (``ray[default]``): say so before Ray starts."""
+    # Private: Ray's own check; it raises a bare Exception from inside ray.init, after its GCS has started
+    from ray._private.utils import get_dashboard_dependency_error
+
+    missing = get_dashboard_dependency_error()
+    if missing:
+        raise ClusterError(f"--dashboard needs Ray's dashboard packages ({missing}): "
+                           "pip install 'cgc-ray[dashboard]' (that is ray[default])")
 
 
 def _types_from_gcs() -> dict[str, NodeType]:

@@ -24,22 +24,24 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from cgc_ray.config import (
     ExperimentSpec,
     SpecError,
     check_data_root,
     data_root_missing_here,
+    data_root_uris,
     expand_trials,
     resolve_paths,
-    spec_hash,
     trial_id,
     validate_spec,
 )
 from cgc_ray.config.pretrained import pin_pretrained
+from cgc_ray.data.staging import source
 from cgc_ray.results.table import (
     DONE_STATUSES,
+    SEARCH_DONE_STATUSES,
     UNREADABLE,
     code_version,
     row_from_config,
@@ -56,8 +58,9 @@ from cgc_ray.runner.resources import (
     trial_bundles,
     use_gpu,
 )
+from cgc_ray.runner.tracking import tracking_callbacks
 from cgc_ray.runner.worker import trial_by_id
-from cgc_ray.storage import Storage
+from cgc_ray.storage import Storage, advice
 
 # ---------------------------------------------------------------- the driver
 
@@ -87,10 +90,16 @@ def _check_data_where_we_can(spec: ExperimentSpec, *, on_this_node: bool) -> Non
         check_trials_against_data,  # torch: not needed to import this module
     )
 
+    for uri in data_root_uris(spec):  # before any GPU node starts: a URI root each node stages must exist
+        try:
+            source(uri)
+        except (OSError, ValueError) as e:
+            raise SpecError(str(e)) from None
     missing = data_root_missing_here(spec)
     if missing and not on_this_node:
         print(f"cgc-ray: data.root {', '.join(missing)} is not on this node (the driver's): the data check is "
-              "skipped here; each trial checks it on the node that reads it", file=sys.stderr)
+              "skipped here; each trial checks it (a URI: in its staged copy) on the node that reads it",
+              file=sys.stderr)
         return
     check_data_root(spec)
     check_trials_against_data(expand_trials(spec))
@@ -110,7 +119,9 @@ class ExperimentResult:
     non-zero and names them. ``metrics``: trial id -> the last result Tune
     got from that trial in this call (for a finished trial: the result columns
     plus ``epoch``, ``node_id`` (the Ray node of rank 0) and
-    ``resumed_from_epoch``).
+    ``resumed_from_epoch``). ``stopped``: trials of a search its scheduler ended early (``stopped`` rows).
+    ``dataframe``: Tune's ``ResultGrid.get_dataframe()`` of this call (None when nothing ran): one row per
+    Tune trial, the swept fields as ``config/<dotted path>`` (``runner.search``).
     """
 
     trial_ids: list[str]
@@ -121,6 +132,8 @@ class ExperimentResult:
     diverged: list[str] = field(default_factory=list)
     held: dict[str, str] = field(default_factory=dict)
     unsettled: dict[str, str] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)
+    dataframe: Any = None
 
 
 class StorageError(RuntimeError):
@@ -136,7 +149,8 @@ def check_storage(location: str) -> Storage:
         storage.check_writable()
     except (OSError, pa.ArrowException, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"storage {location!r} cannot be written: {reason}") from None
+        todo = advice(reason)
+        raise StorageError(f"storage {location!r} cannot be written: {reason}" + (f"; {todo}" if todo else "")) from None
     return storage
 
 
@@ -156,26 +170,31 @@ def run_experiment(
     progress: bool = True,
     max_concurrent: int | None = None,
     autoscale: bool = False,
+    tracking: Sequence[str] = (),
 ) -> ExperimentResult:
     """Run every trial of ``spec`` not yet done; returns what ran, diverged, failed or another driver holds.
 
     Before any trial starts: validates the spec, checks that the storage can
     be written and the data root holds the dataset, claims the pending trials
     (``runner.leases``: another live driver's trials are left to it), and
-    checks that one trial fits the cluster's nodes or node types.
+    checks that one trial fits the cluster's nodes or node types. ``tracking``: tracker names
+    (``runner.tracking.TRACKERS``) whose Tune callbacks see every trial's config and reports.
     """
     spec = resolve_paths(validate_spec(spec))  # idempotent; the CLI resolved against the user's folder already
     storage = check_storage(spec.storage)
     if autoscale and storage.is_local:
         raise ResourceError(_local_storage_message(storage, "--autoscale adds nodes"))
-    spec = _run_pretrainings(spec, address=address, progress=progress, autoscale=autoscale)
+    spec = _run_pretrainings(spec, address=address, progress=progress, autoscale=autoscale, tracking=tracking)
     if _ray_initialized():  # a caller's Ray (a notebook, the tests): this process is already attached
         view = cluster_view(own=False)
         on_this_node = not view.multi_node
     else:
         view, on_this_node = None, find_cluster(address) is None
     _check_data_where_we_can(spec, on_this_node=on_this_node)
-    trials = expand_trials(spec)
+    trials = expand_trials(spec)  # a search's: its base at each replicate (resources are checked on them)
+    if spec.sweep.search is not None:
+        return _run_search(spec, storage, trials, view, address=address, progress=progress,
+                           max_concurrent=max_concurrent, autoscale=autoscale, tracking=tracking)
     ids = [trial_id(t) for t in trials]
     before = trial_status(storage, spec.name)
     leases = Leases(storage, spec.name).start()
@@ -184,14 +203,47 @@ def run_experiment(
         claims = leases.claim([i for i in ids if before.get(i) not in (*DONE_STATUSES, UNREADABLE)])
         mine = set(claims.got) - _done_meanwhile(storage, spec.name, claims.got, before)
         pending = [(t, i) for t, i in zip(trials, ids) if i in mine]
-        configs, errors, metrics = {}, {}, {}
+        configs, errors, metrics, dataframe = {}, {}, {}, None
         if pending:
-            configs, errors, metrics = _run_pending(
+            configs, errors, metrics, dataframe = _run_pending(
                 spec, storage, pending, len(ids), sum(before.get(i) in DONE_STATUSES for i in ids), view, leases,
-                address=address, progress=progress, max_concurrent=max_concurrent, autoscale=autoscale)
-        return _settle(storage, spec.name, ids, before, leases, claims, configs, errors, metrics)
+                address=address, progress=progress, max_concurrent=max_concurrent, autoscale=autoscale,
+                tracking=tracking)
+        result = _settle(storage, spec.name, ids, before, leases, claims, configs, errors, metrics)
+        result.dataframe = dataframe
+        return result
     finally:
         leases.release()
+
+
+def _run_search(spec: ExperimentSpec, storage: Storage, trials: list[ExperimentSpec], view, **run_options: Any
+                ) -> ExperimentResult:
+    """Run ``sweep.search`` (``runner.search``): trials are leased as the searcher hands them out; a trial whose
+    row is done or stopped is replayed from its row, never trained again."""
+    from cgc_ray.runner.search import check_search
+
+    check_search(spec)
+    before = trial_status(storage, spec.name)
+    leases = Leases(storage, spec.name).start()
+    claims = Claims([], {}, {})
+    try:
+        configs, errors, metrics, dataframe = _run_pending(
+            spec, storage, [(t, trial_id(t)) for t in trials], spec.sweep.search.num_samples, 0, view, leases,
+            claims=claims, **run_options)
+        result = _settle(storage, spec.name, list(configs), before, leases, claims, configs, errors, metrics,
+                         done_statuses=SEARCH_DONE_STATUSES)
+        result.dataframe = dataframe
+        return result
+    finally:
+        leases.release()
+
+
+def _claim_one(leases: Leases, claims: Claims, tid: str) -> None:
+    """Lease one trial a search hands out; what :meth:`Leases.claim` found is added to ``claims``."""
+    found = leases.claim([tid])
+    claims.got.extend(found.got)
+    claims.held.update(found.held)
+    claims.unknown.update(found.unknown)
 
 
 def _done_meanwhile(storage: Storage, experiment: str, got: list[str], before: dict[str, str]) -> set[str]:
@@ -207,15 +259,17 @@ def _done_meanwhile(storage: Storage, experiment: str, got: list[str], before: d
 
 def _settle(storage: Storage, experiment: str, ids: list[str], before: dict[str, str], leases: Leases,
             claims: Claims, configs: dict[str, dict[str, Any]], errors: dict[str, str | None],
-            metrics: dict[str, dict[str, Any]]) -> ExperimentResult:
+            metrics: dict[str, dict[str, Any]], done_statuses: frozenset[str] = DONE_STATUSES) -> ExperimentResult:
     """Where every trial stands when the run ends: done, failed, held by a live driver, or unsettled (and why).
+
+    ``done_statuses``: a search counts its ``stopped`` trials done too.
 
     A trial this run tried and still holds, without a done row, gets a ``failed`` row, unless its row
     turned done or unreadable meanwhile: a ``failed`` row never replaces a finished one. A trial this
     run lost to another driver, or never got, is held if its holder lives, and unsettled otherwise.
     """
     status = dict(trial_status(storage, experiment) if errors else before)
-    open_ = [t for t in ids if status.get(t) not in DONE_STATUSES]
+    open_ = [t for t in ids if status.get(t) not in done_statuses]
     try:
         holders = leases.holders(open_) if open_ else {}
     except OSError as e:
@@ -235,11 +289,12 @@ def _settle(storage: Storage, experiment: str, ids: list[str], before: dict[str,
             held[t] = f"{beat.get('host')}:{beat.get('pid')}"
         else:
             unsettled[t] = _why_unsettled(t, status.get(t), driver, claims, leases)
-    done = [t for t in ids if status.get(t) in DONE_STATUSES]
+    done = [t for t in ids if status.get(t) in done_statuses]
     ran = [t for t in done if t in errors]
     diverged = [t for t in ran if status[t] == "diverged"]
+    stopped = [t for t in ran if status[t] == "stopped"]
     return ExperimentResult(ids, [t for t in done if t not in errors], ran, failed, metrics, diverged, held,
-                            unsettled)
+                            unsettled, stopped)
 
 
 def _why_unsettled(t: str, status: str | None, driver: str | None, claims: Claims, leases: Leases) -> str:
@@ -269,11 +324,14 @@ def _run_pretrainings(spec: ExperimentSpec, **run_options: Any) -> ExperimentSpe
 
 
 def _run_pending(spec: ExperimentSpec, storage: Storage, pending: list, total: int, already_done: int, view,
-                 leases: Leases, *, address: str | None, progress: bool, max_concurrent: int | None, autoscale: bool
-                 ) -> tuple[dict[str, dict[str, Any]], dict[str, str | None], dict[str, dict[str, Any]]]:
-    """Run the ``pending`` (trial, id) pairs this driver holds with Tune: (config, error or None, last metrics) by id.
+                 leases: Leases, *, address: str | None, progress: bool, max_concurrent: int | None, autoscale: bool,
+                 tracking: Sequence[str] = (), claims: Claims | None = None
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, str | None], dict[str, dict[str, Any]], Any]:
+    """Run the ``pending`` (trial, id) pairs this driver holds with Tune (a search: ``total`` trials it samples,
+    ``pending`` its base at each replicate): (config, error or None, last metrics) by id, and the dataframe.
 
-    A trial whose lease ``leases`` finds lost (after a heartbeat) is stopped at its next report.
+    A trial whose lease ``leases`` finds lost (after a heartbeat) is stopped at its next report. A search's
+    trials replayed from their rows are in none of the three: they did not run.
     """
     from ray import tune
 
@@ -288,13 +346,8 @@ def _run_pending(spec: ExperimentSpec, storage: Storage, pending: list, total: i
     if not (autoscale and not view.node_types):  # without the node types, nodes may still be coming
         for t, _ in pending:
             check_fits(trial_bundles(t, gpu), nodes, what=f"one trial of {spec.name!r}")
-    version = code_version()
-    configs = [
-        {"spec": t.model_dump(mode="json"), "trial_id": i, "spec_hash": spec_hash(t), "use_gpu": gpu,
-         "code_version": version, "driver": leases.driver}  # the lease holder, which the trial checks
-        for t, i in pending
-    ]
-    by_id = {c["trial_id"]: c for c in configs}
+    lost = leases.lost  # updated in place after every heartbeat; Tune pickles its stopper, which a lock would stop
+    by_id, trainable, searcher, scheduler = _tune_trials(spec, storage, pending, gpu, leases, claims)
     # one resource shape per experiment: scaling is not a sweep axis that changes bundles mid-run
     bundles = trial_bundles(pending[0][0], gpu)
     if len(bundles) > 1:
@@ -303,19 +356,19 @@ def _run_pending(spec: ExperimentSpec, storage: Storage, pending: list, total: i
         room = concurrent_room(bundles[1:], nodes)
         max_concurrent = min(max_concurrent or room, room)
         bundles = bundles[:1]
-    callbacks = []
+    callbacks = tracking_callbacks(tracking, spec.name)
     if progress:
         from cgc_ray.runner.progress import RichProgress
 
         callbacks.append(RichProgress(total=total, already_done=already_done, experiment=spec.name))
     _quiet_tune()
-    lost = leases.lost  # updated in place after every heartbeat; Tune pickles its stopper, which a lock would stop
-    # Tune shows and names trials by id; the full config is looked up on the worker
+    # Tune shows the swept fields under their spec names and names trials by id; the worker builds the full config
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial_by_id, table=by_id),
-                            tune.PlacementGroupFactory(bundles, strategy="PACK")),
-        param_space={"trial_id": tune.grid_search(list(by_id))},
+        tune.with_resources(trainable, tune.PlacementGroupFactory(bundles, strategy="PACK")),
         tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=total if spec.sweep.search is not None else len(pending),
             max_concurrent_trials=max_concurrent,
             # one worker process runs trial after trial: no process start or imports per trial, and the
             # small datasets it decoded stay decoded (data.dataset.decoded_image); each trial seeds itself
@@ -326,16 +379,41 @@ def _run_pending(spec: ExperimentSpec, storage: Storage, pending: list, total: i
         run_config=tune.RunConfig(
             name=spec.name,  # Ray's run state, one folder per experiment (results are keyed by trial id)
             storage_path=storage.ray_path,
-            failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries),
+            # lost nodes and code errors alike to Tune: the trial counts its code's own (runner.worker.lost_node)
+            failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries + spec.failure.max_preemptions),
             stop=lambda _, result: result.get("config", {}).get("trial_id") in lost,
             callbacks=callbacks,
             verbose=0,
         ),
     )
     grid = tuner.fit()
-    errors = {r.config["trial_id"]: _last_line(r.error) if r.error else None for r in grid}
-    metrics = {r.config["trial_id"]: dict(r.metrics or {}) for r in grid}
-    return by_id, errors, metrics
+    ran = [r for r in grid if not (r.metrics or {}).get("replayed")]
+    # a trial out of failure.max_retries reports its error (trial_error) rather than raising it
+    errors = {r.config["trial_id"]: _last_line(r.error) if r.error else (r.metrics or {}).get("trial_error")
+              for r in ran}
+    metrics = {r.config["trial_id"]: dict(r.metrics or {}) for r in ran}
+    return by_id, errors, metrics, grid.get_dataframe()
+
+
+def _tune_trials(spec: ExperimentSpec, storage: Storage, pending: list, gpu: bool, leases: Leases,
+                 claims: Claims | None) -> tuple[dict[str, dict[str, Any]], Any, Any, Any]:
+    """(worker config by trial id, Tune trainable, search algorithm, scheduler or None) of a grid's ``pending``
+    trials, or of ``sweep.search`` (whose configs fill in as its searcher hands trials out)."""
+    from ray import tune
+
+    from cgc_ray.runner import search as sweeps
+
+    fixed = {"use_gpu": gpu, "code_version": code_version(), "driver": leases.driver}  # driver: the lease holder
+    if spec.sweep.search is None:
+        paths = sweeps.swept_paths(spec)
+        by_id = {i: sweeps.worker_config(t, i, fixed) for t, i in pending}
+        grid = sweeps.GridSearcher([sweeps.tune_config(t, i, paths) for t, i in pending])
+        return by_id, tune.with_parameters(trial_by_id, table=by_id), grid, None
+    searcher = sweeps.SpecSearcher(
+        spec, sweeps.optuna_searcher(spec, sweeps.prior_points(spec, storage)), fixed=fixed, lost=leases.lost,
+        claim=lambda tid: _claim_one(leases, claims, tid))
+    trainable = tune.with_parameters(sweeps.searched_trial, base=sweeps.base_tree(spec), fixed=fixed)
+    return searcher.configs, trainable, searcher, sweeps.asha(spec) if spec.sweep.search.scheduler == "asha" else None
 
 
 def _last_line(error: BaseException) -> str:

@@ -3,10 +3,10 @@
 Layout, in the experiment's lease folder (:meth:`cgc_ray.storage.Storage.leases_dir`)::
 
     _drivers/<driver>.json           a driver's heartbeat {driver, host, pid}, rewritten every HEARTBEAT_S
-    <trial_id>/<gen>.json            a claim on a posix root (a folder, file://); its content names the driver
-    <trial_id>/<gen>.<driver>.json   a claim on an object store (S3, GCS); its name names the driver
+    <trial_id>/<gen>.json            an exclusive claim (a posix root; S3 with boto3); its content names the driver
+    <trial_id>/<gen>.<driver>.json   a claim on an object store without exclusive creates; its name names the driver
 
-**The holder** of a trial is its claim of the highest generation ``gen``; on an object store, of that
+**The holder** of a trial is its claim of the highest generation ``gen``; without exclusive creates, of that
 generation's claims, the one the store wrote first, then the smallest driver id. Every driver that reads
 the same listing names the same holder. A holder is live while its heartbeat is younger than
 :data:`STALE_S` and, for a driver on this host, its process exists. Ages are read on the storage's clock:
@@ -15,14 +15,16 @@ the drivers' own clocks never enter (a skew of minutes cannot kill a live driver
 alive), and a driver dead for an hour is taken over at once, without waiting a STALE_S to watch it.
 
 **Claiming** creates generation 0 of a trial without claims, or generation g + 1 over a holder at g that
-is not live (a takeover). On a posix root a claim is created exclusively and whole
-(:meth:`~cgc_ray.storage.Storage.create_exclusive`): of several drivers one wins, and a driver killed,
+is not live (a takeover). Where the storage is :attr:`~cgc_ray.storage.Storage.exclusive` a claim is
+created exclusively and whole (:meth:`~cgc_ray.storage.Storage.create_exclusive`: a hard link on a posix
+root, a conditional PUT, ``If-None-Match: *``, on S3): of several drivers one wins, and a driver killed,
 or a disk full, at any step leaves either the old claim (taken over by the next driver) or a whole new
-one (whose dead driver is taken over in turn): a trial is never left unclaimable. pyarrow gives object
-stores no conditional write (``If-None-Match``), so there each claimant writes a claim of its own, for
-all its pending trials in one batch, waits :data:`_CONFIRM_S` once, and lists: the holder rule picks one
+one (whose dead driver is taken over in turn): a trial is never left unclaimable. Elsewhere (GCS; S3
+without boto3, or a store that ignores the condition) each claimant writes a claim of its own, for all
+its pending trials in one batch, waits :data:`_CONFIRM_S` once, and lists: the holder rule picks one
 winner. Two drivers both win only when one's claim takes longer than that pause to appear after the
-other's was written; both then train the trial until the next heartbeat check.
+other's was written; both then train the trial until the loser's next heartbeat check, at most
+:data:`HEARTBEAT_S` later, and its trial stops at its next epoch (tests/test_s3_protocol.py shows it).
 
 **A holder keeps checking.** After every heartbeat the driver lists its claims and records in ``lost``
 the trials another driver now holds (the driver stops them), and a trial checks its lease
@@ -44,7 +46,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, NamedTuple
+from typing import AbstractSet, Any, Iterable, NamedTuple
 
 import pyarrow.fs as pafs
 
@@ -157,13 +159,13 @@ class Leases:
 
     # ---------------------------------------------------------------- reading the lease folder
 
-    def _scan(self, trial_ids: Iterable[str], *, one: bool = False
+    def _scan(self, trial_ids: Iterable[str], *, one: bool = False, created: AbstractSet[str] = frozenset()
               ) -> tuple[dict[str, list[Claim]], dict[str, pafs.FileInfo]]:
         """(trial -> its claims, driver -> its heartbeat file) from one listing of the lease folder
         (with ``one``, of the folder of the one trial in ``trial_ids``).
 
-        Claims on a posix root name their driver in their content: read here for the top generation
-        of each of ``trial_ids``.
+        Exclusive claims (``<gen>.json``) name their driver in their content: read here for the top
+        generation of each of ``trial_ids``, except the paths in ``created`` (this driver's, just made).
         """
         trial_ids = set(trial_ids)
         where = f"{self.dir}/{next(iter(trial_ids))}" if one else self.dir
@@ -179,15 +181,20 @@ class Leases:
                 beats[name.removesuffix(".json")] = info
             elif m and folder and "/" not in folder:
                 claims.setdefault(folder, []).append(Claim(int(m["gen"]), m["driver"], info.mtime, info.path))
-        if self.storage.posix:
-            for tid in trial_ids & set(claims):
-                top = max(c.gen for c in claims[tid])
-                claims[tid] = [replace(c, driver=self._driver_in(c.path)) if c.gen == top else c
-                               for c in claims[tid]]
+        unnamed = [c for tid in trial_ids & set(claims) for c in claims[tid]
+                   if c.driver is None and c.gen == max(x.gen for x in claims[tid])]
+        if unnamed:
+            named = {c.path: self.driver for c in unnamed if c.path in created}
+            unread = [c.path for c in unnamed if c.path not in created]
+            workers = 1 if self.storage.posix else _WRITERS  # an object store's reads are round trips
+            with ThreadPoolExecutor(workers) as pool:
+                named.update(zip(unread, pool.map(self._driver_in, unread)))
+            claims = {tid: [replace(c, driver=named[c.path]) if c.path in named else c for c in found]
+                      for tid, found in claims.items()}
         return claims, beats
 
     def _driver_in(self, path: str) -> str | None:
-        """The driver a posix claim names; None if it is gone (released since the listing) or does not parse."""
+        """The driver an exclusive claim names; None if it is gone (released since the listing) or does not parse."""
         try:
             driver = json.loads(self.storage.read_bytes(path)).get("driver")
         except (FileNotFoundError, ValueError, AttributeError):
@@ -247,27 +254,26 @@ class Leases:
     # ---------------------------------------------------------------- claims
 
     def _claim_path(self, trial_id: str, gen: int) -> str:
-        suffix = "" if self.storage.posix else f".{self.driver}"
+        suffix = "" if self.storage.exclusive else f".{self.driver}"
         return f"{self.dir}/{trial_id}/{gen}{suffix}.json"
 
-    def _create(self, trial_id: str, gen: int) -> OSError | None:
-        """Write this driver's claim of generation ``gen`` (on a posix root: unless that generation exists);
-        the error that stopped it, if one did."""
+    def _create(self, trial_id: str, gen: int) -> bool | OSError:
+        """Write this driver's claim of generation ``gen`` (on an exclusive root: unless that generation exists);
+        whether it was created exclusively, or the error that stopped it."""
         record = json.dumps({"driver": self.driver}).encode()
         try:
-            if self.storage.posix:
-                self.storage.create_exclusive(self._claim_path(trial_id, gen), record)
-            else:
-                self.storage.write_bytes(self._claim_path(trial_id, gen), record)
+            if self.storage.exclusive:
+                return self.storage.create_exclusive(self._claim_path(trial_id, gen), record)
+            self.storage.write_bytes(self._claim_path(trial_id, gen), record)
         except OSError as e:
             return e
-        return None
+        return False
 
     def claim(self, trial_ids: list[str]) -> Claims:
         """Claim every trial of ``trial_ids`` that no live driver holds: one listing, one batch of writes, one listing.
 
-        The second listing decides every trial by the holder rule (module docstring); on an object store
-        it follows a single :data:`_CONFIRM_S` pause, however many trials are claimed.
+        The second listing decides every trial by the holder rule (module docstring); without exclusive
+        creates it follows a single :data:`_CONFIRM_S` pause, however many trials are claimed.
         """
         self._beat()
         claims, beats = self._scan(trial_ids)
@@ -287,13 +293,16 @@ class Leases:
                 held[tid] = beat
             elif holder is None or theirs:
                 todo[tid] = holder.gen + 1 if holder else 0
+        created = set()  # claims this call created exclusively: this driver's, without reading them back
         with ThreadPoolExecutor(_WRITERS) as pool:  # an object store's round trips, overlapped
-            for tid, error in zip(todo, pool.map(self._create, todo, todo.values())):
-                if error is not None:
-                    unknown[tid] = f"its claim could not be written: {error}"
-        if todo and not self.storage.posix:
+            for tid, outcome in zip(todo, pool.map(self._create, todo, todo.values())):
+                if isinstance(outcome, OSError):
+                    unknown[tid] = f"its claim could not be written: {outcome}"
+                elif outcome:
+                    created.add(self._claim_path(tid, todo[tid]))
+        if todo and not self.storage.exclusive:
             time.sleep(_CONFIRM_S)  # let every claim written meanwhile appear, then decide all at once
-        claims, beats = self._scan(trial_ids) if todo else (claims, beats)
+        claims, beats = self._scan(trial_ids, created=created) if todo else (claims, beats)
         got = self._settle_claims([t for t in trial_ids if t not in held and t not in unknown], claims, beats, now,
                                   seen, held, unknown)
         return Claims(got, held, unknown)
@@ -341,9 +350,9 @@ class Leases:
         with self._lock:
             mine, self.mine = self.mine, {}
         paths = [self._claim_path(tid, gen) for tid, gen in sorted(mine.items())]
-        if self.storage.posix:  # a posix claim's name does not say whose it is: only what this driver still holds
-            paths = [p for p in paths if self._driver_in(p) == self.driver]
         with ThreadPoolExecutor(_WRITERS) as pool:
+            if self.storage.exclusive:  # an exclusive claim's name does not say whose it is: only what it still holds
+                paths = [p for p, d in zip(paths, pool.map(self._driver_in, paths)) if d == self.driver]
             list(pool.map(self.storage.delete_quietly, paths))
         self.storage.delete_quietly(self._beat_path)
 
@@ -351,7 +360,7 @@ class Leases:
 def check_lease(storage: Storage | str, experiment: str, trial_id: str, driver: str) -> None:
     """Raise :class:`LeaseLost` unless ``driver`` holds ``trial_id``: a trial asks before it trains and writes its row.
 
-    One listing of the trial's claims (and, on a posix root, one read). A trial that lost its lease
+    One listing of the trial's claims (and, for an exclusive claim, one read). A trial that lost its lease
     stops without writing its row: the driver that took it over writes it.
     """
     leases = Leases(storage, experiment, driver)

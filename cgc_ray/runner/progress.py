@@ -54,7 +54,7 @@ class RichProgress(Callback):
         for tid, m in sorted(self.running.items()):
             ep = m.get("epoch", 0)
             val = m.get(self.metric)
-            t.add_row(tid, f"epoch {ep}", "", "", "", "", f"{100 * val:.2f}" if isinstance(val, float) else "")
+            t.add_row(tid, f"epoch {ep}", "", "", "", "", f"{val:.2f}" if isinstance(val, float) else "")
         return t
 
     def _refresh(self) -> None:

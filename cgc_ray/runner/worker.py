@@ -8,17 +8,24 @@
   ``TuneReportCallback``; rank 0 writes checkpoints, every rank reports.
 * The checkpoint lives in storage (:meth:`cgc_ray.storage.Storage.checkpoint_path`),
   so a retried trial, a trial moved off a lost node or a re-run of the command
-  resumes from its last finished epoch.
+  resumes from its last checkpoint: an epoch's end, or mid-epoch with
+  ``failure.checkpoint_every_steps``.
+* A lost node (:func:`lost_node`) is retried up to ``failure.max_preemptions``
+  times; an exception of the trial's code is counted in storage and retried
+  ``failure.max_retries`` times, after which the trial reports the error
+  (``trial_error``) instead of raising, and the driver writes its failed row.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +34,7 @@ from typing import Any, Callable
 from cgc_ray.config import ExperimentSpec, SpecError, unresolved_paths, validate_spec
 from cgc_ray.results.table import DETAIL_COLUMNS, result_metrics, row_from_config, write_row
 from cgc_ray.runner.leases import check_lease
+from cgc_ray.runner.tracking import write_error_txt
 from cgc_ray.storage import CHECKPOINT_NAME, Storage
 
 # ---------------------------------------------------------------- checkpoints in storage
@@ -166,13 +174,14 @@ def _train(spec: ExperimentSpec, storage: Storage, tid: str, device: Any, *, dis
     """Train one trial on this process (one rank under DDP); the final metrics, or what diverged.
 
     Every rank pulls the same checkpoint, so all resume identically; rank 0
-    pushes a checkpoint to storage whenever one is written, the last one
+    pushes a checkpoint to storage whenever one is written (after an epoch, and
+    every ``failure.checkpoint_every_steps`` steps), the last one
     without its training state unless ``failure.keep_checkpoint=full``. ``send`` gets each
     epoch's metrics (``tune.report`` or ``ray.train.report``). A NaN loss is
     deterministic: it ends the trial as diverged instead of failing it, so it
     is not retried (and every rank sees it at the same step).
     """
-    from cgc_ray.models.checkpoint import keep_model_only
+    from cgc_ray.models.checkpoint import keep_model_only, read_header
     from cgc_ray.train.engine import NonFiniteLossError
     from cgc_ray.train.trial import run_trial
 
@@ -180,6 +189,7 @@ def _train(spec: ExperimentSpec, storage: Storage, tid: str, device: Any, *, dis
     store = CheckpointStore(storage, spec.name, tid)
     store.pull()
     first: dict[str, int] = {}  # the first epoch this attempt finished
+    resumed_step = read_header(store.local_path).get("step", 0)  # > 0: this attempt resumes mid-epoch
 
     def report(metrics: dict[str, Any], checkpoint: str | None) -> None:
         first.setdefault("epoch", int(metrics["epoch"]))
@@ -189,9 +199,14 @@ def _train(spec: ExperimentSpec, storage: Storage, tid: str, device: Any, *, dis
             store.push()
         send(metrics)
 
-    where = {"node": socket.gethostname(), "node_id": _node_id()}
+    def step_report(epoch: int, step: int, checkpoint: str) -> None:
+        if rank == 0:
+            store.push()  # atomic: a node lost mid-upload leaves the previous checkpoint
+
+    where = {"node": socket.gethostname(), "node_id": _node_id(), "resumed_from_step": resumed_step}
     try:
-        final = run_trial(spec, trial_dir=store.workdir, device=device, report=report, distributed=distributed)
+        final = run_trial(spec, trial_dir=store.workdir, device=device, report=report, step_report=step_report,
+                          distributed=distributed)
     except NonFiniteLossError as e:
         resumed = first.get("epoch", e.epoch) - 1
         return {"diverged": True, "error": str(e), "diverged_epoch": e.epoch, "diverged_step": e.step,
@@ -199,6 +214,13 @@ def _train(spec: ExperimentSpec, storage: Storage, tid: str, device: Any, *, dis
     finally:
         store.cleanup()
     return {**final, **where, "resumed_from_epoch": first.get("epoch", int(final.get("epoch", 0)) + 1) - 1}
+
+
+def tune_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's numbers as Tune gets them: the metric columns in the table's units (top1, ch in %), as the
+    trial's last report and its row have them, so a scheduler, a searcher or a tracker sees one scale."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return {**numbers, **result_metrics(numbers)}
 
 
 def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -213,13 +235,13 @@ def _train_worker(config: dict[str, Any]) -> dict[str, Any]:
     spec = validate_spec(config["spec"])
     rank = ray.train.get_context().get_world_rank()
     return _train(spec, Storage(spec.storage), config["trial_id"], ray.train.torch.get_device(),
-                  distributed=True, rank=rank, send=lambda m: ray.train.report({**m, "rank": rank}))
+                  distributed=True, rank=rank, send=lambda m: ray.train.report({**tune_metrics(m), "rank": rank}))
 
 
 def _run_ddp(spec: ExperimentSpec, storage: Storage, tid: str, config: dict[str, Any], gpu: bool) -> dict[str, Any]:
     """Nest a TorchTrainer in the Tune function; rank 0's per-epoch reports reach Tune."""
+    from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -237,6 +259,9 @@ def _run_ddp(spec: ExperimentSpec, storage: Storage, tid: str, config: dict[str,
             name=f"{spec.name}-{tid}",
             storage_path=storage.ray_path,
             callbacks=[TuneReportCallback()],
+            # a drained (preempted) node restarts the worker group here, from the last checkpoint; a crash of a
+            # worker's code is left to the Tune function's count (failure.max_retries)
+            failure_config=FailureConfig(max_failures=0, max_preemption_failures=spec.failure.max_preemptions),
         ),
     )
     final = trainer.fit().return_value
@@ -249,7 +274,7 @@ def _run_single(spec: ExperimentSpec, storage: Storage, tid: str, gpu: bool) -> 
     from ray import tune
 
     return _train(spec, storage, tid, _trial_device(gpu), distributed=False, rank=0,
-                  send=lambda m: tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))}))
+                  send=lambda m: tune.report(tune_metrics(m)))
 
 
 def _trial_fn(config: dict[str, Any]) -> None:
@@ -264,11 +289,20 @@ def _trial_fn(config: dict[str, Any]) -> None:
     gpu = bool(config["use_gpu"])
     start = time.time()
     storage = Storage(spec.storage)  # the spec crossed into Ray as a dict: the storage, as its location string
-    check_lease(storage, spec.name, tid, config["driver"])  # another driver may have taken the trial over
-    if spec.scaling.num_workers > 1:
-        final = _run_ddp(spec, storage, tid, config, gpu)
-    else:
-        final = _run_single(spec, storage, tid, gpu)
+    try:
+        check_lease(storage, spec.name, tid, config["driver"])  # another driver may have taken the trial over
+        final = (_run_ddp(spec, storage, tid, config, gpu) if spec.scaling.num_workers > 1
+                 else _run_single(spec, storage, tid, gpu))
+    except Exception as e:
+        if lost_node(e):
+            raise  # retried by Tune without counting against failure.max_retries
+        given_up = _count_error(storage, spec, tid, config["driver"], e)
+        if given_up is None:
+            raise
+        # the traceback where Tune keeps a raised one: this trial ends without raising (the failure message names it)
+        write_error_txt(storage, spec.name, tid, traceback.format_exc())
+        tune.report({"trial_error": given_up})  # the driver writes the failed row with it
+        return
     diverged = bool(final.get("diverged"))
     row = row_from_config(
         config["spec"],
@@ -289,8 +323,57 @@ def _trial_fn(config: dict[str, Any]) -> None:
     write_row(storage, spec.name, row)
     if spec.failure.keep_checkpoint == "none":  # only now: until the row exists, it is the trial's progress
         storage.delete_quietly(storage.checkpoint_path(spec.name, tid))
+    storage.delete_quietly(storage.errors_path(spec.name, tid))
     tune.report({"row_written": 1, "status": row["status"], **({} if diverged else result_metrics(final)),
-                 "epoch": row["epochs"], "node_id": final["node_id"], "resumed_from_epoch": final["resumed_from_epoch"]})
+                 "epoch": row["epochs"], "node_id": final["node_id"], "resumed_from_epoch": final["resumed_from_epoch"],
+                 "resumed_from_step": final.get("resumed_from_step", 0)})
+
+
+# ---------------------------------------------------------------- a lost node or a bug
+
+
+def lost_node(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps) says a node or a worker process was lost, not that the code raised.
+
+    A spot node taken back, a node removed, a process killed: Ray raises an actor's or a node's death, which
+    Ray Train wraps (a worker group's failures, a failed health check). Such a trial is retried as often as
+    ``failure.max_preemptions`` allows; an exception of the trial's code counts against ``failure.max_retries``.
+    """
+    import ray.exceptions as X
+
+    lost = (X.RayActorError, X.NodeDiedError, X.WorkerCrashedError, X.LocalRayletDiedError, X.OwnerDiedError,
+            X.ObjectLostError)
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, lost) or type(e).__name__ in ("PreemptionError", "WorkerHealthCheckFailedError",
+                                                       "WorkerHealthCheckTimeoutError"):
+            return True
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "health_check_failure", None),
+                 getattr(e, "controller_failure", None), *(getattr(e, "worker_failures", None) or {}).values()]
+    return False
+
+
+def _count_error(storage: Storage, spec: ExperimentSpec, tid: str, driver: str, error: BaseException) -> str | None:
+    """Count one more exception of the trial's code in this driver's run (in storage, beside the checkpoint,
+    since a retry may run on another node); None while ``failure.max_retries`` allows a retry, else the error
+    the failed row records. A new run (another driver id) counts from zero."""
+    path = storage.errors_path(spec.name, tid)
+    try:
+        record = json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, ValueError):  # none yet, or garbled: count afresh
+        record = {}
+    errors = (record.get("errors", 0) if record.get("driver") == driver else 0) + 1
+    storage.write_bytes(path, json.dumps({"driver": driver, "errors": errors}).encode())
+    if errors <= spec.failure.max_retries:
+        return None
+    text = str(error).strip()
+    line = text.splitlines()[-1] if text else ""
+    return (f"{type(error).__name__}: {line} (raised on {errors} attempts; failure.max_retries="
+            f"{spec.failure.max_retries})")
 
 
 def trial_by_id(config: dict[str, Any], table: dict[str, dict[str, Any]]) -> None:

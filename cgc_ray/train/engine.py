@@ -9,6 +9,7 @@ every ``check_every`` steps.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -23,6 +24,7 @@ from cgc_ray.method.cam import cam_and_logits, linear_head, unwrap
 from cgc_ray.method.cgc import cgc_term
 from cgc_ray.method.metrics import content_heatmap, content_heatmap_saliency, insertion_auc, topk_correct
 from cgc_ray.models.checkpoint import resume_checkpoint, save_checkpoint
+from cgc_ray.train.sampling import skip_batches
 from cgc_ray.train.task import Batch, Logs, Task
 
 METRICS: tuple[str, ...] = ("top1", "top5", "ch", "cgc_loss", "iauc")
@@ -55,6 +57,15 @@ def train_step(model: nn.Module, task: Task, batch: Batch, optimizer: torch.opti
     return loss, logs
 
 
+@dataclass
+class EpochProgress:
+    """What of an epoch is trained: optimiser ``steps``, ``images``, and each log's running [sum, count]."""
+
+    steps: int = 0
+    images: int = 0
+    sums: dict[str, list] = field(default_factory=dict)
+
+
 def train_one_epoch(
     model: nn.Module,
     task: Task,
@@ -64,17 +75,22 @@ def train_one_epoch(
     scheduler: Any = None,
     scaler: torch.amp.GradScaler | None = None,
     check_every: int = 50,
+    progress: EpochProgress | None = None,
+    on_step: Callable[[EpochProgress], None] | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (batches of (images, labels[, boxes, centre views])), placed by the task.
 
     scheduler: stepped after every optimiser step when given (per-iteration schedules).
+    progress: where a resumed epoch stands (a mid-epoch checkpoint's): its batches are skipped unread
+    (``train.sampling.skip_batches``) and its sums carry on. on_step(progress): after every step.
     Returns ``train_loss`` and ``train_<name>`` of every log of the task (e.g. ce, cgc,
     top1, zero_cam_frac), each averaged over the epoch, then images/s and steps.
     """
     model.train()
-    task.start_epoch()
-    sums: dict[str, list] = {}
-    n_img = steps = 0
+    p = progress or EpochProgress()
+    skip_batches(loader, p.steps)
+    task.start_epoch(skip=p.steps)
+    resumed_images = p.images
     start = time.perf_counter()
     for raw in loader:
         batch = task.placement.batch(raw)
@@ -83,18 +99,20 @@ def train_one_epoch(
             scheduler.step()
         B = batch.x.shape[0]
         for name, (value, n) in {"loss": (loss.detach() * B, B), **logs}.items():
-            acc = sums.setdefault(name, [0, 0])
+            acc = p.sums.setdefault(name, [0, 0])
             acc[0], acc[1] = acc[0] + value, acc[1] + n
-        n_img += B
-        steps += 1
-        if steps % check_every == 0:
-            _check_finite(sums["loss"][0], steps)
-    if n_img == 0:
+        p.images += B
+        p.steps += 1
+        if p.steps % check_every == 0:
+            _check_finite(p.sums["loss"][0], p.steps)
+        if on_step is not None:
+            on_step(p)
+    if p.images == 0:
         raise ValueError("the training loader yielded no batches; check the dataset split and batch size")
-    _check_finite(sums["loss"][0], steps)
+    _check_finite(p.sums["loss"][0], p.steps)
     elapsed = time.perf_counter() - start
-    out = {f"train_{name}": float(value) / n if n else 0.0 for name, (value, n) in sums.items()}
-    return {**out, "train_images_per_s": n_img / elapsed, "train_steps": steps}
+    out = {f"train_{name}": float(value) / n if n else 0.0 for name, (value, n) in p.sums.items()}
+    return {**out, "train_images_per_s": (p.images - resumed_images) / elapsed, "train_steps": p.steps}
 
 
 def _check_finite(loss_sum: Tensor, step: int) -> None:
@@ -291,6 +309,8 @@ class FitPlan:
 
     ``checkpoint_path``: where the run checkpoints every ``checkpoint_every``
     epochs (and after the last) and resumes from; None: no checkpoints.
+    ``checkpoint_every_steps``: also every that many optimiser steps of an
+    epoch (not at its last step, which the epoch's end follows); None: never mid-epoch.
     ``is_main``: whether this process writes them (rank 0 under DDP); ``record``:
     what a checkpoint's ``extra`` holds (the method's settings, the arch, ...);
     ``scheduler_interval``: whether the scheduler steps per epoch or per step.
@@ -299,9 +319,14 @@ class FitPlan:
     epochs: int
     checkpoint_path: str | os.PathLike | None = None
     checkpoint_every: int = 1
+    checkpoint_every_steps: int | None = None
     is_main: bool = True
     record: Mapping[str, Any] = field(default_factory=dict)
     scheduler_interval: Literal["epoch", "step"] = "epoch"
+
+
+StepCallback = Callable[[int, int, str], None]
+"""``(epoch, step, path)`` after each mid-epoch checkpoint: the epoch in progress (1-based), its steps done."""
 
 
 def fit(
@@ -314,16 +339,21 @@ def fit(
     scheduler: Any = None,
     evaluator: Evaluator | None = None,
     callback: Callback | None = None,
+    step_callback: StepCallback | None = None,
 ) -> dict[str, float]:
     """Train ``task`` for ``plan.epochs`` epochs, evaluating with ``evaluator`` and checkpointing per ``plan``.
 
-    If ``plan.checkpoint_path`` exists the run resumes after its last
-    checkpointed epoch with every RNG state restored (the task's, the
-    loader's, the global ones), so resume-then-continue equals an
-    uninterrupted run; a checkpoint that does not parse is set aside and the
-    run starts from scratch (``models.checkpoint.resume_checkpoint``). Every
-    caller gets ``callback(metrics, checkpoint path or None)`` after each epoch
-    (None when no checkpoint was written that epoch). A NaN loss raises :class:`NonFiniteLossError` with its epoch.
+    If ``plan.checkpoint_path`` exists the run resumes where it was
+    checkpointed, after an epoch or mid-epoch, with every RNG state restored
+    (the task's, the loader's, the global ones) and, mid-epoch, the epoch's
+    data order with the batches already trained skipped, so resume-then-continue
+    equals an uninterrupted run (exactly when the loader loads in this process,
+    ``num_workers=0``; its worker processes draw their augmentations afresh). A
+    checkpoint that does not parse is set aside and the run starts from
+    scratch (``models.checkpoint.resume_checkpoint``). Every caller gets
+    ``callback(metrics, checkpoint path or None)`` after each epoch (None when
+    no checkpoint was written that epoch) and ``step_callback`` after each
+    mid-epoch checkpoint. A NaN loss raises :class:`NonFiniteLossError` with its epoch.
     Returns the last epoch's metrics.
     """
     device = task.placement.device
@@ -331,25 +361,36 @@ def fit(
     if task.placement.channels_last:
         model.to(memory_format=torch.channels_last)
     scaler = torch.amp.GradScaler("cuda") if task.placement.amp_dtype == torch.float16 else None
-    generators = dict(task.generators())
-    if isinstance(getattr(train_loader, "generator", None), torch.Generator):
-        generators["train_loader"] = train_loader.generator
+    loader_generator = getattr(train_loader, "generator", None)
+    epoch_generators = dict(task.epoch_generators())
+    if isinstance(loader_generator, torch.Generator):
+        epoch_generators["train_loader"] = loader_generator
+    generators = {**task.generators(), **epoch_generators}
     path = plan.checkpoint_path
-    start, metrics = 0, {}
+    start, metrics, progress = 0, {}, None
     state = None if path is None else resume_checkpoint(path, model, optimizer, scheduler, epochs=plan.epochs,
                                                         generators=generators, scaler=scaler, map_location=device)
     if state is not None:
         start, metrics = state["epoch"] + 1, dict(state["metrics"])
+        progress = _mid_epoch(state, epoch_generators)
+    save = functools.partial(save_checkpoint, path, model, optimizer, scheduler, generators=generators,
+                             scaler=scaler, extra=dict(plan.record))
     for epoch in range(start, plan.epochs):
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        on_step = None
+        if path is not None and plan.checkpoint_every_steps:
+            on_step = _step_checkpoints(plan, epoch, _len(train_loader), save, dict(metrics), epoch_generators,
+                                        step_callback)
         try:
-            metrics = train_one_epoch(model, task, optimizer, train_loader, scaler=scaler,
+            metrics = train_one_epoch(model, task, optimizer, train_loader, scaler=scaler, progress=progress,
+                                      on_step=on_step,
                                       scheduler=scheduler if plan.scheduler_interval == "step" else None)
         except NonFiniteLossError as e:
             e.epoch = epoch + 1
             raise
+        progress = None
         if scheduler is not None and plan.scheduler_interval == "epoch":
             scheduler.step()
         last = epoch + 1 == plan.epochs
@@ -358,8 +399,47 @@ def fit(
             metrics.update(evaluator(unwrap(model), device))  # the bare module: a DDP forward syncs buffers
         saved = path is not None and ((epoch + 1) % plan.checkpoint_every == 0 or last)
         if saved and plan.is_main:
-            save_checkpoint(path, model, optimizer, scheduler, epoch, generators=generators, scaler=scaler,
-                            metrics=metrics, extra=dict(plan.record))
+            save(epoch, metrics=metrics)
         if callback is not None:
             callback(dict(metrics), str(path) if saved else None)
     return metrics
+
+
+def _step_checkpoints(plan: FitPlan, epoch: int, steps: int | None, save: Callable[..., None], done: dict[str, Any],
+                      epoch_generators: dict[str, torch.Generator], step_callback: StepCallback | None
+                      ) -> Callable[[EpochProgress], None]:
+    """What :func:`train_one_epoch` calls after each step of ``epoch`` (0-based, of ``steps`` steps): a checkpoint
+    every ``plan.checkpoint_every_steps``, holding the last finished epoch's metrics ``done`` and ``progress``."""
+    # the epoch's order is drawn from the generators' states now: a mid-epoch checkpoint replays it from there
+    at_start = {name: g.get_state() for name, g in epoch_generators.items()}
+
+    def on_step(p: EpochProgress) -> None:
+        if p.steps % plan.checkpoint_every_steps or p.steps == steps:
+            return
+        _check_finite(p.sums["loss"][0], p.steps)  # never a checkpoint of a diverged run (every DDP rank agrees)
+        if plan.is_main:
+            save(epoch - 1, metrics=done, progress={"steps": p.steps, "images": p.images, "sums": p.sums,
+                                                    "epoch_generators": at_start})
+        if step_callback is not None:
+            step_callback(epoch + 1, p.steps, str(plan.checkpoint_path))
+
+    return on_step
+
+
+def _len(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _mid_epoch(state: Mapping[str, Any], epoch_generators: dict[str, torch.Generator]) -> EpochProgress | None:
+    """The progress of the epoch a mid-epoch checkpoint stopped in, its generators set back to the epoch's start
+    (the rest are at the checkpoint's step, restored with it); None for a checkpoint written at an epoch's end."""
+    saved = state.get("progress")
+    if not saved:
+        return None
+    for name, g in epoch_generators.items():
+        g.set_state(saved["epoch_generators"][name])
+    return EpochProgress(steps=int(saved["steps"]), images=int(saved["images"]),
+                         sums={k: list(v) for k, v in saved["sums"].items()})

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from cgc_ray.config import effective_lam
 from cgc_ray.method.cgc import cgc_term, groups
 from cgc_ray.method.metrics import topk_correct
+from cgc_ray.train.sampling import skip_batches
 
 if TYPE_CHECKING:
     from cgc_ray.config import ExperimentSpec, MethodSpec
@@ -84,11 +85,17 @@ class Task:
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Logs]:
         raise NotImplementedError
 
-    def start_epoch(self) -> None:
-        """Called by the loop before each pass over the training data."""
+    def start_epoch(self, skip: int = 0) -> None:
+        """Called by the loop before each pass over the training data; ``skip``: steps of this epoch trained
+        before a mid-epoch checkpoint, whose draws from the task's loaders the resumed epoch skips."""
 
     def generators(self) -> dict[str, torch.Generator]:
         """The task's random number generators, by name, for checkpoints."""
+        return {}
+
+    def epoch_generators(self) -> dict[str, torch.Generator]:
+        """Those of :meth:`generators` that draw an epoch's data order: a mid-epoch checkpoint keeps their state
+        at the epoch's start, from which :meth:`start_epoch` (skip) replays the order."""
         return {}
 
 
@@ -117,8 +124,12 @@ def view_cross_entropy(logits: Sequence[Tensor], y: Tensor, parts: Sequence[slic
     return torch.stack([sum(F.cross_entropy(z[s], y[s]) for z in logits) for s in parts]).mean()
 
 
-def _cycle(loader: Iterable) -> Iterator:
+def _cycle(loader: Iterable, skip: int = 0) -> Iterator:
+    """The loader's batches, pass after pass; the first ``skip`` are drawn in order but not loaded."""
     while True:
+        n = min(skip, len(loader))
+        skip -= n
+        skip_batches(loader, n)
         yield from loader
 
 
@@ -147,9 +158,10 @@ class CGCObjective(Task):
         self.unlabeled = unlabeled
         self._stream: Iterator | None = None
 
-    def start_epoch(self) -> None:
-        # a new pass over the unlabelled images each epoch, shuffled by its loader's (checkpointed) generator
-        self._stream = _cycle(self.unlabeled) if self.unlabeled is not None else None
+    def start_epoch(self, skip: int = 0) -> None:
+        # a new pass over the unlabelled images each epoch, shuffled by its loader's (checkpointed) generator;
+        # one unlabelled batch per step
+        self._stream = _cycle(self.unlabeled, skip) if self.unlabeled is not None else None
 
     def generators(self) -> dict[str, torch.Generator]:
         gens = {"T": self.rng}
@@ -157,6 +169,9 @@ class CGCObjective(Task):
         if isinstance(g, torch.Generator):
             gens["unlabeled_loader"] = g
         return gens
+
+    def epoch_generators(self) -> dict[str, torch.Generator]:
+        return {k: g for k, g in self.generators().items() if k == "unlabeled_loader"}
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, Logs]:
         B = batch.x.shape[0]

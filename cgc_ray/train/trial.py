@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import pyarrow.fs as pafs
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from cgc_ray import data as D
 from cgc_ray.config import (
@@ -34,17 +34,22 @@ from cgc_ray.config import (
     validate_spec,
 )
 from cgc_ray.data.dataset import BoxDataset, collate, image_size
+from cgc_ray.data.staging import staged_root
 from cgc_ray.models.checkpoint import trial_record
 from cgc_ray.models.resnet import build_model
 from cgc_ray.config.pretrained import parse_trial_ref
 from cgc_ray.storage import CHECKPOINT_NAME, Storage, resolve
-from cgc_ray.train.engine import Callback, Evaluator, FitPlan, fit
+from cgc_ray.train.engine import Callback, Evaluator, FitPlan, StepCallback, fit
+from cgc_ray.train.sampling import ResumableSampler
 from cgc_ray.train.task import Placement, build_task
 from cgc_ray.train.optim import build_optimizer, build_scheduler
 
 
 def data_root(spec: ExperimentSpec) -> str:
-    """``data.root``, or for the embedded dataset the local cache it is generated into."""
+    """``data.root`` (a URI: the copy of the dataset staged on this node, :mod:`cgc_ray.data.staging`), or for
+    the embedded dataset the local cache it is generated into."""
+    if spec.data.root is not None and is_uri(spec.data.root):
+        return str(staged_root(spec.data.root, entries=D.info(spec.data.dataset).subdirs))
     if spec.data.root is not None:
         return spec.data.root
     if spec.data.dataset != "synthetic":
@@ -120,7 +125,7 @@ def trial_data(spec: ExperimentSpec) -> TrialData:
     cluster's head may not see the workers' data).
     """
     try:
-        check_data_root(spec)
+        check_data_root(spec, staged={spec.data.root: data_root(spec)} if spec.data.root else None)
     except SpecError as e:
         raise SpecError(f"on node {socket.gethostname()}: {e}") from None
     name, root, opts = spec.data.dataset, data_root(spec), synthetic_options(spec)
@@ -166,12 +171,16 @@ def labelled_list(spec: ExperimentSpec) -> str:
 
 def _loader(ds, batch: int, *, train: bool, seed: int, workers: int, distributed: bool, drop_last: bool):
     """Augmentations draw from the global RNG (main process) or from worker seeds drawn from the
-    loader's generator each epoch; both are checkpointed, so a resumed run sees the same batches."""
+    loader's generator each epoch; both are checkpointed, so a resumed run sees the same batches. A training
+    loader's sampler can skip the batches a mid-epoch checkpoint had trained (``train.sampling``); it draws
+    from the loader's generator as ``shuffle=True`` would."""
+    generator = torch.Generator().manual_seed(seed)
     sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=drop_last) if distributed else None
+    if train:
+        sampler = ResumableSampler(sampler or RandomSampler(ds, generator=generator))
     return DataLoader(
         ds,
         batch_size=batch,
-        shuffle=train and sampler is None,
         sampler=sampler,
         num_workers=workers,
         collate_fn=collate,
@@ -179,7 +188,7 @@ def _loader(ds, batch: int, *, train: bool, seed: int, workers: int, distributed
         pin_memory=torch.cuda.is_available(),
         # its own generator even for evaluation: iterating a loader must not draw from the global RNG
         # that training augmentations use, so how often we evaluate cannot change what is trained
-        generator=torch.Generator().manual_seed(seed),
+        generator=generator,
     )
 
 
@@ -375,6 +384,7 @@ def run_trial(
     trial_dir: str | os.PathLike,
     device: torch.device | str = "cpu",
     report: Callback | None = None,
+    step_report: StepCallback | None = None,
     distributed: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate one trial; resumes from ``trial_dir/checkpoint.pt`` if present.
@@ -404,11 +414,14 @@ def run_trial(
                              channels_last=spec.scaling.channels_last and on_gpu)
     task = build_task(spec, num_classes=td.num_classes, placement=placement, unlabeled=unl)
     plan = FitPlan(epochs=spec.optim.epochs, checkpoint_path=Path(trial_dir) / CHECKPOINT_NAME,
-                   checkpoint_every=spec.failure.checkpoint_every, is_main=is_main, scheduler_interval="step",
+                   checkpoint_every=spec.failure.checkpoint_every,
+                   checkpoint_every_steps=spec.failure.checkpoint_every_steps, is_main=is_main,
+                   scheduler_interval="step",
                    record=trial_record(method=spec.method.model_dump(mode="json"), layer=spec.model.layer,
                                        arch=spec.model.arch, num_classes=td.num_classes, dataset=spec.data.dataset,
                                        image_size=spec.data.image_size))
-    metrics = fit(model, task, opt, train, plan, scheduler=sched, evaluator=ev, callback=report)
+    metrics = fit(model, task, opt, train, plan, scheduler=sched, evaluator=ev, callback=report,
+                  step_callback=step_report)
     metrics.update(wall_time_s=time.perf_counter() - start, episode_seed=td.episode_seed,
                    n_train=len(td.train), n_val=len(td.val), eval_split=td.eval_split,
                    labelled_split=td.labelled_split,
