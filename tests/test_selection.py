@@ -3,8 +3,13 @@
 import pytest
 
 from cgc_ray.config.selection import SelectionSpec
-from cgc_ray.results.selection import Candidate, candidates, pareto, select, trial_epochs
+from cgc_ray.results.selection import Candidate, candidates, pareto, trial_epochs
+from cgc_ray.results.selection import select as _select
 from cgc_ray.results.stats import Paired, describe
+
+
+def select(cands, *, tolerance, min_pairs=1, rule="max_ch_within_top1"):
+    return _select(cands, rule=rule, tolerance=tolerance, min_pairs=min_pairs)
 
 
 def _cand(lam, d_top1, d_ch):

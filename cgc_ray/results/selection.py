@@ -57,9 +57,9 @@ def pareto(cands: Sequence[Candidate]) -> list[Candidate]:
     return front
 
 
-def select(cands: Sequence[Candidate], *, tolerance: float, min_pairs: int = 1,
-           rule: str = "max_ch_within_top1") -> Candidate | None:
-    """The candidate ``rule`` picks (module docstring), or None: no candidate keeps top-1 within ``tolerance``."""
+def select(cands: Sequence[Candidate], *, rule: str, tolerance: float, min_pairs: int) -> Candidate | None:
+    """The candidate ``rule`` picks (module docstring), or None: no candidate keeps top-1 within ``tolerance``.
+    The arguments are ``SelectionSpec``'s fields, where their defaults live."""
     if rule != "max_ch_within_top1":
         raise ValueError(f"selection rule {rule!r}: the one rule is 'max_ch_within_top1'")
     eligible = [c for c in cands if c.n >= min_pairs and c.d_top1.mean >= -tolerance]
