@@ -123,16 +123,17 @@ def test_the_hyperparameters_reach_tune_and_a_searched_config_with_a_row_is_not_
 
 
 def test_asha_stops_a_trial_below_the_rung_and_its_row_says_stopped(ray_session, tmp_path):
-    search = _search(tmp_path, "method.lam: {uniform: [0.1, 1.0]}", 2, "optim.epochs=2",
-                     search=", scheduler: asha, grace_period: 1")
-    # an earlier trial of this search, stopped at epoch 1 with a CH no trial reaches: the rung's cutoff
+    # validation every 2nd epoch: the reports between them carry no metric for ASHA (nor must they fail)
+    search = _search(tmp_path, "method.lam: {uniform: [0.1, 1.0]}", 2, "optim.epochs=3", "eval_every=2",
+                     search=", scheduler: asha, grace_period: 2")
+    # an earlier trial of this search, stopped at epoch 2 with a CH no trial reaches: the rung's cutoff
     prior = trial_of(base_tree(search), {"method.lam": 0.1, "seed": 0})
-    write_row(str(tmp_path), search.name, result_row(prior, {"top1": 100.0, "ch": 100.0}, status="stopped", epochs=1))
+    write_row(str(tmp_path), search.name, result_row(prior, {"top1": 100.0, "ch": 100.0}, status="stopped", epochs=2))
     res = run_experiment(search, progress=False, max_concurrent=1)
     live = [t for t in res.trial_ids if t != trial_id(prior)]
     assert res.skipped == [trial_id(prior)] and res.stopped == live and len(live) == 1
     rows = {r["trial_id"]: r for r in read_rows(str(tmp_path)).to_pylist()}
-    assert rows[live[0]]["status"] == "stopped" and rows[live[0]]["epochs"] == 1 and rows[live[0]]["ch"] < 100
+    assert rows[live[0]]["status"] == "stopped" and rows[live[0]]["epochs"] == 2 and rows[live[0]]["ch"] < 100
     groups = summarize(read_rows(str(tmp_path)))
     assert sorted((g.n_finished, g.n_stopped, bool(g.stats)) for g in groups) == [(0, 1, False)] * 2
 

@@ -181,6 +181,12 @@ def asha(spec: ExperimentSpec):
                         "ASHA could stop no trial early; lower it, or set sweep.search.scheduler=none")
 
     class BeforeTheLastEpoch(ASHAScheduler):
+        @property
+        def metric(self):
+            # what Tune's controller requires in every report; a trial reports validation metrics only on its
+            # evaluation epochs (``eval_every``), and ASHA itself passes over a report without them
+            return None
+
         def on_trial_result(self, tune_controller, trial, result):
             if result.get("epoch", 0) >= epochs:
                 return self.CONTINUE
