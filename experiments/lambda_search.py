@@ -1,4 +1,4 @@
-"""λ chosen by a search on the validation split, then checked on the test split (issue 21).
+"""λ chosen by a search on the validation split, then checked on the test split.
 
     python experiments/lambda_search.py                    # demo scale, embedded data: search, pick, test
     python experiments/lambda_search.py --compare-grid     # also the grid λ ∈ {0.1, 0.25, 0.5, 1} × the same 3 seeds

@@ -157,14 +157,23 @@ def two_node_cluster(monkeypatch):
 
     ray.shutdown()
     monkeypatch.setattr(ray._private.services, "resolve_ip_for_localhost", lambda host: host)
+    # Ray's Cluster writes its address into the machine's `ray start` record (/tmp/ray/ray_current_cluster) "for
+    # convenience in unit testing" and deletes that record at shutdown: a user's `cgc-ray run` meanwhile would
+    # attach to this test's cluster, and the user's own `ray start` Ray would lose its record. We attach by address.
+    record = Path(ray._common.utils.get_ray_address_file(None))
+    before = record.read_bytes() if record.exists() else None
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *a, **k: None)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                             "node_ip_address": "127.0.0.1"})
     worker = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
+    assert (record.read_bytes() if record.exists() else None) == before, f"the test's cluster is in {record}"
     yield cluster, worker
     ray.shutdown()
     cluster.shutdown()
+    assert (record.read_bytes() if record.exists() else None) == before, f"{record} was changed"
 
 
 @pytest.mark.slow

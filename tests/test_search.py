@@ -173,3 +173,13 @@ def test_a_killed_search_continues_without_running_a_finished_trial_again(ray_se
     assert {t: after[t] for t in before} == before  # replayed, not trained again
     assert sorted(res.skipped) == sorted(before) and sorted(res.ran) == sorted(set(after) - set(before))
     assert sorted(res.dataframe["config/trial_id"]) == sorted(after)  # each trial once in Tune's view
+
+
+def test_a_search_without_optuna_says_what_to_install(monkeypatch, tmp_path):
+    from cgc_ray.runner import search as sweeps
+
+    spec = _search(tmp_path, "method.lam: {uniform: [0.1, 1.0]}", 2)
+    real = sweeps.importlib.util.find_spec
+    monkeypatch.setattr(sweeps.importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    with pytest.raises(SpecError, match=r"pip install 'cgc-ray\[search\]'"):
+        sweeps.check_search(spec)

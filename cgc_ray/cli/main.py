@@ -57,7 +57,9 @@ def _presets(args: argparse.Namespace) -> int:
     rows = [header]
     for name, tree in PRESETS.items():
         spec = load_spec(tree)
-        rows.append((name, PRESET_TABLES[name], spec.data.dataset, spec.name, str(len(expand_trials(spec)))))
+        search = spec.sweep.search  # a search's trials are its budget, not its base at each replicate
+        count = f"≤{search.num_samples}" if search is not None else str(len(expand_trials(spec)))
+        rows.append((name, PRESET_TABLES[name], spec.data.dataset, spec.name, count))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         print("  ".join(c.rjust(w) if i == len(header) - 1 else c.ljust(w)

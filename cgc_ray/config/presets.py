@@ -412,5 +412,5 @@ PRESET_TABLES: dict[str, str] = {
     "ablation_demo": "none: README ablation",
     "ablation_more_demo": "none: README ablation",
     "ablation_base_demo": "none: README ablation",
-    "lambda_search_demo": "none: λ chosen by a search (issue 21)",
+    "lambda_search_demo": "none: λ chosen on validation data",
 }

@@ -23,6 +23,7 @@ the trial, its row and its checkpoint, and still decides "already done".
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -198,7 +199,10 @@ def asha(spec: ExperimentSpec):
 
 
 def check_search(spec: ExperimentSpec) -> None:
-    """A search chooses settings on the validation split (the metrics are ``data.eval_split``'s)."""
+    """A search needs Optuna, and chooses settings on the validation split (the metrics are ``data.eval_split``'s)."""
+    if importlib.util.find_spec("optuna") is None:
+        raise SpecError("sweep.search samples with Optuna, which is not installed: pip install 'cgc-ray[search]' "
+                        "(or pip install optuna)")
     if spec.data.eval_split != "val":
         raise SpecError(f"sweep.search with data.eval_split={spec.data.eval_split!r}: a search must choose on the "
                         "validation split, not on the split results are reported on; set data.eval_split=val")
