@@ -195,6 +195,20 @@ def test_heatmap_panel_of_kept_checkpoints_and_why_there_is_none(tmp_path, monke
         None, "no finished CGC trial (λ > 0) with a CH to show")
 
 
+def test_heatmap_panel_of_a_fewshot_sweep_draws_its_episodes_held_out_images(tmp_path, monkeypatch):
+    """A few-shot trial's metrics are on its episode's held-out images, which no named split holds."""
+    spec = apply_overrides(load_spec(PRESETS["fewshot_demo"]),
+                           [*TINY, "sweep.grid={data.shots: [1], data.episode: [0], method.lam: [0.0, 0.5]}",
+                            "sweep.variants=[]", "model.weights=null"])
+    trials = expand_trials(spec)
+    for t in trials:
+        write_row(str(tmp_path), t.name, result_row(t, {"top1": 50.0, "ch": 30 + 20 * t.method.lam}))
+        keep_random_checkpoint(tmp_path, t)
+    png, caption = report_heatmaps(str(tmp_path), spec.name, n=2)
+    assert png is not None and png[:8] == PNG_SIGNATURE, caption
+    assert "minus the 1 shots" in caption
+
+
 def test_cli_prints_the_page_and_refuses_a_page_without_a_file(tmp_path, capsys):
     out = tmp_path / "out" / "report.html"
     assert cli_main(["report", "--storage", str(tmp_path / "results"), "--format", "html", "--out", str(out)]) == 2

@@ -50,7 +50,7 @@ from cgc_ray.method.metrics import content_heatmap
 from cgc_ray.models.checkpoint import Classifier, load_classifier
 from cgc_ray.results.table import read_rows
 from cgc_ray.storage import Storage
-from cgc_ray.train.trial import data_root, synthetic_options
+from cgc_ray.train.trial import data_root, synthetic_options, trial_data
 
 __all__ = [
     "Row",
@@ -367,12 +367,15 @@ def write_explain(
     consistency: bool = False,
     dataset_options: dict | None = None,
     dpi: int = 100,
+    recs: Sequence[ImageRecord] | None = None,
 ) -> Path:
     """Load checkpoints and images, render the explain grid (or Figure 1 with ``consistency``), write a PNG.
 
     image_size: None takes the size the first checkpoint was trained at, else the spec's default.
     dataset_options: passed to ``data.records``: the synthetic generator's options (``data.synthetic`` of a
         spec), generated at ``image_size`` where they do not name one.
+    recs: the images to draw from instead of ``split``'s (a trial's own evaluation set, e.g. a few-shot
+        episode's held-out images, which no named split holds).
     Returns the written path.
     """
     if not checkpoints:
@@ -381,7 +384,7 @@ def write_explain(
     size = image_size or loaded[0].image_size or DataSpec.model_fields["image_size"].default
     # synthetic images are generated at the size they are drawn at, as a trial generates them at its own
     opts = {"image_size": size, **dataset_options} if dataset_options else {}
-    recs = records(dataset, root, split, **opts)
+    recs = list(recs) if recs is not None else records(dataset, root, split, **opts)
     if not recs:
         raise ValueError(f"dataset {dataset!r} split {split!r} under {root} has no images")
     chosen = [recs[i] for i in pick_indices(len(recs), n, seed, indices)]
@@ -411,15 +414,16 @@ def sample_explain_figure(
     seed: int = 0,
     image_size: int | None = None,
     dataset_options: dict | None = None,
+    recs: Sequence[ImageRecord] | None = None,
 ) -> Path:
     """The small figure stored next to an experiment's results: its best CGC trial (below its baseline, if given).
 
     checkpoint: the best CGC trial's checkpoint; baseline: optionally a
-    baseline trial's checkpoint, drawn in the row above. Returns ``out``.
+    baseline trial's checkpoint, drawn in the row above; recs: as :func:`write_explain`. Returns ``out``.
     """
     ckpts = [baseline, checkpoint] if baseline is not None else [checkpoint]
     return write_explain(ckpts, out, dataset=dataset, root=root, split=split, n=n, seed=seed,
-                         image_size=image_size, dataset_options=dataset_options, dpi=80)
+                         image_size=image_size, dataset_options=dataset_options, dpi=80, recs=recs)
 
 
 def _best(rows: list[dict[str, Any]], cgc: bool) -> dict[str, Any] | None:
@@ -498,17 +502,20 @@ def report_heatmaps(storage: Storage | str, experiment: str, *, n: int = 6, seed
                 if keep == "none" else f"none at {storage.checkpoint_path(experiment, tid)}"
             return None, f"no checkpoint of trial {tid} ({why})"
         trial = validate_spec(json.loads(cgc["config_json"]))
-        split = cgc["eval_split"] or "test"
+        held_out = trial_data(trial)  # what the metrics were computed on: a split, or a few-shot episode's rest
+        split = held_out.eval_split
         with tempfile.TemporaryDirectory() as tmp:
             out = sample_explain_figure(
                 storage.checkpoint_path(experiment, cgc["trial_id"]), Path(tmp) / "heatmaps.png",
                 dataset=trial.data.dataset, root=data_root(trial), split=split, n=n, seed=seed,
                 baseline=storage.checkpoint_path(experiment, base["trial_id"]) if base is not None else None,
-                image_size=trial.data.image_size, dataset_options=synthetic_options(trial))
+                image_size=trial.data.image_size, dataset_options=synthetic_options(trial), recs=held_out.val)
             png = out.read_bytes()
     except Exception as e:  # noqa: BLE001 - a figure must never cost the reader the numbers
         return None, f"the heatmaps could not be drawn ({type(e).__name__}: {e})"
-    rows_text = " above ".join(f"{_method_text(r)} (trial {r['trial_id']}, seed {r['seed']})" for r in picked)
-    return png, (f"Grad-CAM of the ground-truth class on {n} images of the {split} split: {rows_text}. Green "
+    replicate = "episode" if trial.data.shots is not None else "seed"  # what pairs the two rows
+    rows_text = " above ".join(f"{_method_text(r)} (trial {r['trial_id']}, {replicate} {r[replicate]})" for r in picked)
+    return png, (f"Grad-CAM of the ground-truth class on {n} of the images the metrics were computed on ({split}): "
+                 f"{rows_text}. Green "
                  "boxes: the object; under each image its CH and the prediction (✗ wrong). The CGC trial is the one "
                  "with the highest CH, the baseline its pair.")

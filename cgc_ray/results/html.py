@@ -89,9 +89,9 @@ dl.prov dt { color: var(--muted); }
 dl.prov dd { margin: 0; }
 .warn { background: #fff4e0; border-left: 4px solid #e0a030; padding: 8px 12px; }
 .scroll { overflow-x: auto; margin: 6px 0 18px; }
-table { border-collapse: collapse; font-variant-numeric: tabular-nums; font-size: 14px; }
+table { border-collapse: collapse; font-variant-numeric: tabular-nums; font-size: 13px; }
 caption { caption-side: top; text-align: left; font-weight: 600; padding: 4px 0 6px; }
-th, td { padding: 4px 10px; border-bottom: 1px solid var(--rule); text-align: right; white-space: nowrap; }
+th, td { padding: 4px 7px; border-bottom: 1px solid var(--rule); text-align: right; white-space: nowrap; }
 th { background: var(--band); border-bottom: 2px solid var(--rule); cursor: pointer; user-select: text;
      white-space: normal; vertical-align: bottom; min-width: 8ch; }
 th:first-child, td:first-child { text-align: left; }
