@@ -192,7 +192,8 @@ def test_presets_lists_every_preset_with_its_table_dataset_and_trial_count(capsy
         spec = load_spec(PRESETS[name])
         assert f"  {PRESET_TABLES[name]}  " in line and f"  {spec.data.dataset}  " in line, line
     # the counts, from the sweeps by hand: grid sizes multiplied, times the variants (λ = 0 is the baseline, once)
-    trials = {name: int(line.split()[-1]) for name, line in listed.items()}
+    trials = {name: int(line.split()[-1].removeprefix("≤")) for name, line in listed.items()}
+    assert listed["lambda_search_demo"].split()[-1] == "≤12"  # a search: at most its budget
     assert trials["lambda_ablation"] == 6 and trials["lambda_ablation_demo"] == 3 * 2
     assert trials["fewshot_cub200"] == 2 * 3 * 20 and trials["fewshot_demo"] == 2 * 3 * 10
     assert trials["finegrained_cub200"] == 2 * 3 and trials["imagenet_r50"] == 3
