@@ -18,14 +18,15 @@ def _demo(*overrides: str):
 def test_demo_searches_lambda_on_validation_within_the_issues_budget():
     spec = _demo()
     search = spec.sweep.search
-    assert spec.name == "lambda_search" and spec.data.eval_split == "val" and spec.optim.epochs == 20
+    assert spec.name == "lambda_search" and spec.data.eval_split == "val" and spec.optim.epochs == 10
+    assert spec.model.weights == "experiment:pretrain_demo"  # fine-tuning, as the fine-grained demo
     assert search.num_samples <= 12 and search.scheduler == "asha" and list(search.space) == ["method.lam"]
     assert spec.sweep.grid == {"seed": [0, 1, 2]}
     # ASHA compares validation reports: every rung (grace_period · reduction_factorᵏ < epochs) is an eval epoch
     rungs = [search.grace_period * search.reduction_factor ** k for k in range(4)]
     assert all(r % spec.eval_every == 0 for r in rungs if r < spec.optim.epochs)
-    # the grid it is measured against: 4 λ × 3 seeds × 20 epochs
-    assert lambda_search.grid_trial_epochs(spec) == 240
+    # the grid it is measured against: 4 λ × 3 seeds × 10 epochs
+    assert lambda_search.grid_trial_epochs(spec) == 120
 
 
 def test_each_step_pairs_with_the_search_seed_by_seed():
@@ -91,7 +92,7 @@ def test_tiny_search_picks_and_tests_the_pick(ray_session, tmp_path, capsys):
     first trial to report go on, so at least one point finishes."""
     from cgc_ray.results.table import read_rows
 
-    overrides = [*TINY, "optim.epochs=2", "eval_every=1", "data.synthetic.n_val_per_class=4", "sweep.grid.seed=[0]",
+    overrides = [*TINY, "model.weights=null", "optim.epochs=2", "eval_every=1", "data.synthetic.n_val_per_class=4", "sweep.grid.seed=[0]",
                  "sweep.search.num_samples=2", "sweep.search.grace_period=1", "sweep.search.selection.tolerance=100",
                  "sweep.search.selection.min_pairs=1"]
     args = ["--storage", str(tmp_path), "--no-progress", "--no-report"] + [a for o in overrides for a in ("--set", o)]

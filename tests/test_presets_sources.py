@@ -132,7 +132,7 @@ DEMO_IDS = {
     "ablation_demo": "6df414544150",
     "ablation_more_demo": "447930421915",
     "ablation_base_demo": "518b1b3f2777",
-    "lambda_search_demo": "2c169716f82d",  # its search's base at each seed
+    "lambda_search_demo": "4b5290b525c2",  # its search's base at each seed
 }
 
 

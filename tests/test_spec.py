@@ -320,7 +320,7 @@ def test_semisup_preset():
 # 5 to 50 images, the pretraining is one trial on both cores, the ablation is the one long demo
 _DEMO_SCALE = {"fewshot_demo": (30, 60), "pretrain_demo": (30, 1), "ablation_demo": (40, 70),
                "ablation_more_demo": (20, 12), "ablation_base_demo": (20, 6), "semisup_demo": (10, 20)}
-_FINETUNED = {"fewshot_demo", "finegrained_demo", "semisup_demo"}
+_FINETUNED = {"fewshot_demo", "finegrained_demo", "semisup_demo", "lambda_search_demo"}
 
 
 @pytest.mark.parametrize("name", [k for k in PRESETS if k.endswith("_demo")])
