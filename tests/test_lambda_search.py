@@ -109,3 +109,21 @@ def test_tiny_search_picks_and_tests_the_pick(ray_session, tmp_path, capsys):
     assert sorted((r["method"], r["seed"]) for r in test) == [("baseline", 0), ("cgc", 0)]
     assert {r["status"] for r in test} == {"finished"} and all(r["epochs"] == 2 for r in test)
     assert f"test: method.lam = {picked.pop():.4g}: Δ top-1" in out
+
+
+def test_the_demos_pairs_are_found_with_its_pretrained_weights_pinned(tmp_path):
+    """The demo fine-tunes `experiment:pretrain_demo`; its rows name the pretraining's trial (the driver pins it),
+    so the search's pairs with its baseline must be looked up the same way."""
+    from conftest import result_row
+
+    from cgc_ray.config import expand_trials
+    from cgc_ray.config.pretrained import pin_pretrained
+    from cgc_ray.results.report import load
+    from cgc_ray.results.table import write_row
+
+    spec = _demo(f"storage={tmp_path}", "sweep.grid.seed=[0]")
+    for lam, top1, ch in [(0.0, 97.0, 49.0), (0.5, 97.5, 62.0)]:
+        trial = expand_trials(pin_pretrained(lambda_search.derived(spec, method__lam=lam))[0])[0]
+        write_row(str(tmp_path), spec.name, result_row(trial, {"top1": top1, "ch": ch}))
+    (found,) = lambda_search._candidates_of(load(str(tmp_path), spec.name), lambda_search.baseline_spec(spec))
+    assert found.lam == 0.5 and found.d_top1.mean == 0.5 and found.d_ch.mean == 13.0

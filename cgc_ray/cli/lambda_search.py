@@ -160,10 +160,12 @@ def _choose_and_test(spec: ExperimentSpec, args: argparse.Namespace) -> int:
 def _candidates_of(results, baseline: ExperimentSpec) -> list:
     """The search's candidates: the pairs of the experiment whose baseline is ``baseline``'s group."""
     from cgc_ray.config import REPLICATE_FIELDS, expand_trials
+    from cgc_ray.config.pretrained import pin_pretrained
     from cgc_ray.results.selection import candidates
     from cgc_ray.results.stats import row_identity
 
-    trial = expand_trials(baseline)[0]
+    # as its rows were written: `experiment:` weights pinned to the pretraining's trial (runner.driver)
+    trial = expand_trials(pin_pretrained(baseline)[0])[0]
     labels = {k: v for k, v in row_identity(json.dumps(trial.model_dump(mode="json"))).items()
               if k not in REPLICATE_FIELDS}
     return candidates(p for p in results.paired if p.baseline_labels == labels)
